@@ -1,0 +1,46 @@
+# `make` alone lists the targets. Everything runs inside .venv, which `make install` builds.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+EXP ?= line_fit_15pts
+TRIALS ?= 20
+WORKERS ?= 1
+PORT ?= 5000
+TRACKING_URI ?= sqlite:///mlflow.db
+
+
+.DEFAULT_GOAL := help
+.PHONY: help install run sweep ui test lint bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@echo "  variables: EXP=$(EXP) TRIALS=$(TRIALS) WORKERS=$(WORKERS) TRACKING_URI=$(TRACKING_URI)"
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed ## create .venv and install the project with its test tools
+
+run: install ## run generate -> train -> evaluate for EXP through `mlflow run`
+	PATH="$(CURDIR)/$(BIN):$$PATH" MLFLOW_TRACKING_URI=$(TRACKING_URI) \
+	  $(BIN)/mlflow run . --env-manager local \
+	  --experiment-name $(EXP) -P experiment=$(EXP)
+	@echo "Next: 'make ui' and open http://127.0.0.1:$(PORT) (experiment '$(EXP)'),"
+	@echo "      'make sweep EXP=$(EXP)' to search lr and epochs, 'make test' for the suite."
+
+ui: install ## start the MLflow UI on 127.0.0.1 (PORT=5000) over TRACKING_URI
+	$(BIN)/mlflow ui --backend-store-uri $(TRACKING_URI) --host 127.0.0.1 --port $(PORT)
+
+test: install ## run the test suite
+	$(BIN)/python -m pytest
+
+lint: install ## check style with ruff
+	$(BIN)/ruff check pipeline tests
+
+clean: ## remove .venv, the local MLflow store and caches
+	rm -rf $(VENV) mlflow.db mlruns mlartifacts .pytest_cache .ruff_cache *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

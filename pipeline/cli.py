@@ -1,0 +1,171 @@
+"""The `pipeline` command: generate -> train -> evaluate, each stage tracked in MLflow.
+
+    pipeline experiments                      # list the experiment configs
+    pipeline run -e line_fit_15pts            # all three stages under one parent run
+    pipeline train -e crop_yields_builtin --set lr=1e-4 --set epochs=200
+
+Heavy libraries (torch, mlflow) are imported inside the commands, so `pipeline --help` is quick.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import click
+
+from pipeline import config as configs
+from pipeline.errors import UserError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+class Group(click.Group):
+    """Turns errors from the tracking store into one line instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except click.ClickException:
+            raise
+        except Exception as err:
+            from mlflow.exceptions import MlflowException
+
+            if isinstance(err, MlflowException):
+                message = (err.message or type(err).__name__).strip().splitlines()[0]
+                raise UserError(f"tracking store error: {message}") from None
+            raise
+
+
+@click.group(cls=Group)
+@click.version_option(package_name="pipeline")
+def cli() -> None:
+    """Tracked, reproducible PyTorch regression experiments (MLflow + Optuna)."""
+
+
+def experiment_options(func):
+    """-e/--experiment, --set and --tracking-uri, shared by every stage command."""
+
+    @click.option("-e", "--experiment", "experiment_name", type=str, required=True,
+                  help="Experiment name (see `pipeline experiments`) or path to a YAML config.")
+    @click.option("--set", "overrides", type=str, multiple=True, metavar="KEY=VALUE",
+                  help="Override a config value, e.g. --set lr=0.05 --set data.noise=0.2. "
+                       "Repeatable; one value may also hold several space-separated pairs.")
+    @click.option("--tracking-uri", type=str, envvar="MLFLOW_TRACKING_URI",
+                  default=DEFAULT_TRACKING_URI, show_default=True,
+                  help="MLflow tracking URI (or set MLFLOW_TRACKING_URI).")
+    @functools.wraps(func)
+    def wrapper(experiment_name, overrides, tracking_uri, **kwargs):
+        experiment = configs.load(experiment_name, overrides)
+        return func(experiment=experiment, tracking_uri=tracking_uri, **kwargs)
+
+    return wrapper
+
+
+def device_option(func):
+    return click.option(
+        "--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+        help="Where to train: auto takes CUDA when present. Default: the config's device.",
+    )(func)
+
+
+def _with_device(experiment, device):
+    return experiment if device is None else configs.with_train(experiment, device=device)
+
+
+def _connect(experiment, tracking_uri: str) -> str:
+    from pipeline import tracking
+
+    tracking.connect(tracking_uri)
+    return tracking.experiment_id(experiment.name)
+
+
+@cli.command()
+def experiments() -> None:
+    """List the experiment configs with a one-line description each."""
+    found = configs.available()
+    if not found:
+        raise UserError(f"no experiment configs in {configs.experiments_dir()}")
+    width = max(map(len, found))
+    for name in found:
+        try:
+            description = configs.load(name).description
+        except UserError as err:
+            description = f"(invalid: {err.message})"
+        click.echo(f"{name:<{width}}  {description}")
+
+
+@cli.command()
+@experiment_options
+def generate(experiment, tracking_uri: str) -> None:
+    """Build the experiment's dataset and log it as a run artifact and MLflow dataset.
+
+    Prints the dataset's URI (runs:/<run id>/dataset) for `pipeline train --data`.
+    Identical inputs reuse the earlier run's data instead of generating again.
+    """
+    from pipeline import workflow
+
+    experiment_id = _connect(experiment, tracking_uri)
+    ref = workflow.generate(experiment, experiment_id, echo=click.echo)
+    click.echo(ref.uri)
+
+
+@cli.command()
+@experiment_options
+@device_option
+@click.option("--data", "data_uri", type=str, default=None,
+              help="Dataset from `pipeline generate` (runs:/<id>/dataset or a local folder). "
+                   "Default: build it from the config.")
+def train(experiment, tracking_uri: str, device: str | None, data_uri: str | None) -> None:
+    """Train the experiment's model; log loss curves, plots and the model.
+
+    Prints the logged model's URI for `pipeline evaluate --model`.
+    """
+    from pipeline import data, tracking, workflow
+
+    experiment = _with_device(experiment, device)
+    experiment_id = _connect(experiment, tracking_uri)
+    if data_uri:
+        dataset = tracking.read_dataset(data_uri)
+    else:
+        dataset = data.build(experiment.data, experiment.seed)
+    trained = workflow.train(experiment, dataset, experiment_id, data_uri=data_uri,
+                             echo=click.echo)
+    click.echo(trained.model_uri)
+
+
+@cli.command()
+@experiment_options
+@click.option("--model", "model_uri", type=str, required=True,
+              help="Model to score: models:/m-<id>, models:/NAME@ALIAS, runs:/<id>/model, ...")
+@click.option("--data", "data_uri", type=str, default=None,
+              help="Dataset from `pipeline generate`. Default: build it from the config.")
+def evaluate(experiment, tracking_uri: str, model_uri: str, data_uri: str | None) -> None:
+    """Score a model: MSE, RMSE, MAE, R², and the gap to the least-squares optimum."""
+    from pipeline import data, tracking, workflow
+
+    experiment_id = _connect(experiment, tracking_uri)
+    if data_uri:
+        dataset = tracking.read_dataset(data_uri)
+    else:
+        dataset = data.build(experiment.data, experiment.seed)
+    workflow.evaluate_model(experiment, dataset, model_uri, experiment_id, echo=click.echo)
+
+
+@cli.command()
+@experiment_options
+@device_option
+def run(experiment, tracking_uri: str, device: str | None) -> None:
+    """Run generate, train and evaluate as child runs of one parent run."""
+    from pipeline import workflow
+
+    experiment = _with_device(experiment, device)
+    experiment_id = _connect(experiment, tracking_uri)
+    workflow.run_all(experiment, experiment_id, echo=click.echo)
+    click.echo(
+        f"done: experiment '{experiment.name}' in {tracking_uri}; "
+        f"browse it with `mlflow ui --backend-store-uri {tracking_uri}` (or `make ui`)"
+    )
+
+
+def main() -> None:
+    cli(prog_name="pipeline")

@@ -1,0 +1,228 @@
+"""Datasets: built from an experiment's data recipe, split, and read back from files.
+
+Every dataset is a pair of float64 arrays (features ``n × d``, targets ``n × k``) with column
+names and, where the recipe knows them, the true weights and bias the targets were made from.
+Training casts to its own dtype on its own device; the data here stay plain numpy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import CsvData, DataConfig, LineData, SyntheticData, TableData
+from pipeline.errors import UserError
+
+
+class DataError(UserError):
+    """A data file that cannot be used: missing, empty, malformed, or lacking columns."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    features: np.ndarray
+    targets: np.ndarray
+    feature_names: tuple[str, ...]
+    target_names: tuple[str, ...]
+    true_weight: np.ndarray | None = None  # (k, d)
+    true_bias: np.ndarray | None = None  # (k,)
+
+    @property
+    def n_rows(self) -> int:
+        return self.features.shape[0]
+
+    def rows(self, index: np.ndarray) -> Dataset:
+        return dataclasses.replace(self, features=self.features[index], targets=self.targets[index])
+
+    def frame(self):
+        """Features then targets as one pandas DataFrame, named columns."""
+        import pandas as pd
+
+        columns = {name: self.features[:, i] for i, name in enumerate(self.feature_names)}
+        columns.update({name: self.targets[:, i] for i, name in enumerate(self.target_names)})
+        return pd.DataFrame(columns)
+
+    def truth(self) -> dict | None:
+        if self.true_weight is None:
+            return None
+        return {"weight": self.true_weight.tolist(), "bias": self.true_bias.tolist()}
+
+
+def build(config: DataConfig, seed: int) -> Dataset:
+    """Make the dataset a recipe describes; noise and random weights draw from ``seed``."""
+    if isinstance(config, TableData):
+        return _table(config)
+    if isinstance(config, LineData):
+        return _line(config, np.random.default_rng(seed))
+    if isinstance(config, SyntheticData):
+        return _synthetic(config, np.random.default_rng(seed))
+    if isinstance(config, CsvData):
+        return read_table(config.csv, config.features, config.targets)
+    raise TypeError(f"unknown data config {config!r}")
+
+
+def _table(config: TableData) -> Dataset:
+    features = np.tile(np.asarray(config.features, dtype=np.float64), (config.repeat, 1))
+    targets = np.tile(np.asarray(config.targets, dtype=np.float64), (config.repeat, 1))
+    return Dataset(
+        features,
+        targets,
+        config.feature_names or _names("x", features.shape[1]),
+        config.target_names or _names("y", targets.shape[1]),
+    )
+
+
+def _line(config: LineData, rng: np.random.Generator) -> Dataset:
+    if config.x:
+        x = np.asarray(config.x, dtype=np.float64)
+    else:
+        x = np.arange(*config.x_range, dtype=np.float64)
+    x = x * config.x_scale
+    y = config.weight * x + config.bias
+    if config.noise:
+        y = y + config.noise * rng.standard_normal(x.shape)
+    return Dataset(
+        x[:, None],
+        y[:, None],
+        ("x",),
+        ("y",),
+        true_weight=np.array([[config.weight]]),
+        true_bias=np.array([config.bias]),
+    )
+
+
+def _synthetic(config: SyntheticData, rng: np.random.Generator) -> Dataset:
+    n, d, k = config.n_rows, config.n_features, config.n_targets
+    weight = config.weight_scale * rng.standard_normal((k, d))
+    bias = config.weight_scale * rng.standard_normal(k)
+    features = rng.standard_normal((n, d))
+    targets = features @ weight.T + bias
+    if config.noise:
+        targets += config.noise * rng.standard_normal((n, k))
+    return Dataset(
+        features, targets, _names("x", d), _names("y", k), true_weight=weight, true_bias=bias
+    )
+
+
+def _names(prefix: str, count: int) -> tuple[str, ...]:
+    return (prefix,) if count == 1 else tuple(f"{prefix}{i}" for i in range(count))
+
+
+def split(dataset: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
+    """Hold out ``val_fraction`` of the rows (a seeded shuffle) for validation."""
+    if val_fraction <= 0:
+        return dataset, None
+    n = dataset.n_rows
+    n_val = max(1, round(n * val_fraction))
+    if n_val >= n:
+        raise DataError(f"val_fraction {val_fraction} leaves no training rows out of {n}")
+    order = np.random.default_rng(seed).permutation(n)
+    return dataset.rows(np.sort(order[n_val:])), dataset.rows(np.sort(order[:n_val]))
+
+
+# --- files --------------------------------------------------------------------------------------
+
+
+def read_table(path: str | Path, features: tuple[str, ...], targets: tuple[str, ...]) -> Dataset:
+    """Read a CSV or Parquet file and pick the named feature and target columns."""
+    frame = read_frame(path)
+    missing = [c for c in (*features, *targets) if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: no column named {', '.join(missing)} (has: {_listing(frame)})")
+    return Dataset(
+        numeric_matrix(frame, features, path),
+        numeric_matrix(frame, targets, path),
+        tuple(features),
+        tuple(targets),
+    )
+
+
+def read_frame(path: str | Path):
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        if path.suffix == ".parquet":
+            frame = pd.read_parquet(path)
+        else:
+            frame = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the file is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"{path}: cannot be read as a table ({first})") from None
+    if frame.empty:
+        raise DataError(f"{path}: the file has no data rows")
+    return frame
+
+
+def numeric_matrix(frame, columns: tuple[str, ...], path: str | Path) -> np.ndarray:
+    """The named columns as float64, refusing text and missing values with the first bad cell."""
+    import pandas as pd
+
+    for column in columns:
+        values = pd.to_numeric(frame[column], errors="coerce")
+        bad = values.isna() | ~np.isfinite(values.to_numpy(dtype=np.float64, na_value=np.nan))
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raw = frame[column].iloc[row]
+            raise DataError(
+                f"{path}: column {column} holds a non-numeric or missing value "
+                f"{raw!r} in data row {row + 1}"
+            )
+    return frame.loc[:, list(columns)].to_numpy(dtype=np.float64)
+
+
+def _listing(frame) -> str:
+    return ", ".join(map(str, frame.columns)) or "no columns"
+
+
+def write(dataset: Dataset, folder: Path) -> Path:
+    """Write ``data.parquet`` (and ``truth.json`` where known) into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dataset.frame().to_parquet(folder / "data.parquet", index=False)
+    schema = {"features": list(dataset.feature_names), "targets": list(dataset.target_names)}
+    if truth := dataset.truth():
+        schema["truth"] = truth
+    (folder / "schema.json").write_text(json.dumps(schema, indent=2))
+    return folder
+
+
+def read(folder: Path) -> Dataset:
+    """Read back what :func:`write` wrote."""
+    schema_file = folder / "schema.json"
+    if not schema_file.is_file():
+        raise DataError(f"{folder}: not a dataset written by `pipeline generate` (no schema.json)")
+    schema = json.loads(schema_file.read_text())
+    dataset = read_table(folder / "data.parquet", schema["features"], schema["targets"])
+    if truth := schema.get("truth"):
+        dataset = dataclasses.replace(
+            dataset, true_weight=np.array(truth["weight"]), true_bias=np.array(truth["bias"])
+        )
+    return dataset
+
+
+def content_key(config: DataConfig, seed: int) -> str:
+    """A digest of everything that decides the data: the recipe, the seed, this code, the file.
+
+    Generating again with the same key would give the same rows, so the key names a cache entry.
+    """
+    digest = hashlib.sha256()
+    digest.update(json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
+    if isinstance(config, (LineData, SyntheticData)):  # only these draw random numbers
+        digest.update(str(seed).encode())
+    digest.update(inspect.getsource(inspect.getmodule(content_key)).encode())
+    if isinstance(config, CsvData):
+        try:
+            digest.update(Path(config.csv).read_bytes())
+        except OSError:
+            raise DataError(f"{config.csv}: no such file") from None
+    return digest.hexdigest()

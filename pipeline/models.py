@@ -1,0 +1,142 @@
+"""The two linear models: ``manual`` (raw tensors, as the tutorials teach) and ``builtin`` (torch.nn).
+
+Both compute ``act(x @ weight.T) + bias`` with ``act`` the identity or ReLU (``clamp(min=0)``),
+and share one small interface: ``parameters()``, ``forward(x)`` (also ``model(x)``),
+``zero_grad()``, ``weight``/``bias`` and ``to_module()`` (an ``nn.Module`` fit to export).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from pipeline.config import TrainConfig
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def init_parameters(
+    n_features: int, n_targets: int, config: TrainConfig
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Draw weight ``(k, d)`` then bias ``(k,)`` from the global RNG, in that order.
+
+    ``torch`` is ``nn.Linear``'s own scheme (uniform on ±1/sqrt(d)), drawn identically, so a
+    builtin model and a manual one with the same seed start from the same point.
+    """
+    dtype = DTYPES[config.dtype]
+    bound = 1.0 / math.sqrt(n_features)
+    weight = _draw(config.weight_init, (n_targets, n_features), bound, dtype)
+    bias = None if not config.has_bias else _draw(config.bias_init, (n_targets,), bound, dtype)
+    return weight, bias
+
+
+def _draw(spec: str | float, shape: tuple[int, ...], bound: float, dtype) -> torch.Tensor:
+    if spec == "torch":
+        return torch.empty(shape, dtype=dtype).uniform_(-bound, bound)
+    if spec == "randn":
+        return torch.randn(shape, dtype=dtype)
+    if spec == "rand":
+        return torch.rand(shape, dtype=dtype)
+    if spec == "zeros":
+        return torch.zeros(shape, dtype=dtype)
+    return torch.full(shape, float(spec), dtype=dtype)
+
+
+def linear_forward(x, weight, bias, activation: str):
+    out = x @ weight.T
+    if activation == "relu":
+        out = out.clamp(min=0)
+    return out if bias is None else out + bias
+
+
+class ManualLinear:
+    """Weight and bias as plain tensors with ``requires_grad``; no ``nn`` machinery."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "none"):
+        self.weight = weight.requires_grad_()
+        self.bias = None if bias is None else bias.requires_grad_()
+        self.activation = activation
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.weight] if self.bias is None else [self.weight, self.bias]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_forward(x, self.weight, self.bias, self.activation)
+
+    __call__ = forward
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad = None
+
+    def to(self, device: torch.device) -> ManualLinear:
+        with torch.no_grad():
+            weight = self.weight.detach().to(device)
+            bias = None if self.bias is None else self.bias.detach().to(device)
+        return ManualLinear(weight, bias, self.activation)
+
+    def to_module(self) -> nn.Module:
+        return LinearRegressor(self.weight.detach(), self.bias, self.activation)
+
+
+class LinearRegressor(nn.Module):
+    """The manual model's export form: its learned tensors as an ``nn.Module``."""
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "none"
+    ) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_forward(x, self.weight, self.bias, self.activation)
+
+
+class BuiltinLinear(nn.Module):
+    """``nn.Linear``, with ReLU applied before the bias where the experiment asks for it."""
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "none"
+    ) -> None:
+        super().__init__()
+        n_targets, n_features = weight.shape
+        inner_bias = bias is not None and activation == "none"
+        # skip_init: the parameters come from init_parameters, so nn.Linear draws nothing.
+        self.linear = nn.utils.skip_init(
+            nn.Linear, n_features, n_targets, bias=inner_bias, dtype=weight.dtype
+        )
+        self.activation = nn.ReLU() if activation == "relu" else nn.Identity()
+        self.offset = None
+        with torch.no_grad():
+            self.linear.weight.copy_(weight)
+            if inner_bias:
+                self.linear.bias.copy_(bias)
+            elif bias is not None:
+                self.offset = nn.Parameter(bias.detach().clone())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.linear.bias if self.offset is None else self.offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.activation(self.linear(x))
+        return out if self.offset is None else out + self.offset
+
+    def to_module(self) -> nn.Module:
+        return self
+
+
+def build(n_features: int, n_targets: int, config: TrainConfig):
+    """A fresh model of the configured kind, initialised from the global RNG."""
+    weight, bias = init_parameters(n_features, n_targets, config)
+    if config.model == "manual":
+        return ManualLinear(weight, bias, config.activation)
+    return BuiltinLinear(weight, bias, config.activation)

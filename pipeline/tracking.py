@@ -1,0 +1,250 @@
+"""The MLflow layer: the one module that talks to the tracking store.
+
+Runs are opened with :func:`run`, which always closes them (FINISHED, FAILED, or KILLED on
+Ctrl-C), so no run is left RUNNING. Curves go to the store in one batch per run, never one call
+per epoch. Models are logged in torch.export (``pt2``) form with explicit pip requirements.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.entities import Metric, RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from pipeline.data import Dataset
+from pipeline.errors import UserError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+INPUT_EXAMPLE_ROWS = 5  # a one-row example would pin the exported graph to batch size 1
+HEALTH_TIMEOUT_S = 5
+
+
+class TrackingError(UserError):
+    """The tracking store cannot be reached or refuses a request."""
+
+
+def connect(tracking_uri: str) -> None:
+    """Point MLflow at ``tracking_uri``; fail fast, in one line, if a server does not answer."""
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    mlflow.set_tracking_uri(tracking_uri)
+    if tracking_uri.startswith(("http://", "https://")):
+        import requests
+
+        url = tracking_uri.rstrip("/") + "/health"
+        try:
+            requests.get(url, timeout=HEALTH_TIMEOUT_S).raise_for_status()
+        except requests.RequestException as err:
+            reason = type(err).__name__
+            raise TrackingError(f"tracking server {tracking_uri} is not reachable ({reason})") from None
+
+
+def experiment_id(name: str) -> str:
+    """The MLflow experiment named after the config, created on first use.
+
+    Under ``mlflow run`` the run already exists (``MLFLOW_RUN_ID``) in the experiment chosen
+    there, and everything this process logs joins that experiment.
+    """
+    client = MlflowClient()
+    try:
+        if run_id := os.environ.get("MLFLOW_RUN_ID"):
+            return client.get_run(run_id).info.experiment_id
+        found = client.get_experiment_by_name(name)
+        if found is not None:
+            if found.lifecycle_stage == "deleted":
+                client.restore_experiment(found.experiment_id)
+            return found.experiment_id
+        return client.create_experiment(name)
+    except MlflowException as err:
+        raise TrackingError(f"tracking store refused experiment {name!r}: {err.message}") from None
+
+
+@contextlib.contextmanager
+def run(
+    experiment: str, name: str, parent_run_id: str | None = None, tags: dict | None = None
+) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run that ends FINISHED, FAILED on any error, or KILLED on interrupt."""
+    active = mlflow.start_run(
+        experiment_id=experiment,
+        run_name=name,
+        parent_run_id=parent_run_id,
+        nested=parent_run_id is not None,
+        tags={**environment_tags(), **(tags or {})},
+    )
+    try:
+        yield active
+    except KeyboardInterrupt:
+        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        raise
+    except BaseException:
+        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        raise
+    mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+def environment_tags() -> dict[str, str]:
+    tags = {"torch_version": torch.__version__}
+    if commit := _git_commit():
+        tags["git_commit"] = commit
+    return tags
+
+
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+# --- logging ------------------------------------------------------------------------------------
+
+
+def log_params(params: dict[str, Any]) -> None:
+    """Log the flattened config; lists become JSON so the UI shows them as written."""
+    mlflow.log_params(
+        {k: json.dumps(v) if isinstance(v, (list, tuple, dict)) else v for k, v in params.items()}
+    )
+
+
+def log_curves(run_id: str, curves: dict[str, list[float]]) -> None:
+    """Log whole curves (step = epoch) in batches: one store call per 1,000 points."""
+    import time
+
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(key, float(value), now, step)
+        for key, values in curves.items()
+        for step, value in enumerate(values)
+    ]
+    MlflowClient().log_batch(run_id, metrics=metrics)
+
+
+def log_metrics(metrics: dict[str, float]) -> None:
+    mlflow.log_metrics(metrics)
+
+
+def set_tags(tags: dict[str, str]) -> None:
+    mlflow.set_tags(tags)
+
+
+def log_figure(fig, path: str) -> None:
+    from pipeline import plots
+
+    mlflow.log_figure(fig, path)
+    plots.close(fig)
+
+
+def log_dataset(dataset: Dataset, name: str, data_uri: str | None, context: str) -> None:
+    """Record ``dataset`` as an MLflow dataset input of the active run (with its digest).
+
+    The source is where the rows are stored (the generate run's artifacts), or the code
+    that built them when they were made in this process.
+    """
+    import mlflow.data
+
+    source = None
+    if data_uri:
+        source = _artifact_location(data_uri)
+    with warnings.catch_warnings():
+        # A local artifact path matches two equivalent source classes; MLflow picks one and warns.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        mlflow_dataset = mlflow.data.from_pandas(dataset.frame(), source=source, name=name)
+    mlflow.log_input(mlflow_dataset, context=context)
+
+
+def _artifact_location(uri: str) -> str | None:
+    """The storage location behind a ``runs:/ID/path`` URI, which MLflow can resolve."""
+    if not uri.startswith("runs:/"):
+        return str(Path(uri).resolve())
+    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
+
+    return RunsArtifactRepository.get_underlying_uri(uri)
+
+
+def write_dataset(dataset: Dataset) -> str:
+    """Log the rows (Parquet) and schema as artifacts of the active run; return their URI."""
+    from pipeline import data
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.log_artifacts(str(data.write(dataset, Path(tmp))), "dataset")
+    return f"runs:/{mlflow.active_run().info.run_id}/dataset"
+
+
+def read_dataset(uri: str) -> Dataset:
+    """Read a dataset logged by :func:`write_dataset`, from a ``runs:/`` URI or a local folder."""
+    from pipeline import data
+
+    if Path(uri).is_dir():
+        return data.read(Path(uri))
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
+    except (MlflowException, OSError) as err:
+        message = getattr(err, "message", str(err)).splitlines()[0]
+        raise TrackingError(f"cannot fetch dataset {uri}: {message}") from None
+    return data.read(Path(local))
+
+
+def find_cached_dataset(experiment: str, key: str) -> str | None:
+    """The run id of a finished generate run whose data key is ``key``, if any."""
+    runs = mlflow.search_runs(
+        experiment_ids=[experiment],
+        filter_string=f"tags.data_key = '{key}' and attributes.status = 'FINISHED'",
+        max_results=1,
+        output_format="list",
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def pip_requirements() -> list[str]:
+    """Pinned requirements of a logged model; explicit, so MLflow skips its slow inference."""
+    torch_version = torch.__version__.split("+")[0]
+    return [f"torch=={torch_version}", f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}"]
+
+
+def log_model(module: torch.nn.Module, example: np.ndarray, dataset: Dataset) -> str:
+    """Log ``module`` as an MLflow model of the active run; return its ``models:/`` URI."""
+    import mlflow.pytorch
+
+    rows = example[:INPUT_EXAMPLE_ROWS]
+    if len(rows) < 2:  # the exported graph specialises on the example's batch size
+        rows = np.repeat(rows, 2, axis=0)
+    info = mlflow.pytorch.log_model(
+        module.to("cpu").eval(),
+        name="model",
+        input_example=rows,
+        pip_requirements=pip_requirements(),
+        metadata={
+            "feature_names": list(dataset.feature_names),
+            "target_names": list(dataset.target_names),
+        },
+    )
+    return info.model_uri
+
+
+def load_model(uri: str) -> torch.nn.Module:
+    import mlflow.pytorch
+
+    try:
+        return mlflow.pytorch.load_model(uri)
+    except (MlflowException, OSError) as err:
+        message = (getattr(err, "message", None) or str(err)).splitlines()[0]
+        raise TrackingError(f"cannot load model {uri}: {message}") from None

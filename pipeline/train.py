@@ -1,0 +1,222 @@
+"""Training: gradient descent on a linear model, the tutorials' loop, on the CPU or a GPU.
+
+``train(config, train_set, val_set)`` returns the model and its loss curves; it does no file
+I/O and makes no tracking calls, so a sweep can call it many times in one process.
+
+``train_loss[k]`` is the training objective over the whole training set after ``k`` epochs
+(``k = 0`` is before any update), so a curve has ``epochs + 1`` points unless training stops early.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline import models
+from pipeline.config import TrainConfig
+from pipeline.data import Dataset
+from pipeline.errors import UserError
+
+# Called after every epoch with (epoch, train_loss, val_loss); returning True stops training.
+EpochCallback = Callable[[int, float, "float | None"], bool]
+
+PATH_MAX_PARAMETERS = 2  # record the parameters' path when it can be drawn on a loss surface
+
+
+@dataclass
+class TrainResult:
+    model: object
+    device: torch.device
+    train_loss: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    parameter_path: list[list[float]] = field(default_factory=list)
+    diverged_at: int | None = None
+    stopped_at: int | None = None
+
+    @property
+    def diverged(self) -> bool:
+        return self.diverged_at is not None
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.train_loss) - 1
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` takes CUDA when torch sees a GPU; ``cuda`` without one is an error."""
+    if name == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if name == "cuda":
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no GPU is visible"
+        raise UserError(f"device cuda was asked for, but {why}; use --device auto or cpu")
+    return torch.device("cpu")
+
+
+def objective(pred: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Squared error, averaged over every element (``mean``) or summed (``sum``)."""
+    squared = (pred - target) ** 2
+    return squared.mean() if reduction == "mean" else squared.sum()
+
+
+def train(
+    config: TrainConfig,
+    train_set: Dataset,
+    val_set: Dataset | None = None,
+    on_epoch: EpochCallback | None = None,
+) -> TrainResult:
+    device = resolve_device(config.device)
+    dtype = models.DTYPES[config.dtype]
+    # Moved to the device once; every epoch reads these tensors.
+    x = torch.as_tensor(train_set.features, dtype=dtype, device=device)
+    y = torch.as_tensor(train_set.targets, dtype=dtype, device=device)
+    val = None
+    if val_set is not None:
+        val = (
+            torch.as_tensor(val_set.features, dtype=dtype, device=device),
+            torch.as_tensor(val_set.targets, dtype=dtype, device=device),
+        )
+
+    torch.manual_seed(config.seed)
+    model = models.build(x.shape[1], y.shape[1], config).to(device)
+    step = _stepper(model, config)
+    result = TrainResult(model=model, device=device)
+    record = _recorder(result, model, config, val, on_epoch)
+
+    full_batch = config.batch_size is None or config.batch_size >= x.shape[0]
+    if full_batch and not config.shuffle:
+        # One forward pass per epoch: the loss that drives update k is the curve's point k-1.
+        loss, context = step.forward(x, y)
+        if record(0, loss):
+            return result
+        for epoch in range(1, config.epochs + 1):
+            step.update(loss, context)
+            loss, context = step.forward(x, y)
+            if record(epoch, loss):
+                break
+        return result
+
+    with torch.no_grad():
+        if record(0, objective(model(x), y, config.loss)):
+            return result
+    for epoch in range(1, config.epochs + 1):
+        for xb, yb in _batches(x, y, config):
+            step.update(*step.forward(xb, yb))
+        with torch.no_grad():
+            if record(epoch, objective(model(x), y, config.loss)):
+                break
+    return result
+
+
+def _recorder(result: TrainResult, model, config: TrainConfig, val, on_epoch):
+    track_path = sum(p.numel() for p in model.parameters()) <= PATH_MAX_PARAMETERS
+
+    def record(epoch: int, loss: torch.Tensor) -> bool:
+        """Append one point of every curve; True when training must stop."""
+        value = loss.item()
+        result.train_loss.append(value)
+        val_value = None
+        if val is not None:
+            with torch.no_grad():
+                val_value = objective(model(val[0]), val[1], config.loss).item()
+            result.val_loss.append(val_value)
+        if track_path:
+            result.parameter_path.append(
+                [v for p in model.parameters() for v in p.detach().flatten().tolist()]
+            )
+        if not math.isfinite(value) or (val_value is not None and not math.isfinite(val_value)):
+            result.diverged_at = epoch
+            return True
+        if on_epoch is not None and on_epoch(epoch, value, val_value):
+            result.stopped_at = epoch
+            return True
+        return False
+
+    return record
+
+
+def _batches(x: torch.Tensor, y: torch.Tensor, config: TrainConfig):
+    """``TensorDataset`` + ``DataLoader``, fetching whole batches by index, not row by row.
+
+    A ``BatchSampler`` over a ``RandomSampler`` draws the same order as ``shuffle=True``.
+    """
+    from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+    from torch.utils.data import TensorDataset
+
+    dataset = TensorDataset(x, y)
+    order = RandomSampler(dataset) if config.shuffle else SequentialSampler(dataset)
+    batch_size = config.batch_size or x.shape[0]
+    sampler = BatchSampler(order, batch_size=batch_size, drop_last=False)
+    return DataLoader(dataset, sampler=sampler, batch_size=None)
+
+
+# --- one gradient step, three ways --------------------------------------------------------------
+
+
+class _AutogradStep:
+    """The tutorials' manual loop: autograd gradients, update under no_grad, gradients zeroed."""
+
+    def __init__(self, model, config: TrainConfig) -> None:
+        self.model, self.lr, self.reduction = model, config.lr, config.loss
+
+    def forward(self, x, y):
+        return objective(self.model(x), y, self.reduction), None
+
+    def update(self, loss, _context) -> None:
+        loss.backward()
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p -= self.lr * p.grad
+        self.model.zero_grad()
+
+
+class _AnalyticStep(_AutogradStep):
+    """Gradients of the squared error written out by hand, no autograd (tutorial 000's aside)."""
+
+    def forward(self, x, y):
+        with torch.no_grad():
+            pre_activation = x @ self.model.weight.T
+            pred = models.linear_forward(x, self.model.weight, self.model.bias,
+                                         self.model.activation)
+            residual = pred - y
+            loss = (residual**2).mean() if self.reduction == "mean" else (residual**2).sum()
+        return loss, (x, residual, pre_activation)
+
+    def update(self, _loss, context) -> None:
+        x, residual, pre_activation = context
+        scale = 2.0 / residual.numel() if self.reduction == "mean" else 2.0
+        d_out = scale * residual
+        d_pre = d_out * (pre_activation > 0) if self.model.activation == "relu" else d_out
+        with torch.no_grad():
+            self.model.weight -= self.lr * (d_pre.T @ x)
+            if self.model.bias is not None:
+                self.model.bias -= self.lr * d_out.sum(dim=0)
+
+
+class _OptimizerStep:
+    """``torch.nn`` loss and ``torch.optim.SGD``, as the builtin tutorials write it."""
+
+    def __init__(self, model, config: TrainConfig) -> None:
+        self.model = model
+        self.loss_fn = torch.nn.MSELoss(reduction=config.loss)
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
+
+    def forward(self, x, y):
+        return self.loss_fn(self.model(x), y), None
+
+    def update(self, loss, _context) -> None:
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+
+def _stepper(model, config: TrainConfig):
+    if config.model == "builtin":
+        return _OptimizerStep(model, config)
+    if config.gradient == "analytic":
+        return _AnalyticStep(model, config)
+    return _AutogradStep(model, config)

@@ -1,0 +1,175 @@
+"""The stages wired to tracking: what ``pipeline generate | train | evaluate | run`` do.
+
+Each function validates what it can before it opens a run (so bad input leaves no run behind),
+calls the pure stage (``data``, ``train``, ``evaluate``) and records the outcome in MLflow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline import data, evaluate, plots, tracking
+from pipeline import train as training
+from pipeline.config import Experiment, TrainConfig
+from pipeline.data import Dataset
+from pipeline.errors import DivergedError
+
+Echo = Callable[[str], None]
+
+
+def run_name(config: TrainConfig) -> str:
+    """What the MLflow UI lists, e.g. ``builtin lr=1e-05 epochs=100``."""
+    return f"{config.model} lr={config.lr:g} epochs={config.epochs}"
+
+
+@dataclass(frozen=True)
+class DataRef:
+    dataset: Dataset
+    uri: str
+    run_id: str
+    reused: bool
+
+
+@dataclass(frozen=True)
+class Trained:
+    run_id: str
+    model_uri: str
+    result: training.TrainResult
+
+
+def generate(exp: Experiment, experiment: str, parent_run_id: str | None = None,
+             echo: Echo = print) -> DataRef:
+    """Build the dataset and log it, unless a finished run already holds the same content."""
+    key = data.content_key(exp.data, exp.seed)
+    if cached := tracking.find_cached_dataset(experiment, key):
+        uri = f"runs:/{cached}/dataset"
+        echo(f"generate: same data as run {cached}, reused ({uri})")
+        return DataRef(tracking.read_dataset(uri), uri, cached, reused=True)
+    dataset = data.build(exp.data, exp.seed)
+    shape = f"{dataset.n_rows}×{dataset.features.shape[1]}→{dataset.targets.shape[1]}"
+    tags = {"stage": "generate", "data_key": key}
+    with tracking.run(experiment, f"generate {exp.data.source} {shape}", parent_run_id,
+                      tags) as active:
+        tracking.log_params(
+            {k: v for k, v in exp.params().items() if k.startswith("data.") or k == "seed"}
+        )
+        uri = tracking.write_dataset(dataset)
+        tracking.log_dataset(dataset, exp.name, uri, context="generated")
+    echo(f"generate: {shape} rows→targets written to {uri}")
+    return DataRef(dataset, uri, active.info.run_id, reused=False)
+
+
+def train(exp: Experiment, dataset: Dataset, experiment: str,
+          parent_run_id: str | None = None, data_uri: str | None = None,
+          echo: Echo = print) -> Trained:
+    """Fit the model, log its curves, plots and the model itself."""
+    config = exp.train
+    device = training.resolve_device(config.device)
+    train_set, val_set = data.split(dataset, exp.val_fraction, exp.seed)
+    tags = {"stage": "train", "device": str(device), **({"data_uri": data_uri} if data_uri else {})}
+    with tracking.run(experiment, run_name(config), parent_run_id, tags) as active:
+        run_id = active.info.run_id
+        tracking.log_params(exp.params())
+        tracking.log_dataset(train_set, exp.name, data_uri, context="training")
+        if val_set is not None:
+            tracking.log_dataset(val_set, exp.name, data_uri, context="validation")
+        result = training.train(config, train_set, val_set)
+        curves = {"train_loss": result.train_loss}
+        if result.val_loss:
+            curves["val_loss"] = result.val_loss
+        tracking.log_curves(run_id, curves)
+        tracking.log_figure(
+            plots.loss_curve(result.train_loss, result.val_loss, run_name(config)),
+            "plots/loss_curve.png",
+        )
+        if _single_weight(result) and dataset.features.shape[1] == 1:
+            tracking.log_figure(
+                plots.loss_surface(train_set.features, train_set.targets,
+                                   result.parameter_path, config.loss, "loss over w"),
+                "plots/loss_surface.png",
+            )
+        if result.diverged:
+            epoch = result.diverged_at
+            loss = result.train_loss[-1]
+            tracking.set_tags({"diverged": "true", "diverged_at_epoch": str(epoch)})
+            raise DivergedError(
+                f"training diverged at epoch {epoch}: train_loss became {loss} "
+                f"with lr={config.lr:g}; try a smaller lr (run {run_id} marked FAILED)"
+            )
+        tracking.set_tags({"diverged": "false"})
+        example = train_set.features.astype(np.dtype(config.dtype))
+        model_uri = tracking.log_model(result.model.to_module(), example, dataset)
+    echo(
+        f"train: {run_name(config)} on {device}: train_loss {result.train_loss[0]:.6g} → "
+        f"{result.train_loss[-1]:.6g}; model {model_uri}"
+    )
+    return Trained(run_id, model_uri, result)
+
+
+def _single_weight(result: training.TrainResult) -> bool:
+    return bool(result.parameter_path) and len(result.parameter_path[0]) == 1
+
+
+def evaluate_model(exp: Experiment, dataset: Dataset, model_uri: str, experiment: str,
+                   parent_run_id: str | None = None, echo: Echo = print) -> dict[str, float]:
+    """Score a logged model on the evaluation split (validation rows, else the training rows)."""
+    model = tracking.load_model(model_uri)
+    train_set, val_set = data.split(dataset, exp.val_fraction, exp.seed)
+    eval_set, split_name = (val_set, "validation") if val_set is not None else (train_set, "train")
+    tags = {"stage": "evaluate", "model_uri": model_uri, "eval_split": split_name}
+    with tracking.run(experiment, f"evaluate {run_name(exp.train)}", parent_run_id, tags):
+        tracking.log_params(exp.params())
+        predictions = predict(model, eval_set.features)
+        metrics = evaluate.evaluate(predictions, eval_set, fit_bias=exp.train.has_bias)
+        weight, bias = learned_parameters(model)
+        metrics.update(evaluate.parameter_errors(weight, bias, eval_set))
+        tracking.log_metrics(metrics)
+        tracking.log_figure(
+            plots.fit(eval_set.features, eval_set.targets, predictions,
+                      eval_set.feature_names, eval_set.target_names,
+                      f"{exp.name}: {split_name} rows"),
+            "plots/fit.png",
+        )
+    shown = ", ".join(f"{k}={metrics[k]:.6g}" for k in ("mse", "rmse", "mae", "r2",
+                                                         "optimality_gap"))
+    echo(f"evaluate: on {split_name} rows: {shown}")
+    return metrics
+
+
+def predict(model: torch.nn.Module, features: np.ndarray) -> np.ndarray:
+    dtype = next(iter(model.state_dict().values())).dtype
+    with torch.no_grad():
+        return model(torch.as_tensor(features, dtype=dtype)).double().numpy()
+
+
+def learned_parameters(model: torch.nn.Module) -> tuple[np.ndarray, np.ndarray | None]:
+    """Weight and bias of a loaded linear model, whichever of the two kinds it is."""
+    state = {name.rsplit(".", 1)[-1]: value for name, value in model.state_dict().items()}
+    weight = state["weight"].double().numpy()
+    bias = state.get("bias", state.get("offset"))
+    return weight, None if bias is None else bias.double().numpy()
+
+
+def run_all(exp: Experiment, experiment: str, echo: Echo = print) -> dict[str, float]:
+    """generate → train → evaluate as child runs of one parent run."""
+    training.resolve_device(exp.train.device)  # fail before any run opens
+    with tracking.run(experiment, f"{exp.name}: {run_name(exp.train)}",
+                      tags={"stage": "pipeline"}) as parent:
+        parent_id = parent.info.run_id
+        tracking.log_params(exp.params())
+        data_ref = generate(exp, experiment, parent_id, echo)
+        tracking.set_tags({"data_run_id": data_ref.run_id, "data_uri": data_ref.uri})
+        try:
+            trained = train(exp, data_ref.dataset, experiment, parent_id, data_ref.uri, echo)
+        except DivergedError:
+            tracking.set_tags({"diverged": "true"})
+            raise
+        tracking.set_tags({"train_run_id": trained.run_id, "model_uri": trained.model_uri})
+        metrics = evaluate_model(exp, data_ref.dataset, trained.model_uri, experiment,
+                                 parent_id, echo)
+        tracking.log_metrics(metrics)
+    return metrics
