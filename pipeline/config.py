@@ -73,7 +73,7 @@ class LineData:
     bias: float = 0.0
     x: tuple[float, ...] = ()
     x_range: tuple[float, ...] = ()
-    x_scale: float = 1.0
+    x_divisor: float = 1.0
     noise: float = 0.0
     source: str = "line"
 
@@ -82,6 +82,10 @@ class LineData:
             raise ConfigError("data needs exactly one of data.x (values) or data.x_range")
         if self.x_range and (len(self.x_range) != 3 or self.x_range[2] == 0):
             raise ConfigError("data.x_range must be [start, stop, step] with a non-zero step")
+        if not (math.isfinite(self.x_divisor) and self.x_divisor != 0):
+            raise ConfigError(
+                f"data.x_divisor must be a finite non-zero number, got {self.x_divisor}"
+            )
         _check_finite("data.weight", self.weight)
         _check_finite("data.bias", self.bias)
         _check_non_negative("data.noise", self.noise)
@@ -119,7 +123,7 @@ class CsvData:
             raise ConfigError("data.features and data.targets must each name at least one column")
 
 
-DataConfig = Union[TableData, LineData, SyntheticData, CsvData]
+DataConfig = TableData | LineData | SyntheticData | CsvData
 DATA_SOURCES: dict[str, type] = {
     "table": TableData,
     "line": LineData,
@@ -138,12 +142,12 @@ class TrainConfig:
     lr: float
     epochs: int
     model: str = "manual"
-    weight_init: Union[float, str] = "torch"
-    bias_init: Union[float, str] = "torch"
+    weight_init: float | str = "torch"
+    bias_init: float | str = "torch"
     activation: str = "none"
     gradient: str = "autograd"
     loss: str = "mean"
-    batch_size: Union[int, None] = None
+    batch_size: int | None = None
     shuffle: bool = False
     device: str = "auto"
     dtype: str = "float32"

@@ -83,7 +83,7 @@ def _line(config: LineData, rng: np.random.Generator) -> Dataset:
         x = np.asarray(config.x, dtype=np.float64)
     else:
         x = np.arange(*config.x_range, dtype=np.float64)
-    x = x * config.x_scale
+    x = x / config.x_divisor
     y = config.weight * x + config.bias
     if config.noise:
         y = y + config.noise * rng.standard_normal(x.shape)
@@ -178,7 +178,7 @@ def numeric_matrix(frame, columns: tuple[str, ...], path: str | Path) -> np.ndar
                 f"{path}: column {column} holds a non-numeric or missing value "
                 f"{raw!r} in data row {row + 1}"
             )
-    return frame.loc[:, list(columns)].to_numpy(dtype=np.float64)
+    return frame.loc[:, list(columns)].to_numpy(dtype=np.float64, copy=True)
 
 
 def _listing(frame) -> str:

@@ -1,4 +1,4 @@
-"""The two linear models: ``manual`` (raw tensors, as the tutorials teach) and ``builtin`` (torch.nn).
+"""The two linear models: ``manual`` (raw tensors, as the tutorials teach) and ``builtin``.
 
 Both compute ``act(x @ weight.T) + bias`` with ``act`` the identity or ReLU (``clamp(min=0)``),
 and share one small interface: ``parameters()``, ``forward(x)`` (also ``model(x)``),
@@ -26,15 +26,22 @@ def init_parameters(
     builtin model and a manual one with the same seed start from the same point.
     """
     dtype = DTYPES[config.dtype]
-    bound = 1.0 / math.sqrt(n_features)
-    weight = _draw(config.weight_init, (n_targets, n_features), bound, dtype)
-    bias = None if not config.has_bias else _draw(config.bias_init, (n_targets,), bound, dtype)
+    weight = _draw(config.weight_init, (n_targets, n_features), dtype)
+    if config.weight_init == "torch":
+        # Exactly nn.Linear.reset_parameters: the same calls give the same bits in any dtype.
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    if not config.has_bias:
+        return weight, None
+    bias = _draw(config.bias_init, (n_targets,), dtype)
+    if config.bias_init == "torch":
+        bound = 1 / math.sqrt(n_features)
+        nn.init.uniform_(bias, -bound, bound)
     return weight, bias
 
 
-def _draw(spec: str | float, shape: tuple[int, ...], bound: float, dtype) -> torch.Tensor:
+def _draw(spec: str | float, shape: tuple[int, ...], dtype) -> torch.Tensor:
     if spec == "torch":
-        return torch.empty(shape, dtype=dtype).uniform_(-bound, bound)
+        return torch.empty(shape, dtype=dtype)  # filled by the caller, as nn.Linear does
     if spec == "randn":
         return torch.randn(shape, dtype=dtype)
     if spec == "rand":

@@ -41,6 +41,8 @@ def connect(tracking_uri: str) -> None:
     """Point MLflow at ``tracking_uri``; fail fast, in one line, if a server does not answer."""
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Progress bars for a few small artifacts are noise on stderr.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow.set_tracking_uri(tracking_uri)
     if tracking_uri.startswith(("http://", "https://")):
         import requests
@@ -50,7 +52,8 @@ def connect(tracking_uri: str) -> None:
             requests.get(url, timeout=HEALTH_TIMEOUT_S).raise_for_status()
         except requests.RequestException as err:
             reason = type(err).__name__
-            raise TrackingError(f"tracking server {tracking_uri} is not reachable ({reason})") from None
+            message = f"tracking server {tracking_uri} is not reachable ({reason})"
+            raise TrackingError(message) from None
 
 
 def experiment_id(name: str) -> str:
@@ -156,18 +159,21 @@ def log_figure(fig, path: str) -> None:
 def log_dataset(dataset: Dataset, name: str, data_uri: str | None, context: str) -> None:
     """Record ``dataset`` as an MLflow dataset input of the active run (with its digest).
 
-    The source is where the rows are stored (the generate run's artifacts), or the code
-    that built them when they were made in this process.
+    The source is where the rows are stored (the generate run's artifacts) where MLflow can
+    name that place (local, S3, GCS, ...), else the code that built them; the run's
+    ``data_uri`` tag always holds the ``runs:/`` URI.
     """
     import mlflow.data
 
-    source = None
-    if data_uri:
-        source = _artifact_location(data_uri)
+    frame = dataset.frame()
+    source = _artifact_location(data_uri) if data_uri else None
     with warnings.catch_warnings():
         # A local artifact path matches two equivalent source classes; MLflow picks one and warns.
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-        mlflow_dataset = mlflow.data.from_pandas(dataset.frame(), source=source, name=name)
+        try:
+            mlflow_dataset = mlflow.data.from_pandas(frame, source=source, name=name)
+        except MlflowException:  # e.g. mlflow-artifacts:/ behind a tracking server
+            mlflow_dataset = mlflow.data.from_pandas(frame, name=name)
     mlflow.log_input(mlflow_dataset, context=context)
 
 

@@ -144,8 +144,13 @@ def _batches(x: torch.Tensor, y: torch.Tensor, config: TrainConfig):
 
     A ``BatchSampler`` over a ``RandomSampler`` draws the same order as ``shuffle=True``.
     """
-    from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
-    from torch.utils.data import TensorDataset
+    from torch.utils.data import (
+        BatchSampler,
+        DataLoader,
+        RandomSampler,
+        SequentialSampler,
+        TensorDataset,
+    )
 
     dataset = TensorDataset(x, y)
     order = RandomSampler(dataset) if config.shuffle else SequentialSampler(dataset)

@@ -41,17 +41,35 @@ class Trained:
     result: training.TrainResult
 
 
-def generate(exp: Experiment, experiment: str, parent_run_id: str | None = None,
-             echo: Echo = print) -> DataRef:
-    """Build the dataset and log it, unless a finished run already holds the same content."""
+@dataclass(frozen=True)
+class PreparedData:
+    key: str
+    dataset: Dataset | None  # None when a cached run holds the same content
+    cached_run_id: str | None
+
+
+def prepare_data(exp: Experiment, experiment: str) -> PreparedData:
+    """Find cached data with the same content key, or build it; opens no run.
+
+    Bad data (a missing or malformed CSV) fails here, before any run exists.
+    """
     key = data.content_key(exp.data, exp.seed)
     if cached := tracking.find_cached_dataset(experiment, key):
-        uri = f"runs:/{cached}/dataset"
-        echo(f"generate: same data as run {cached}, reused ({uri})")
-        return DataRef(tracking.read_dataset(uri), uri, cached, reused=True)
-    dataset = data.build(exp.data, exp.seed)
+        return PreparedData(key, None, cached)
+    return PreparedData(key, data.build(exp.data, exp.seed), None)
+
+
+def generate(exp: Experiment, experiment: str, parent_run_id: str | None = None,
+             prepared: PreparedData | None = None, echo: Echo = print) -> DataRef:
+    """Build the dataset and log it, unless a finished run already holds the same content."""
+    prepared = prepared or prepare_data(exp, experiment)
+    if prepared.cached_run_id:
+        uri = f"runs:/{prepared.cached_run_id}/dataset"
+        echo(f"generate: same content as run {prepared.cached_run_id}, reused ({uri})")
+        return DataRef(tracking.read_dataset(uri), uri, prepared.cached_run_id, reused=True)
+    dataset = prepared.dataset
     shape = f"{dataset.n_rows}×{dataset.features.shape[1]}→{dataset.targets.shape[1]}"
-    tags = {"stage": "generate", "data_key": key}
+    tags = {"stage": "generate", "data_key": prepared.key}
     with tracking.run(experiment, f"generate {exp.data.source} {shape}", parent_run_id,
                       tags) as active:
         tracking.log_params(
@@ -59,7 +77,7 @@ def generate(exp: Experiment, experiment: str, parent_run_id: str | None = None,
         )
         uri = tracking.write_dataset(dataset)
         tracking.log_dataset(dataset, exp.name, uri, context="generated")
-    echo(f"generate: {shape} rows→targets written to {uri}")
+    echo(f"generate: {shape} (rows×features→targets) written to {uri}")
     return DataRef(dataset, uri, active.info.run_id, reused=False)
 
 
@@ -157,11 +175,12 @@ def learned_parameters(model: torch.nn.Module) -> tuple[np.ndarray, np.ndarray |
 def run_all(exp: Experiment, experiment: str, echo: Echo = print) -> dict[str, float]:
     """generate → train → evaluate as child runs of one parent run."""
     training.resolve_device(exp.train.device)  # fail before any run opens
+    prepared = prepare_data(exp, experiment)
     with tracking.run(experiment, f"{exp.name}: {run_name(exp.train)}",
                       tags={"stage": "pipeline"}) as parent:
         parent_id = parent.info.run_id
         tracking.log_params(exp.params())
-        data_ref = generate(exp, experiment, parent_id, echo)
+        data_ref = generate(exp, experiment, parent_id, prepared, echo)
         tracking.set_tags({"data_run_id": data_ref.run_id, "data_uri": data_ref.uri})
         try:
             trained = train(exp, data_ref.dataset, experiment, parent_id, data_ref.uri, echo)

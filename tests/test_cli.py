@@ -1,0 +1,263 @@
+"""End to end through the real `pipeline` command and a real MLflow sqlite store."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import mlflow.pytorch
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from pipeline import config
+from pipeline.cli import cli
+from tests.conftest import REPO, run_statuses, subprocess_env
+
+TUTORIALS = ["line_fit_15pts", "crop_yields_manual", "crop_yields_builtin", "line_2x_plus_1",
+             "slope_only", "relu_line"]
+
+
+def invoke(store: str, *args: str):
+    result = CliRunner().invoke(cli, [*args, "--tracking-uri", store])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def runs_of(store: str, experiment: str) -> dict[str, list]:
+    """Runs of one experiment grouped by their `stage` tag."""
+    mlflow.set_tracking_uri(store)
+    found = mlflow.get_experiment_by_name(experiment)
+    grouped: dict[str, list] = {}
+    for run in mlflow.search_runs([found.experiment_id], output_format="list"):
+        grouped.setdefault(run.data.tags.get("stage"), []).append(run)
+    return grouped
+
+
+def history(store: str, run_id: str, key: str) -> list[float]:
+    metrics = MlflowClient(store).get_metric_history(run_id, key)
+    return [m.value for m in sorted(metrics, key=lambda m: m.step)]
+
+
+def artifacts(store: str, run_id: str, folder: str) -> set[str]:
+    return {a.path for a in MlflowClient(store).list_artifacts(run_id, folder)}
+
+
+@pytest.mark.parametrize("name", TUTORIALS)
+def test_run_records_everything_for_each_tutorial(store, name):
+    invoke(store, "run", "-e", name)
+    exp = config.load(name)
+    runs = runs_of(store, name)
+    assert {k: len(v) for k, v in runs.items()} == {
+        "pipeline": 1, "generate": 1, "train": 1, "evaluate": 1}
+    parent = runs["pipeline"][0]
+    for stage in ("generate", "train", "evaluate"):
+        run = runs[stage][0]
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert parent.info.status == "FINISHED"
+
+    train_run = runs["train"][0]
+    params = train_run.data.params
+    assert params["model"] == exp.train.model and float(params["lr"]) == exp.train.lr
+    assert int(params["epochs"]) == exp.train.epochs and params["seed"] == str(exp.seed)
+    assert {"batch_size", "device", "data.source"} <= set(params)
+    assert train_run.data.tags["device"] == "cpu"
+    assert train_run.data.tags["torch_version"].startswith("2.")
+    expected_name = f"{exp.train.model} lr={exp.train.lr:g} epochs={exp.train.epochs}"
+    assert train_run.info.run_name == expected_name
+    curve = history(store, train_run.info.run_id, "train_loss")
+    assert len(curve) == exp.train.epochs + 1 and curve[-1] < curve[0]
+    expected_plots = {"plots/loss_curve.png"} | (
+        {"plots/loss_surface.png"} if name == "slope_only" else set())
+    assert artifacts(store, train_run.info.run_id, "plots") == expected_plots
+    assert len(train_run.inputs.dataset_inputs) == 1
+
+    evaluate_run = runs["evaluate"][0]
+    metrics = evaluate_run.data.metrics
+    assert {"mse", "rmse", "mae", "r2", "optimality_gap"} <= set(metrics)
+    assert metrics["rmse"] == pytest.approx(np.sqrt(metrics["mse"]))
+    assert metrics["mse"] == pytest.approx(curve[-1] if exp.train.loss == "mean"
+                                           else curve[-1] / 40, rel=1e-4)
+    assert artifacts(store, evaluate_run.info.run_id, "plots") == {"plots/fit.png"}
+
+    model_uri = evaluate_run.data.tags["model_uri"]
+    model = mlflow.pyfunc.load_model(model_uri)
+    n_features = model.metadata.get_input_schema().inputs[0].shape[-1]
+    n_targets = model.metadata.get_output_schema().inputs[0].shape[-1]
+    dtype = np.float64 if exp.train.dtype == "float64" else np.float32
+    for rows in (1, 10_000):
+        out = model.predict(np.random.default_rng(0).random((rows, n_features)).astype(dtype))
+        assert np.asarray(out).shape == (rows, n_targets)
+    assert mlflow.pytorch.load_model(model_uri) is not None
+
+
+def test_line_fit_curve_matches_the_tutorial(store):
+    invoke(store, "run", "-e", "line_fit_15pts")
+    train_run = runs_of(store, "line_fit_15pts")["train"][0]
+    curve = history(store, train_run.info.run_id, "train_loss")
+    assert curve[0] == pytest.approx(104.9967, rel=1e-4)
+    assert curve[10] == pytest.approx(0.20337, rel=1e-4)
+
+
+def test_line_2x_plus_1_fits_with_r2_above_0999(store):
+    invoke(store, "run", "-e", "line_2x_plus_1")
+    evaluate_run = runs_of(store, "line_2x_plus_1")["evaluate"][0]
+    assert evaluate_run.data.metrics["r2"] > 0.999
+    assert evaluate_run.data.metrics["weight_error"] < 0.05
+
+
+def test_generate_reuses_identical_data_and_regenerates_changed_data(store):
+    first = invoke(store, "generate", "-e", "slope_only").output.strip().splitlines()[-1]
+    second = invoke(store, "generate", "-e", "slope_only").output.strip().splitlines()[-1]
+    assert first == second and "reused" in invoke(store, "generate", "-e", "slope_only").output
+    third = invoke(store, "generate", "-e", "slope_only", "--set", "data.noise=0.2")
+    assert third.output.strip().splitlines()[-1] != first
+    assert len(runs_of(store, "slope_only")["generate"]) == 2
+
+
+def test_stages_chain_through_uris(store):
+    data_uri = invoke(store, "generate", "-e", "crop_yields_manual").output.split()[-1]
+    model_uri = invoke(store, "train", "-e", "crop_yields_manual", "--data", data_uri,
+                       "--set", "epochs=20").output.split()[-1]
+    assert data_uri.startswith("runs:/") and model_uri.startswith("models:/")
+    invoke(store, "evaluate", "-e", "crop_yields_manual", "--model", model_uri,
+           "--data", data_uri)
+    runs = runs_of(store, "crop_yields_manual")
+    assert runs["train"][0].data.tags["data_uri"] == data_uri
+    assert len(history(store, runs["train"][0].info.run_id, "train_loss")) == 21
+    assert runs["evaluate"][0].data.tags["model_uri"] == model_uri
+
+
+def test_validation_split_logs_val_loss_and_evaluates_on_it(store):
+    invoke(store, "run", "-e", "synthetic", "--set", "epochs=30 data.n_rows=500")
+    runs = runs_of(store, "synthetic")
+    assert len(history(store, runs["train"][0].info.run_id, "val_loss")) == 31
+    assert runs["evaluate"][0].data.tags["eval_split"] == "validation"
+    assert runs["evaluate"][0].data.metrics["weight_error"] < 0.1
+
+
+def test_experiments_lists_every_config():
+    result = CliRunner().invoke(cli, ["experiments"])
+    assert result.exit_code == 0
+    names = [line.split()[0] for line in result.output.splitlines()]
+    assert set(TUTORIALS) | {"synthetic"} == set(names)
+
+
+# --- bad input: one line on stderr, non-zero exit, no traceback, no RUNNING run -----------------
+
+
+def pipeline(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], cwd=workdir, capture_output=True, text=True,
+        env=subprocess_env(), timeout=120,
+    )
+
+
+def assert_one_line_failure(result: subprocess.CompletedProcess, *expected: str) -> None:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    assert len(lines) == 1, result.stderr
+    for text in expected:
+        assert text in lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["-e", "no_such_experiment"], ["unknown experiment", "line_fit_15pts"]),
+        (["-e", "line_fit_15pts", "--set", "colour=red"], ["unknown key colour"]),
+        (["-e", "line_fit_15pts", "--set", "data.colour=red"], ["unknown key data.colour"]),
+        (["-e", "line_fit_15pts", "--set", "epochs=abc"], ["epochs must be an integer"]),
+        (["-e", "line_fit_15pts", "--set", "lr"], ["must look like key=value"]),
+        (["-e", "line_fit_15pts", "--set", "lr=0"], ["lr must be a finite number > 0"]),
+        (["-e", "line_fit_15pts", "--set", "lr=-1"], ["lr must be"]),
+        (["-e", "line_fit_15pts", "--set", "lr=inf"], ["lr must be"]),
+        (["-e", "line_fit_15pts", "--set", "lr=nan"], ["lr must be"]),
+        (["-e", "line_fit_15pts", "--set", "epochs=0"], ["epochs must be >= 1"]),
+        (["-e", "line_fit_15pts", "--set", "batch_size=0"], ["batch_size must be >= 1"]),
+    ],
+)
+def test_bad_config_input(workdir, args, expected):
+    assert_one_line_failure(pipeline(workdir, "run", *args), *expected)
+    assert run_statuses(workdir / "mlflow.db") == []
+
+
+def csv_experiment(workdir: Path, content: str | None, features=("temp",)) -> str:
+    path = workdir / "data.csv"
+    if content is not None:
+        path.write_text(content)
+    (workdir / "mine.yaml").write_text(
+        f"lr: 0.01\nepochs: 3\ndata:\n  csv: {path}\n  features: {list(features)}\n"
+        "  targets: [yield]\n"
+    )
+    return str(workdir / "mine.yaml")
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("", ["the file is empty"]),
+        ("temp,yield\n", ["no data rows"]),
+        ("temp,rain\n1,2\n", ["no column named yield"]),
+        ("temp,yield\n1,2\nwarm,3\n", ["column temp", "'warm'", "row 2"]),
+        (None, ["no such file"]),
+    ],
+)
+def test_bad_csv(workdir, content, expected):
+    config_path = csv_experiment(workdir, content)
+    assert_one_line_failure(pipeline(workdir, "run", "-e", config_path), *expected)
+    assert "RUNNING" not in run_statuses(workdir / "mlflow.db")
+    assert "FAILED" not in run_statuses(workdir / "mlflow.db")  # caught before any run
+
+
+def test_good_csv_runs(store, workdir):
+    rows = "\n".join(f"{x},{3 * x + 1}" for x in range(10))
+    config_path = csv_experiment(workdir, "temp,yield\n" + rows + "\n")
+    invoke(store, "run", "-e", config_path, "--set", "epochs=200")
+    evaluate_run = runs_of(store, "mine")["evaluate"][0]
+    assert evaluate_run.data.metrics["r2"] > 0.99
+
+
+def test_cuda_asked_for_where_there_is_none(workdir):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = pipeline(workdir, "run", "-e", "line_fit_15pts", "--device", "cuda")
+    assert_one_line_failure(result, "device cuda was asked for")
+    assert run_statuses(workdir / "mlflow.db") == []
+
+
+def test_unreachable_tracking_server(workdir):
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = pipeline(workdir, "run", "-e", "line_fit_15pts",
+                      "--tracking-uri", f"http://127.0.0.1:{port}")
+    assert_one_line_failure(result, "not reachable")
+
+
+def test_divergence_is_recorded_not_crashed(workdir):
+    result = pipeline(workdir, "run", "-e", "slope_only", "--set", "lr=10 epochs=500")
+    assert_one_line_failure(result, "diverged at epoch")
+    statuses = run_statuses(workdir / "mlflow.db")
+    assert "RUNNING" not in statuses and statuses.count("FAILED") == 2  # train and parent
+    runs = runs_of(f"sqlite:///{workdir / 'mlflow.db'}", "slope_only")
+    train_run = runs["train"][0]
+    assert train_run.data.tags["diverged"] == "true"
+    assert train_run.info.status == "FAILED"
+    assert runs["pipeline"][0].data.tags["diverged"] == "true"
+
+
+def test_help_is_quick_to_import():
+    # `pipeline --help` must not import torch or mlflow.
+    code = "import sys, pipeline.cli; print(any(m in sys.modules for m in ('torch', 'mlflow')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.stdout.strip() == "False"

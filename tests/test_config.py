@@ -1,0 +1,277 @@
+"""Experiment configs: loading, overrides, and the checks that reject bad values by key name."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from pipeline import config
+from pipeline.config import ConfigError
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+NAMES = sorted(p.stem for p in EXPERIMENTS.glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def repo_experiments(monkeypatch):
+    # experiments_dir() depends on the working directory and the environment; pin it so these
+    # tests read the repository's experiments wherever pytest is started from.
+    monkeypatch.setenv(config.EXPERIMENTS_ENV, str(EXPERIMENTS))
+
+
+def names_key(key: str) -> str:
+    """A regex matching ``key`` as a whole word, so ``lr`` does not match inside ``sweep.lr``."""
+    return rf"(?<![\w.]){re.escape(key)}(?![\w])"
+
+
+# --- the shipped experiments ---------------------------------------------------------------------
+
+
+def test_available_lists_every_yaml_file():
+    assert NAMES, "no experiment files found next to the tests"
+    assert list(config.available()) == NAMES
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_experiment_loads_and_validates(name):
+    experiment = config.load(name)
+    assert experiment.name == name
+    assert experiment.description
+    # build() validates already; validating again checks the stored dataclasses, not the raw YAML.
+    experiment.train.validate()
+    experiment.data.validate()
+    experiment.sweep.validate()
+
+
+def test_load_by_path_uses_the_file_stem():
+    experiment = config.load(str(EXPERIMENTS / "slope_only.yaml"))
+    assert experiment.name == "slope_only"
+    assert experiment.train.weight_init == -10.0
+    assert experiment.train.bias_init == "none"
+    assert not experiment.train.has_bias
+
+
+def test_unknown_experiment_lists_known_names():
+    with pytest.raises(ConfigError) as info:
+        config.load("no_such_experiment")
+    message = info.value.message
+    assert "no_such_experiment" in message
+    for name in NAMES:
+        assert name in message
+
+
+def test_experiments_dir_follows_the_environment(tmp_path, monkeypatch):
+    # The file writes 1e-5 without a dot: YAML 1.1 reads that as a string, not a number.
+    (tmp_path / "tiny.yaml").write_text(
+        "lr: 1e-5\nepochs: 2\ndata:\n  source: line\n  x: [1, 2]\n  weight: 2\n"
+    )
+    monkeypatch.setenv(config.EXPERIMENTS_ENV, str(tmp_path))
+    assert list(config.available()) == ["tiny"]
+    experiment = config.load("tiny")
+    assert experiment.train.lr == 1e-05
+    assert isinstance(experiment.train.lr, float)
+    assert experiment.data.x == (1.0, 2.0)
+
+
+def test_invalid_yaml_is_a_config_error(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("lr: [0.1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load(str(path))
+
+
+# --- overrides ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["lr=0.05", "epochs=3"], ["lr=0.05 epochs=3"]],
+    ids=["separate", "one-string"],
+)
+def test_overrides_replace_training_values(overrides):
+    # MLproject passes every assignment in one string, the CLI passes one per --set.
+    experiment = config.load("slope_only", overrides)
+    assert experiment.train.lr == 0.05
+    assert experiment.train.epochs == 3
+    # Untouched keys keep the file's values.
+    assert experiment.train.weight_init == -10.0
+    assert experiment.data.noise == 0.1
+
+
+def test_dotted_override_reaches_the_data_recipe():
+    experiment = config.load("slope_only", ["data.noise=0.2"])
+    assert experiment.data.noise == 0.2
+    assert experiment.data.weight == -3.0
+    assert experiment.train.lr == 0.1
+
+
+def test_dotted_override_reaches_the_sweep():
+    experiment = config.load("slope_only", ["sweep.epochs=[2,9]"])
+    assert experiment.sweep.epochs == (2, 9)
+    assert experiment.sweep.lr == (1e-3, 0.3)
+
+
+@pytest.mark.parametrize("text", ["lr=1e-5", "lr=1.0e-5", "lr=0.00001"])
+def test_exponent_without_dot_becomes_a_float(text):
+    lr = config.load("slope_only", [text]).train.lr
+    assert isinstance(lr, float)
+    assert lr == 1e-05
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "expected"),
+    [
+        ("batch_size=null", "batch_size", None),
+        ("batch_size=7", "batch_size", 7),
+        ("shuffle=true", "shuffle", True),
+        ("epochs=2.0", "epochs", 2),  # a whole float is accepted as an integer
+        ("weight_init=zeros", "weight_init", "zeros"),
+        ("weight_init=0.5", "weight_init", 0.5),
+    ],
+)
+def test_override_values_are_coerced_to_the_field_type(override, key, expected):
+    value = getattr(config.load("slope_only", [override]).train, key)
+    assert value == expected
+    assert type(value) is type(expected)
+
+
+@pytest.mark.parametrize("bad", ["lr", "=3", "lr:0.1"])
+def test_override_without_key_and_value_is_rejected(bad):
+    with pytest.raises(ConfigError, match="key=value"):
+        config.parse_overrides([bad])
+
+
+# --- rejected values: the message must name the key ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("colour=red", "colour"),  # unknown top-level key
+        ("data.colour=red", "data.colour"),  # unknown key in the data recipe
+        ("sweep.colour=1", "sweep.colour"),
+        ("train.lr=0.1", "train.lr"),  # no such section
+        ("epochs=abc", "epochs"),
+        ("epochs=2.5", "epochs"),
+        ("shuffle=maybe", "shuffle"),
+        ("lr=fast", "lr"),
+        ("lr=true", "lr"),  # a bool is not a number, though Python says it is an int
+        ("batch_size=big", "batch_size"),
+        ("data.noise=loud", "data.noise"),
+        ("data.weight=inf", "data.weight"),
+        ("data.noise=-0.1", "data.noise"),
+        ("model=linear", "model"),
+        ("device=tpu", "device"),
+        ("weight_init=gaussian", "weight_init"),
+        ("bias_init=inf", "bias_init"),
+    ],
+)
+def test_bad_override_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=names_key(key)):
+        config.load("slope_only", [override])
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("lr=0", "lr"),
+        ("lr=-0.1", "lr"),
+        ("lr=inf", "lr"),
+        ("lr=.inf", "lr"),
+        ("lr=nan", "lr"),
+        ("epochs=0", "epochs"),
+        ("epochs=-1", "epochs"),
+        ("batch_size=0", "batch_size"),
+    ],
+)
+def test_out_of_range_training_values_are_rejected(override, key):
+    with pytest.raises(ConfigError, match=names_key(key)):
+        config.load("slope_only", [override])
+
+
+def test_analytic_gradient_needs_the_manual_model():
+    with pytest.raises(ConfigError, match="gradient"):
+        config.load("crop_yields_builtin", ["gradient=analytic"])
+    # The same option is fine on a manual model.
+    assert config.load("line_fit_15pts", ["gradient=analytic"]).train.gradient == "analytic"
+
+
+@pytest.mark.parametrize("fraction", ["-0.1", "1", "1.0", "1.5", "nan"])
+def test_val_fraction_outside_zero_to_one_is_rejected(fraction):
+    with pytest.raises(ConfigError, match=names_key("val_fraction")):
+        config.load("slope_only", [f"val_fraction={fraction}"])
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 0.99])
+def test_val_fraction_inside_zero_to_one_is_accepted(fraction):
+    assert config.load("slope_only", [f"val_fraction={fraction}"]).val_fraction == fraction
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("sweep.lr=[0.1,0.01]", "sweep.lr"),  # inverted
+        ("sweep.lr=[0.1,0.1]", "sweep.lr"),  # empty
+        ("sweep.lr=[0,0.1]", "sweep.lr"),  # log-uniform needs low > 0
+        ("sweep.lr=[0.1]", "sweep.lr"),  # not a pair
+        ("sweep.epochs=[9,3]", "sweep.epochs"),
+        ("sweep.epochs=[5,5]", "sweep.epochs"),
+        ("sweep.epochs=[0,5]", "sweep.epochs"),
+    ],
+)
+def test_bad_sweep_ranges_are_rejected(override, key):
+    with pytest.raises(ConfigError, match=names_key(key)):
+        config.load("slope_only", [override])
+
+
+def test_missing_required_key_is_named(tmp_path):
+    path = tmp_path / "no_lr.yaml"
+    path.write_text("epochs: 2\ndata:\n  source: line\n  x: [1, 2]\n  weight: 2\n")
+    with pytest.raises(ConfigError, match=names_key("lr")):
+        config.load(str(path))
+
+
+# --- flattening for MLflow -----------------------------------------------------------------------
+
+
+def test_params_flattens_training_and_data_keys():
+    params = config.load("synthetic").params()
+    expected = {
+        "model": "builtin",
+        "lr": 0.1,
+        "epochs": 50,
+        "batch_size": 256,
+        "seed": 0,
+        "device": "auto",
+        "val_fraction": 0.2,
+        "data.source": "synthetic",
+        "data.n_rows": 2000,
+        "data.n_features": 4,
+        "data.n_targets": 2,
+        "data.noise": 0.1,
+        "data.weight_scale": 1.0,
+        "sweep.lr": (1e-3, 0.5),
+        "sweep.epochs": (5, 100),
+    }
+    assert {key: params[key] for key in expected} == expected
+    # The data recipe appears only under its data. prefix, never as a nested mapping.
+    assert "data" not in params
+    assert not any(isinstance(value, dict) for value in params.values())
+
+
+def test_params_reflect_overrides():
+    params = config.load("slope_only", ["lr=0.05", "data.noise=0.2", "seed=7"]).params()
+    assert params["lr"] == 0.05
+    assert params["data.noise"] == 0.2
+    assert params["seed"] == 7
+    assert params["batch_size"] is None
+
+
+def test_with_train_revalidates():
+    experiment = config.load("slope_only")
+    assert config.with_train(experiment, lr=0.2).train.lr == 0.2
+    with pytest.raises(ConfigError, match=names_key("lr")):
+        config.with_train(experiment, lr=math.inf)

@@ -1,0 +1,317 @@
+"""Datasets: the recipes' rows, the validation split, files in and out, and the cache key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import numpy as np
+import pytest
+
+from pipeline import config, data
+from pipeline.config import CsvData, LineData, SyntheticData, TableData
+from pipeline.data import DataError
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+# The raw x values of experiments/relu_line.yaml, before the tutorial divides them by 100.
+RELU_LINE_X = [
+    1.0, 20.4, 30.5, 7.5, 9.9, 100.9, 200.1, 45.1, 150.1, 7.0,
+    29.4, 31.5, 157.3, 10.9, 120.6, 16.9, 201.1, 21.1, 300.1, 21.0,
+    120.4, 230.5, 37.5, 49.9, 230.0, 109.9, 121.1, 145.1, 157.1, 17.0,
+    219.4, 131.5, 187.3, 210.9, 290.6, 126.9, 71.1, 91.1, 19.1, 100.0,
+]  # fmt: skip
+
+
+def experiment(name: str) -> config.Experiment:
+    # By path, so the test does not depend on the working directory or $PIPELINE_EXPERIMENTS_DIR.
+    return config.load(str(EXPERIMENTS / f"{name}.yaml"))
+
+
+def built(name: str) -> data.Dataset:
+    exp = experiment(name)
+    return data.build(exp.data, exp.seed)
+
+
+def numbered(n: int) -> data.Dataset:
+    """Rows whose single feature is their own index, so a split's rows can be identified."""
+    index = np.arange(n, dtype=np.float64)
+    return data.Dataset(index[:, None], 10 * index[:, None], ("x",), ("y",))
+
+
+# --- recipes --------------------------------------------------------------------------------------
+
+
+def test_table_repeat_tiles_the_rows():
+    dataset = built("crop_yields_builtin")
+    assert dataset.features.shape == (15, 3)
+    assert dataset.targets.shape == (15, 2)
+    for i in range(10):
+        np.testing.assert_array_equal(dataset.features[i + 5], dataset.features[i])
+        np.testing.assert_array_equal(dataset.targets[i + 5], dataset.targets[i])
+    np.testing.assert_array_equal(dataset.features[0], [73, 67, 43])
+    np.testing.assert_array_equal(dataset.targets[4], [103, 119])
+    assert dataset.feature_names == ("temp", "rainfall", "humidity")
+    assert dataset.target_names == ("apples", "oranges")
+    assert dataset.truth() is None
+
+
+def test_table_without_names_gets_default_names():
+    dataset = data.build(TableData(features=((1.0, 2.0),), targets=((3.0,),)), seed=0)
+    assert dataset.feature_names == ("x0", "x1")
+    assert dataset.target_names == ("y",)
+    assert dataset.features.dtype == np.float64
+
+
+def test_line_from_range_matches_arange_and_truth():
+    dataset = built("slope_only")
+    expected_x = np.arange(-3, 3, 0.1)
+    assert dataset.features.shape == (60, 1)
+    assert dataset.targets.shape == (60, 1)
+    np.testing.assert_array_equal(dataset.features[:, 0], expected_x)
+    np.testing.assert_array_equal(dataset.true_weight, [[-3.0]])
+    np.testing.assert_array_equal(dataset.true_bias, [0.0])
+    assert dataset.truth() == {"weight": [[-3.0]], "bias": [0.0]}
+    # noise 0.1 around y = -3x: visible, but small.
+    residual = dataset.targets[:, 0] - (-3.0 * expected_x)
+    assert np.any(residual != 0)
+    assert 0.05 < residual.std() < 0.2
+
+
+def test_line_noise_follows_the_seed():
+    recipe = experiment("slope_only").data
+    np.testing.assert_array_equal(data.build(recipe, 3).targets, data.build(recipe, 3).targets)
+    assert not np.array_equal(data.build(recipe, 3).targets, data.build(recipe, 4).targets)
+
+
+def test_relu_line_scales_x_and_fits_the_line_exactly():
+    dataset = built("relu_line")
+    x = dataset.features[:, 0]
+    assert x.shape == (40,)
+    np.testing.assert_allclose(x, np.array(RELU_LINE_X) / 100, rtol=1e-15, atol=0)
+    # noise: 0.0, so the targets are the line itself, bit for bit.
+    np.testing.assert_array_equal(dataset.targets[:, 0], 0.175 * x + 0.4)
+
+
+def test_relu_line_x_is_bitwise_the_tutorials_division():
+    np.testing.assert_array_equal(built("relu_line").features[:, 0], np.array(RELU_LINE_X) / 100)
+
+
+@pytest.mark.parametrize(("n", "d", "k"), [(50, 3, 2), (7, 1, 1), (20, 5, 4)])
+def test_synthetic_shapes(n, d, k):
+    recipe = SyntheticData(n_rows=n, n_features=d, n_targets=k, noise=0.1)
+    dataset = data.build(recipe, seed=0)
+    assert dataset.features.shape == (n, d)
+    assert dataset.targets.shape == (n, k)
+    assert dataset.true_weight.shape == (k, d)
+    assert dataset.true_bias.shape == (k,)
+    assert len(dataset.feature_names) == d
+    assert len(dataset.target_names) == k
+
+
+def test_synthetic_targets_come_from_the_true_weights():
+    dataset = data.build(SyntheticData(n_rows=30, n_features=3, n_targets=2, noise=0.0), seed=5)
+    expected = dataset.features @ dataset.true_weight.T + dataset.true_bias
+    np.testing.assert_array_equal(dataset.targets, expected)
+
+
+def test_synthetic_same_seed_same_data_different_seed_different_data():
+    recipe = SyntheticData(n_rows=40, n_features=3, n_targets=2)
+    first, again, other = data.build(recipe, 1), data.build(recipe, 1), data.build(recipe, 2)
+    for field in ("features", "targets", "true_weight", "true_bias"):
+        np.testing.assert_array_equal(getattr(first, field), getattr(again, field))
+        assert not np.array_equal(getattr(first, field), getattr(other, field))
+
+
+# --- split ----------------------------------------------------------------------------------------
+
+
+def test_split_with_no_validation_returns_the_dataset_itself():
+    dataset = numbered(10)
+    train, val = data.split(dataset, 0.0, seed=0)
+    assert train is dataset
+    assert val is None
+
+
+def test_split_rows_are_disjoint_and_cover_everything():
+    train, val = data.split(numbered(10), 0.2, seed=0)
+    train_rows, val_rows = set(train.features[:, 0]), set(val.features[:, 0])
+    assert len(val_rows) == 2
+    assert len(train_rows) == 8
+    assert train_rows.isdisjoint(val_rows)
+    assert train_rows | val_rows == set(range(10))
+    # Targets travel with their features.
+    np.testing.assert_array_equal(train.targets, 10 * train.features)
+    np.testing.assert_array_equal(val.targets, 10 * val.features)
+
+
+def test_split_keeps_the_truth():
+    dataset = data.build(SyntheticData(n_rows=20), seed=0)
+    train, val = data.split(dataset, 0.25, seed=0)
+    assert train.true_weight is dataset.true_weight
+    assert val.true_bias is dataset.true_bias
+
+
+def test_split_is_deterministic_per_seed():
+    dataset = numbered(50)
+    first_train, first_val = data.split(dataset, 0.2, seed=3)
+    again_train, again_val = data.split(dataset, 0.2, seed=3)
+    np.testing.assert_array_equal(first_train.features, again_train.features)
+    np.testing.assert_array_equal(first_val.features, again_val.features)
+    _, other_val = data.split(dataset, 0.2, seed=4)
+    assert not np.array_equal(first_val.features, other_val.features)
+
+
+@pytest.mark.parametrize(("n", "fraction"), [(5, 0.95), (1, 0.2), (2, 0.9)])
+def test_split_leaving_no_training_rows_is_an_error(n, fraction):
+    with pytest.raises(DataError, match="no training rows"):
+        data.split(numbered(n), fraction, seed=0)
+
+
+def test_split_holds_out_at_least_one_row():
+    # round(10 * 0.01) is 0; a validation set must still have a row.
+    train, val = data.split(numbered(10), 0.01, seed=0)
+    assert val.n_rows == 1
+    assert train.n_rows == 9
+
+
+# --- files ----------------------------------------------------------------------------------------
+
+
+def test_data_error_is_a_click_exception():
+    # The CLI relies on this to print one line instead of a traceback.
+    assert issubclass(DataError, click.ClickException)
+
+
+def write_csv(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (None, "no such file"),
+        ("", "empty"),
+        ("a,b\n", "no data rows"),
+    ],
+    ids=["missing", "zero-bytes", "header-only"],
+)
+def test_unusable_csv_files_are_data_errors(tmp_path, text, message):
+    path = tmp_path / "table.csv"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(DataError, match=message) as info:
+        data.build(CsvData(csv=str(path), features=("a",), targets=("b",)), seed=0)
+    assert str(path) in info.value.message
+
+
+def test_missing_column_is_named(tmp_path):
+    path = write_csv(tmp_path / "table.csv", "a,b\n1,2\n")
+    with pytest.raises(DataError, match="no column named c") as info:
+        data.read_table(path, ("a", "c"), ("b",))
+    # The message lists what the file does have.
+    assert "a, b" in info.value.message
+
+
+@pytest.mark.parametrize("cell", ["abc", "", "inf"])
+def test_non_numeric_cell_names_the_column(tmp_path, cell):
+    path = write_csv(tmp_path / "table.csv", f"a,b\n1,2\n3,{cell}\n")
+    with pytest.raises(DataError, match="column b") as info:
+        data.build(CsvData(csv=str(path), features=("a",), targets=("b",)), seed=0)
+    assert "data row 2" in info.value.message
+
+
+def test_csv_round_trip(tmp_path):
+    path = write_csv(tmp_path / "table.csv", "t,x1,x2,y\n9,1.5,2,10\n9,-3,4.25,20\n9,0,0,30\n")
+    dataset = data.build(CsvData(csv=str(path), features=("x2", "x1"), targets=("y",)), seed=0)
+    # Columns come out in the order the recipe names them; unnamed columns are dropped.
+    np.testing.assert_array_equal(dataset.features, [[2.0, 1.5], [4.25, -3.0], [0.0, 0.0]])
+    np.testing.assert_array_equal(dataset.targets, [[10.0], [20.0], [30.0]])
+    assert dataset.features.dtype == np.float64
+    assert dataset.feature_names == ("x2", "x1")
+    assert dataset.target_names == ("y",)
+    assert dataset.truth() is None
+
+
+def test_write_then_read_keeps_rows_names_and_truth(tmp_path):
+    original = data.build(SyntheticData(n_rows=25, n_features=3, n_targets=2), seed=4)
+    folder = data.write(original, tmp_path / "out")
+    assert (folder / "data.parquet").is_file()
+    back = data.read(folder)
+    np.testing.assert_array_equal(back.features, original.features)
+    np.testing.assert_array_equal(back.targets, original.targets)
+    assert back.feature_names == original.feature_names
+    assert back.target_names == original.target_names
+    np.testing.assert_array_equal(back.true_weight, original.true_weight)
+    np.testing.assert_array_equal(back.true_bias, original.true_bias)
+
+
+def test_write_then_read_without_truth(tmp_path):
+    original = built("crop_yields_manual")
+    back = data.read(data.write(original, tmp_path))
+    np.testing.assert_array_equal(back.features, original.features)
+    assert back.feature_names == ("temp", "rainfall", "humidity")
+    assert back.true_weight is None
+    assert back.truth() is None
+
+
+def test_read_of_a_folder_without_schema_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="schema.json"):
+        data.read(tmp_path)
+
+
+# --- content key ----------------------------------------------------------------------------------
+
+
+def test_content_key_is_stable_for_the_same_recipe():
+    recipe = experiment("synthetic").data
+    assert data.content_key(recipe, 0) == data.content_key(experiment("synthetic").data, 0)
+
+
+@pytest.mark.parametrize(
+    ("name", "override"),
+    [
+        ("synthetic", "data.n_rows=2001"),
+        ("synthetic", "data.noise=0.2"),
+        ("slope_only", "data.weight=-2"),
+        ("crop_yields_builtin", "data.repeat=2"),
+    ],
+)
+def test_content_key_changes_with_any_recipe_value(name, override):
+    before = experiment(name)
+    after = config.load(str(EXPERIMENTS / f"{name}.yaml"), [override])
+    assert data.content_key(before.data, 0) != data.content_key(after.data, 0)
+
+
+def test_content_key_of_a_table_ignores_the_seed():
+    # A table draws no random numbers, so every seed gives the same rows and may share a cache.
+    recipe = experiment("crop_yields_manual").data
+    assert data.content_key(recipe, 0) == data.content_key(recipe, 1)
+
+
+@pytest.mark.parametrize("name", ["slope_only", "synthetic"])
+def test_content_key_of_a_random_recipe_depends_on_the_seed(name):
+    recipe = experiment(name).data
+    assert data.content_key(recipe, 0) != data.content_key(recipe, 1)
+
+
+def test_content_key_of_a_csv_follows_the_file_content(tmp_path):
+    path = write_csv(tmp_path / "table.csv", "a,b\n1,2\n")
+    recipe = CsvData(csv=str(path), features=("a",), targets=("b",))
+    before = data.content_key(recipe, 0)
+    assert data.content_key(recipe, 1) == before
+    path.write_text("a,b\n1,3\n")
+    assert data.content_key(recipe, 0) != before
+
+
+def test_content_key_of_a_missing_csv_is_a_data_error(tmp_path):
+    recipe = CsvData(csv=str(tmp_path / "gone.csv"), features=("a",), targets=("b",))
+    with pytest.raises(DataError, match="no such file"):
+        data.content_key(recipe, 0)
+
+
+def test_line_recipes_differing_only_in_x_get_different_keys():
+    first = LineData(weight=1.0, x=(1.0, 2.0))
+    second = LineData(weight=1.0, x=(1.0, 3.0))
+    assert data.content_key(first, 0) != data.content_key(second, 0)

@@ -1,0 +1,91 @@
+"""The project as users drive it: `mlflow run .` and a real `mlflow server` on loopback."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import mlflow
+import numpy as np
+import pytest
+import requests
+
+from tests.conftest import BIN, REPO, subprocess_env
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_mlflow_run_main_entry_point(workdir):
+    store = f"sqlite:///{workdir / 'mlflow.db'}"
+    result = subprocess.run(
+        [str(BIN / "mlflow"), "run", str(REPO), "-e", "main", "--env-manager", "local",
+         "--experiment-name", "line_2x_plus_1", "-P", "experiment=line_2x_plus_1"],
+        cwd=workdir, capture_output=True, text=True, timeout=300,
+        env=subprocess_env(MLFLOW_TRACKING_URI=store),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    mlflow.set_tracking_uri(store)
+    experiment = mlflow.get_experiment_by_name("line_2x_plus_1")
+    runs = mlflow.search_runs([experiment.experiment_id], output_format="list")
+    by_stage = {r.data.tags.get("stage"): r for r in runs}
+    assert set(by_stage) == {"pipeline", "generate", "train", "evaluate"}
+    assert all(r.info.status == "FINISHED" for r in runs)
+    # The run `mlflow run` opened is the parent of the three stages.
+    parent_id = by_stage["pipeline"].info.run_id
+    assert by_stage["pipeline"].data.tags["mlflow.project.entryPoint"] == "main"
+    assert all(by_stage[s].data.tags["mlflow.parentRunId"] == parent_id
+               for s in ("generate", "train", "evaluate"))
+    assert by_stage["evaluate"].data.metrics["r2"] > 0.999
+
+
+@pytest.fixture
+def mlflow_server(workdir):
+    port = free_port()
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{workdir / 'server.db'}",
+         "--artifacts-destination", str(workdir / "server-artifacts"), "--workers", "1"],
+        cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=subprocess_env(),
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{url}/health", timeout=1).ok:
+                    break
+            except requests.RequestException:
+                time.sleep(0.3)
+        else:
+            pytest.fail("mlflow server did not start within 60 s")
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_pipeline_against_a_real_tracking_server(workdir, mlflow_server):
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", "-e", "line_fit_15pts",
+         "--tracking-uri", mlflow_server],
+        cwd=workdir, capture_output=True, text=True, timeout=300, env=subprocess_env(),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = mlflow.MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("line_fit_15pts")
+    runs = client.search_runs([experiment.experiment_id])
+    train_run = next(r for r in runs if r.data.tags.get("stage") == "train")
+    curve = sorted(client.get_metric_history(train_run.info.run_id, "train_loss"),
+                   key=lambda m: m.step)
+    assert len(curve) == 12 and curve[10].value == pytest.approx(0.20337, rel=1e-4)
+    mlflow.set_tracking_uri(mlflow_server)
+    model = mlflow.pyfunc.load_model(f"models:/{train_run.outputs.model_outputs[0].model_id}")
+    assert model.predict(np.ones((3, 1), dtype=np.float32)).shape == (3, 1)
+    assert not (workdir / "mlflow.db").exists()  # nothing went to the default local store

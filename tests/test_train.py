@@ -1,0 +1,178 @@
+"""Training reproduces the tutorials: printed numbers under a fixed seed, closed forms otherwise."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import config, data, models
+from pipeline.errors import UserError
+from pipeline.train import resolve_device, train
+
+# Tutorial 000 prints the loss before training, then before each of its 10 further updates.
+LINE_FIT_PRINTED = [104.9967, 2.1443493366241455, 0.2407105565071106, 0.20529970526695251,
+                    0.20446452498435974, 0.204270139336586, 0.20408859848976135,
+                    0.20390814542770386, 0.20372863113880157, 0.2035500854253769,
+                    0.20337240397930145]
+
+
+def fit(name: str, *overrides: str):
+    exp = config.load(name, overrides)
+    dataset = data.build(exp.data, exp.seed)
+    train_set, val_set = data.split(dataset, exp.val_fraction, exp.seed)
+    return exp, train_set, train(exp.train, train_set, val_set)
+
+
+def initial_parameters(exp, dataset):
+    torch.manual_seed(exp.seed)
+    weight, bias = models.init_parameters(
+        dataset.features.shape[1], dataset.targets.shape[1], exp.train
+    )
+    return weight.double().numpy(), None if bias is None else bias.double().numpy()
+
+
+def params(result):
+    weight = result.model.weight.detach().double().numpy()
+    bias = result.model.bias
+    return weight, None if bias is None else bias.detach().double().numpy()
+
+
+@pytest.mark.parametrize("gradient", ["autograd", "analytic"])
+def test_line_fit_reproduces_the_tutorials_printed_losses(gradient):
+    _, _, result = fit("line_fit_15pts", f"gradient={gradient}")
+    assert len(result.train_loss) == 12  # epochs + 1
+    np.testing.assert_allclose(result.train_loss[:11], LINE_FIT_PRINTED, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("loss=mean",),
+        ("loss=sum", "lr=1e-4"),
+        ("bias_init=none",),
+        ("activation=relu", "weight_init=rand", "bias_init=rand"),
+    ],
+)
+def test_analytic_gradient_matches_autograd(overrides):
+    curves = {}
+    for gradient in ("autograd", "analytic"):
+        _, _, result = fit("crop_yields_manual", f"gradient={gradient}", "epochs=5",
+                           "dtype=float64", *overrides)
+        curves[gradient] = (result.train_loss, params(result))
+    np.testing.assert_allclose(curves["autograd"][0], curves["analytic"][0], rtol=1e-10)
+    np.testing.assert_allclose(curves["autograd"][1][0], curves["analytic"][1][0], rtol=1e-10)
+
+
+def test_crop_yields_manual_follows_the_closed_form_gradient_descent_path():
+    # Full-batch descent on a quadratic: θ_t - θ* = (I - lr·H)^t (θ_0 - θ*), H = 2 X̃ᵀX̃ / (n k).
+    exp, dataset, result = fit("crop_yields_manual", "dtype=float64")
+    weight0, bias0 = initial_parameters(exp, dataset)
+    x = np.hstack([dataset.features, np.ones((dataset.n_rows, 1))])
+    n, k = dataset.targets.shape
+    hessian = 2 * x.T @ x / (n * k)
+    optimum = np.linalg.solve(x.T @ x, x.T @ dataset.targets)  # (d+1, k)
+    theta0 = np.vstack([weight0.T, bias0])
+    step = np.linalg.matrix_power(np.eye(4) - exp.train.lr * hessian, exp.train.epochs)
+    expected = optimum + step @ (theta0 - optimum)
+    weight, bias = params(result)
+    np.testing.assert_allclose(weight, expected[:3].T, rtol=1e-9)
+    np.testing.assert_allclose(bias, expected[3], rtol=1e-9)
+    assert result.train_loss[-1] < result.train_loss[0] / 10
+
+
+def test_crop_yields_builtin_learns_and_repeats_under_its_seed():
+    _, dataset, first = fit("crop_yields_builtin")
+    _, _, second = fit("crop_yields_builtin")
+    assert dataset.n_rows == 15
+    assert len(first.train_loss) == 101
+    assert first.train_loss == second.train_loss  # shuffling is seeded too
+    assert first.train_loss[-1] < first.train_loss[0] / 100
+
+
+def test_slope_only_matches_the_closed_form_path():
+    # Loss mean((w x - y)²) has curvature 2·mean(x²): w_t - w* = (1 - 2·lr·mean(x²))^t (w_0 - w*).
+    exp, dataset, result = fit("slope_only", "dtype=float64")
+    x, y = dataset.features[:, 0], dataset.targets[:, 0]
+    w_star = x @ y / (x @ x)
+    factor = 1 - 2 * exp.train.lr * np.mean(x**2)
+    path = [p[0] for p in result.parameter_path]
+    expected = [w_star + factor**t * (-10.0 - w_star) for t in range(exp.train.epochs + 1)]
+    np.testing.assert_allclose(path, expected, rtol=1e-9)
+    assert result.model.bias is None
+    assert abs(path[-1] - (-3)) < 0.3  # four steps get within 0.3 of the true slope
+
+
+def test_relu_line_recovers_the_tutorials_line():
+    _, _, result = fit("relu_line")
+    weight, bias = params(result)
+    assert len(result.train_loss) == 150  # range(1, 150): 149 updates
+    assert result.model.weight.dtype == torch.float64
+    assert abs(weight[0, 0] - 0.175) < 0.01
+    assert abs(bias[0] - 0.4) < 0.01
+
+
+def test_line_2x_plus_1_learns_slope_2_and_intercept_1():
+    _, _, result = fit("line_2x_plus_1")
+    weight, bias = params(result)
+    assert abs(weight[0, 0] - 2) < 0.05 and abs(bias[0] - 1) < 0.15
+    assert result.train_loss[-1] < 0.01
+
+
+def test_validation_curve_has_a_point_per_epoch():
+    exp, train_set, result = fit("synthetic", "epochs=7")
+    assert len(result.train_loss) == len(result.val_loss) == 8
+    assert train_set.n_rows == 1600  # val_fraction 0.2 of 2000
+    assert result.val_loss[-1] < result.val_loss[0]
+
+
+def test_divergence_stops_training_at_the_first_non_finite_loss():
+    _, _, result = fit("slope_only", "lr=10", "epochs=500")
+    assert result.diverged
+    assert result.epochs_run == result.diverged_at < 500
+    assert not math.isfinite(result.train_loss[-1])
+    assert all(math.isfinite(v) for v in result.train_loss[:-1])
+
+
+def test_epoch_callback_can_stop_training():
+    seen = []
+
+    def stop_at_three(epoch, train_loss, val_loss):
+        seen.append((epoch, train_loss, val_loss))
+        return epoch == 3
+
+    exp = config.load("line_fit_15pts")
+    dataset = data.build(exp.data, exp.seed)
+    result = train(exp.train, dataset, on_epoch=stop_at_three)
+    assert [s[0] for s in seen] == [0, 1, 2, 3]
+    assert result.stopped_at == 3 and len(result.train_loss) == 4
+    assert seen[0][1] == pytest.approx(104.9967, rel=1e-5) and seen[0][2] is None
+
+
+def test_minibatch_manual_model_uses_the_same_batches_as_builtin():
+    _, _, manual = fit("crop_yields_builtin", "model=manual", "weight_init=torch",
+                       "bias_init=torch")
+    _, _, builtin = fit("crop_yields_builtin")
+    np.testing.assert_allclose(manual.train_loss, builtin.train_loss, rtol=1e-5)
+
+
+def test_device_selection(monkeypatch):
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(UserError, match="device cuda was asked for"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda") == torch.device("cuda")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_training_matches_cpu():
+    _, _, cpu = fit("crop_yields_manual", "device=cpu", "dtype=float64")
+    _, _, gpu = fit("crop_yields_manual", "device=cuda", "dtype=float64")
+    assert gpu.device.type == "cuda"
+    np.testing.assert_allclose(cpu.train_loss, gpu.train_loss, rtol=1e-9)
