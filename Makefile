@@ -41,6 +41,10 @@ test: install ## run the test suite
 lint: install ## check style with ruff
 	$(BIN)/ruff check pipeline tests
 
+sweep: install ## Optuna sweep of lr and epochs for EXP (TRIALS=, WORKERS=)
+	$(BIN)/pipeline sweep -e $(EXP) --n-trials $(TRIALS) --workers $(WORKERS) \
+	  --tracking-uri $(TRACKING_URI)
+
 clean: ## remove .venv, the local MLflow store and caches
-	rm -rf $(VENV) mlflow.db mlruns mlartifacts .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) mlflow.db mlruns mlartifacts optuna.journal* .pytest_cache .ruff_cache *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

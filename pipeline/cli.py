@@ -167,5 +167,75 @@ def run(experiment, tracking_uri: str, device: str | None) -> None:
     )
 
 
+@cli.command()
+@experiment_options
+@device_option
+@click.option("--n-trials", type=int, default=20, show_default=True,
+              help="Trials the study should hold in total; a rerun runs only the missing ones.")
+@click.option("--timeout", type=float, default=None, help="Stop starting trials after S seconds.")
+@click.option("--storage", type=str, default="optuna.journal", show_default=True,
+              envvar="PIPELINE_OPTUNA_STORAGE",
+              help="Optuna storage: a journal file path, or a database URL "
+                   "(sqlite:///optuna.db, postgresql://...).")
+@click.option("--study-name", type=str, default=None,
+              help="Study to create or resume. Default: the experiment's name.")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Worker processes sharing the storage.")
+@click.option("--sampler", type=click.Choice(["tpe", "random"]), default="tpe",
+              show_default=True, help="Optuna sampler.")
+@click.option("--pruner", type=click.Choice(["median", "percentile", "hyperband", "none"]),
+              default="median", show_default=True, help="Optuna pruner for slow trials.")
+@click.option("--seed", type=int, default=None,
+              help="Sampler seed. Default: the experiment's seed.")
+@click.option("--lr-range", type=(float, float), default=None, metavar="LOW HIGH",
+              help="Log-uniform lr range. Default: the config's sweep.lr, else from theory.")
+@click.option("--epochs-range", type=(int, int), default=None, metavar="LOW HIGH",
+              help="Integer epochs range. Default: the config's sweep.epochs.")
+@click.option("--log-models", type=click.Choice(["best", "all"]), default="best",
+              show_default=True, help="Log a model for the best trial only, or for every trial.")
+def sweep(experiment, tracking_uri: str, device: str | None, n_trials: int,
+          timeout: float | None, storage: str, study_name: str | None, workers: int,
+          sampler: str, pruner: str, seed: int | None, lr_range, epochs_range,
+          log_models: str) -> None:
+    """Search lr and epochs with Optuna; one MLflow parent run, a child run per trial.
+
+    The best trial's model is registered under the experiment's name; the alias `champion`
+    moves to it when it beats the current champion.
+    """
+    experiment = _with_device(experiment, device)
+    settings = configs.SweepSettings(
+        n_trials=n_trials, storage=storage, study_name=study_name, workers=workers,
+        timeout=timeout, sampler=sampler, pruner=pruner,
+        seed=experiment.seed if seed is None else seed, log_models=log_models,
+        lr_range=lr_range, epochs_range=epochs_range,
+    )
+    settings.validate()  # before the heavy imports: bad input answers at once
+    from pipeline import sweep as sweeps
+
+    experiment_id = _connect(experiment, tracking_uri)
+    summary = sweeps.run(experiment, settings, experiment_id, tracking_uri, echo=click.echo)
+    _print_sweep(summary, tracking_uri)
+
+
+def _print_sweep(summary, tracking_uri: str) -> None:
+    states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(summary.states.items()))
+    click.echo(f"study {summary.study_name}: {summary.n_trials} trials ({states}); "
+               f"{summary.new_trials} new; parent run {summary.parent_run_id}")
+    rates = summary.rates
+    click.echo(f"theory: largest stable lr {rates['lr_max_stable']:.4g}, best constant lr "
+               f"{rates['lr_best_constant']:.4g}, optimum loss {rates['optimum_loss']:.6g}")
+    if summary.best_value is None:
+        click.echo("no trial completed, so no model was registered")
+        return
+    params = summary.best_params
+    click.echo(f"best: value {summary.best_value:.6g} with lr={params['lr']:.4g} "
+               f"(theory's best {rates['lr_best_constant']:.4g}), epochs={params['epochs']}")
+    click.echo(f"model: {summary.model_name} v{summary.version} ({summary.decision}); "
+               f"champion is v{summary.champion_version}: "
+               f"models:/{summary.model_name}@champion")
+    click.echo(f"look: `mlflow ui --backend-store-uri {tracking_uri}` (or `make ui`), "
+               f"experiment '{summary.study_name.split(':')[0]}', run 'sweep {summary.study_name}'")
+
+
 def main() -> None:
     cli(prog_name="pipeline")

@@ -199,6 +199,32 @@ class SweepConfig:
                 raise ConfigError(f"sweep.epochs must start at 1 or more, got [{low}, {high}]")
 
 
+@dataclass(frozen=True)
+class SweepSettings:
+    """How `pipeline sweep` runs: trial count, storage, workers, sampler, pruner, ranges."""
+
+    n_trials: int
+    storage: str = "optuna.journal"
+    study_name: str | None = None
+    workers: int = 1
+    timeout: float | None = None
+    sampler: str = "tpe"
+    pruner: str = "median"
+    seed: int | None = None
+    log_models: str = "best"
+    lr_range: tuple[float, float] | None = None
+    epochs_range: tuple[int, int] | None = None
+
+    def validate(self) -> None:
+        if self.n_trials < 1:
+            raise ConfigError(f"--n-trials must be >= 1, got {self.n_trials}")
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be >= 1, got {self.workers}")
+        if self.timeout is not None and not self.timeout > 0:
+            raise ConfigError(f"--timeout must be > 0 seconds, got {self.timeout}")
+        SweepConfig(lr=self.lr_range or (), epochs=self.epochs_range or ()).validate()
+
+
 # --- the whole experiment -----------------------------------------------------------------------
 
 

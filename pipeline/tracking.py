@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import torch
-from mlflow.entities import Metric, RunStatus
+from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -121,24 +122,115 @@ def _git_commit() -> str | None:
 # --- logging ------------------------------------------------------------------------------------
 
 
+def _param_value(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+
+
 def log_params(params: dict[str, Any]) -> None:
     """Log the flattened config; lists become JSON so the UI shows them as written."""
-    mlflow.log_params(
-        {k: json.dumps(v) if isinstance(v, (list, tuple, dict)) else v for k, v in params.items()}
-    )
+    mlflow.log_params({k: _param_value(v) for k, v in params.items()})
 
 
-def log_curves(run_id: str, curves: dict[str, list[float]]) -> None:
-    """Log whole curves (step = epoch) in batches: one store call per 1,000 points."""
-    import time
-
+def _curve_metrics(curves: dict[str, list[float]], final: dict[str, float] | None = None):
     now = int(time.time() * 1000)
     metrics = [
         Metric(key, float(value), now, step)
         for key, values in curves.items()
         for step, value in enumerate(values)
     ]
-    MlflowClient().log_batch(run_id, metrics=metrics)
+    metrics += [Metric(key, float(value), now, 0) for key, value in (final or {}).items()]
+    return metrics
+
+
+def log_curves(run_id: str, curves: dict[str, list[float]]) -> None:
+    """Log whole curves (step = epoch) in batches: one store call per 1,000 points."""
+    MlflowClient().log_batch(run_id, metrics=_curve_metrics(curves))
+
+
+# --- runs opened by id, safe in worker processes (no active-run stack involved) -----------------
+
+
+def open_child(experiment: str, parent_run_id: str, name: str, params: dict[str, Any],
+               tags: dict[str, str]) -> str:
+    """Create a run under ``parent_run_id`` explicitly and log its params; return its id."""
+    client = MlflowClient()
+    run = client.create_run(
+        experiment, run_name=name,
+        tags={**environment_tags(), **tags, "mlflow.parentRunId": parent_run_id},
+    )
+    client.log_batch(
+        run.info.run_id, params=[Param(k, _param_value(v)) for k, v in params.items()]
+    )
+    return run.info.run_id
+
+
+def close_run(run_id: str, status: str, curves: dict[str, list[float]] | None = None,
+              metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None) -> None:
+    """Log curves, final metrics and tags in one batch, then end the run with ``status``."""
+    client = MlflowClient()
+    client.log_batch(
+        run_id,
+        metrics=_curve_metrics(curves or {}, metrics),
+        tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+    )
+    client.set_terminated(run_id, status)
+
+
+def open_parent(experiment: str, name: str, tags: dict[str, str],
+                run_id: str | None = None) -> str:
+    """Create a top-level run, or mark an existing one RUNNING again; return its id.
+
+    Under ``mlflow run`` a new parent is the run `mlflow run` opened (``MLFLOW_RUN_ID``).
+    """
+    client = MlflowClient()
+    launched = os.environ.pop("MLFLOW_RUN_ID", None)
+    run_id = run_id or launched
+    if run_id is not None:
+        try:
+            if client.get_run(run_id).info.lifecycle_stage == "active":
+                client.update_run(run_id, status="RUNNING")
+                return run_id
+        except MlflowException:
+            pass  # deleted from the store: start a new parent
+    run = client.create_run(experiment, run_name=name, tags={**environment_tags(), **tags})
+    return run.info.run_id
+
+
+def log_to_run(run_id: str, params: dict[str, Any] | None = None,
+               metrics: dict[str, float] | None = None,
+               tags: dict[str, str] | None = None) -> None:
+    MlflowClient().log_batch(
+        run_id,
+        metrics=_curve_metrics({}, metrics),
+        params=[Param(k, _param_value(v)) for k, v in (params or {}).items()],
+        tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+    )
+
+
+def log_text(run_id: str, text: str, path: str) -> None:
+    MlflowClient().log_text(run_id, text, path)
+
+
+def log_figure_to(run_id: str, fig, path: str) -> None:
+    from pipeline import plots
+
+    MlflowClient().log_figure(run_id, fig, path)
+    plots.close(fig)
+
+
+def run_tags(run_id: str) -> dict[str, str]:
+    return MlflowClient().get_run(run_id).data.tags
+
+
+def logged_params(run_id: str) -> dict[str, str]:
+    return MlflowClient().get_run(run_id).data.params
+
+
+@contextlib.contextmanager
+def resumed(run_id: str) -> Iterator[mlflow.ActiveRun]:
+    """Make an existing run active again (to log a model into it), then end it FINISHED."""
+    with mlflow.start_run(run_id=run_id) as active:
+        yield active
 
 
 def log_metrics(metrics: dict[str, float]) -> None:

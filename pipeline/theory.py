@@ -1,0 +1,48 @@
+"""What theory says about the learning rate, before any trial runs.
+
+For full-batch gradient descent on squared error, the loss is quadratic in the parameters
+θ = (weight, bias):  L(θ) = c·‖X̃θ - y‖² with X̃ = [X, 1] and c = 1/(n·k) for the mean, 1 for the
+sum. Its Hessian H = 2c·X̃ᵀX̃ is constant, so each step multiplies the error θ - θ* by (I - lr·H):
+
+- descent converges only for lr < 2/λ_max (the largest stable learning rate);
+- the fastest constant rate is lr = 2/(λ_min + λ_max), where the slowest and fastest directions
+  contract equally, by (κ - 1)/(κ + 1) per step with κ = λ_max/λ_min;
+- the loss it converges to is the least-squares optimum, in closed form.
+
+Mini-batches and a ReLU change the picture (noisier steps, a piecewise-linear model), so for them
+these numbers are a guide rather than a guarantee.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.data import Dataset
+from pipeline.evaluate import least_squares, predict_linear
+
+
+def learning_rates(dataset: Dataset, fit_bias: bool, reduction: str) -> dict[str, float]:
+    """Hessian eigenvalues, the stable and the best constant lr, and the optimum loss."""
+    x = dataset.features
+    if fit_bias:
+        x = np.hstack([x, np.ones((x.shape[0], 1))])
+    n, k = dataset.targets.shape
+    scale = 2.0 / (n * k) if reduction == "mean" else 2.0
+    eigenvalues = np.linalg.eigvalsh(scale * (x.T @ x))
+    lambda_max = float(eigenvalues[-1])
+    lambda_min = float(max(eigenvalues[0], 0.0))
+    weight, bias = least_squares(dataset.features, dataset.targets, fit_bias)
+    squared = (predict_linear(dataset.features, weight, bias) - dataset.targets) ** 2
+    optimum = float(squared.mean() if reduction == "mean" else squared.sum())
+    return {
+        "hessian_lambda_min": lambda_min,
+        "hessian_lambda_max": lambda_max,
+        "lr_max_stable": 2.0 / lambda_max,
+        "lr_best_constant": 2.0 / (lambda_min + lambda_max),
+        "optimum_loss": optimum,
+    }
+
+
+def default_lr_range(rates: dict[str, float]) -> tuple[float, float]:
+    """Three decades below the stability edge, up to the edge itself."""
+    return rates["lr_max_stable"] * 1e-3, rates["lr_max_stable"]

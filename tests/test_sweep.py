@@ -1,0 +1,216 @@
+"""Sweeps: Optuna trials as nested MLflow runs, resuming, parallel workers, theory, the registry."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import optuna
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from pipeline import config, data, theory
+from pipeline.cli import cli
+from pipeline.sweep import open_storage, shares
+from pipeline.train import train
+from tests.conftest import run_statuses, subprocess_env
+
+
+def sweep(store: str, *args: str):
+    result = CliRunner().invoke(cli, ["sweep", *args, "--tracking-uri", store])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
+def study_of(name: str, storage: str = "optuna.journal") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=open_storage(storage))
+
+
+def sweep_runs(store: str, experiment: str):
+    client = MlflowClient(store)
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("stage") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("stage") == "trial"]
+    return parents, children
+
+
+def curve_length(store: str, run_id: str) -> int:
+    return len(MlflowClient(store).get_metric_history(run_id, "train_loss"))
+
+
+def test_sweep_resume_and_extend(store):
+    output = sweep(store, "-e", "crop_yields_builtin", "--n-trials", "20")
+    assert "champion is v1" in output and "models:/crop_yields_builtin@champion" in output
+
+    study = study_of("crop_yields_builtin")
+    trials = study.get_trials()
+    assert len(trials) == 20
+    assert {t.state for t in trials} <= {optuna.trial.TrialState.COMPLETE,
+                                         optuna.trial.TrialState.PRUNED}
+    parents, children = sweep_runs(store, "crop_yields_builtin")
+    assert len(parents) == 1 and len(children) == 20
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    by_run = {c.info.run_id: c for c in children}
+    expected_status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}
+    for trial in trials:
+        child = by_run[trial.user_attrs["mlflow_run_id"]]
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.data.tags["optuna_state"] == trial.state.name
+        assert child.info.status == expected_status[trial.state.name]
+        assert float(child.data.params["lr"]) == pytest.approx(trial.params["lr"])
+        assert int(child.data.params["epochs"]) == trial.params["epochs"]
+        length = curve_length(store, child.info.run_id)
+        if trial.state.name == "COMPLETE":
+            assert length == trial.params["epochs"] + 1
+            assert child.data.metrics["objective"] == pytest.approx(trial.value)
+        else:
+            assert length <= trial.params["epochs"] + 1
+
+    best = study.best_trial
+    assert parent.data.metrics["best_value"] == pytest.approx(best.value)
+    assert parent.data.metrics["best_lr"] == pytest.approx(best.params["lr"])
+    assert {"lr_max_stable", "lr_best_constant", "optimum_loss"} <= set(parent.data.metrics)
+    assert parent.data.metrics["optimum_loss"] <= best.value
+    artifacts = {a.path for a in MlflowClient(store).list_artifacts(parent.info.run_id)}
+    assert "trials.csv" in artifacts
+    plots = {a.path for a in MlflowClient(store).list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/optimization_history.png", "plots/contour_lr_epochs.png",
+            "plots/slice.png"} <= plots
+    table = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/trials.csv")
+    assert len(table.strip().splitlines()) == 21
+
+    mlflow.set_tracking_uri(store)
+    champion = MlflowClient(store).get_model_version_by_alias("crop_yields_builtin", "champion")
+    assert champion.tags["trial"] == str(best.number)
+    assert float(champion.tags["objective"]) == pytest.approx(best.value)
+    model = mlflow.pyfunc.load_model("models:/crop_yields_builtin@champion")
+    for rows in (1, 10_000):
+        assert model.predict(np.ones((rows, 3), dtype=np.float32)).shape == (rows, 2)
+    # The registered model is the best trial's: it reproduces the trial's objective.
+    exp = config.load("crop_yields_builtin")
+    dataset = data.build(exp.data, exp.seed)
+    predictions = mlflow.pytorch.load_model("models:/crop_yields_builtin@champion")(
+        __import__("torch").as_tensor(dataset.features, dtype=__import__("torch").float32))
+    mse = float(((predictions.detach().numpy() - dataset.targets) ** 2).mean())
+    assert mse == pytest.approx(best.value, rel=1e-4)
+
+    output = sweep(store, "-e", "crop_yields_builtin", "--n-trials", "20")
+    assert "nothing to run" in output
+    assert len(study_of("crop_yields_builtin").trials) == 20
+    parents, children = sweep_runs(store, "crop_yields_builtin")
+    assert len(parents) == 1 and len(children) == 20
+
+    sweep(store, "-e", "crop_yields_builtin", "--n-trials", "30")
+    assert len(study_of("crop_yields_builtin").trials) == 30
+    parents, children = sweep_runs(store, "crop_yields_builtin")
+    assert len(parents) == 1 and len(children) == 30
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert "RUNNING" not in run_statuses(store_path(store))
+
+
+def store_path(store: str):
+    from pathlib import Path
+
+    return Path(store.removeprefix("sqlite:///"))
+
+
+def test_parallel_workers_share_one_study(store):
+    sweep(store, "-e", "line_fit_15pts", "--n-trials", "24", "--workers", "3",
+          "--epochs-range", "5", "60")
+    trials = study_of("line_fit_15pts").get_trials()
+    assert len(trials) == 24
+    assert sorted(t.number for t in trials) == list(range(24))
+    parents, children = sweep_runs(store, "line_fit_15pts")
+    assert len(parents) == 1 and len(children) == 24
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert sorted(int(c.data.tags["optuna_trial"]) for c in children) == list(range(24))
+    assert {t.user_attrs["mlflow_run_id"] for t in trials} == {c.info.run_id for c in children}
+    assert "RUNNING" not in run_statuses(store_path(store))
+
+
+def test_divergent_learning_rates_are_pruned(store):
+    exp = config.load("slope_only")
+    dataset = data.build(exp.data, exp.seed)
+    edge = theory.learning_rates(dataset, fit_bias=False, reduction="mean")["lr_max_stable"]
+    sweep(store, "-e", "slope_only", "--n-trials", "12", "--lr-range", "0.01", "3",
+          "--sampler", "random", "--pruner", "none")
+    trials = study_of("slope_only").get_trials()
+    assert len(trials) == 12 and all(t.state.is_finished() for t in trials)
+    divergent = [t for t in trials if t.params["lr"] > 1.2 * edge]
+    stable = [t for t in trials if t.params["lr"] < edge]
+    assert divergent and stable  # the random draws cover both sides of the edge
+    assert all(t.state == optuna.trial.TrialState.PRUNED for t in divergent)
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in stable)
+    _, children = sweep_runs(store, "slope_only")
+    tags = {c.info.run_id: c.data.tags for c in children}
+    assert all(tags[t.user_attrs["mlflow_run_id"]]["diverged"] == "true" for t in divergent)
+
+
+def test_theory_finds_the_stability_edge():
+    # slope_only: loss mean((w x - y)²) has curvature 2 mean(x²), so the edge is 1 / mean(x²).
+    exp = config.load("slope_only", ["dtype=float64"])
+    dataset = data.build(exp.data, exp.seed)
+    rates = theory.learning_rates(dataset, fit_bias=False, reduction="mean")
+    mean_square = np.mean(dataset.features**2)
+    assert rates["lr_max_stable"] == pytest.approx(1 / mean_square)
+    # One direction only: the best rate is half the edge and lands on the optimum in one step.
+    assert rates["lr_best_constant"] == pytest.approx(0.5 / mean_square)
+    below = train(config.with_train(exp, lr=0.98 * rates["lr_max_stable"], epochs=30).train,
+                  dataset)
+    above = train(config.with_train(exp, lr=1.02 * rates["lr_max_stable"], epochs=30).train,
+                  dataset)
+    assert below.train_loss[-1] < below.train_loss[0]
+    assert above.train_loss[-1] > above.train_loss[0]
+    at_best = train(config.with_train(exp, lr=rates["lr_best_constant"], epochs=1).train,
+                    dataset)
+    assert at_best.train_loss[-1] == pytest.approx(rates["optimum_loss"], rel=1e-9)
+
+
+def test_theory_for_several_parameters_matches_eigenvalues():
+    exp = config.load("crop_yields_manual", ["dtype=float64"])
+    dataset = data.build(exp.data, exp.seed)
+    rates = theory.learning_rates(dataset, fit_bias=True, reduction="mean")
+    x = np.hstack([dataset.features, np.ones((5, 1))])
+    eigenvalues = np.linalg.eigvalsh(2 * x.T @ x / dataset.targets.size)
+    assert rates["lr_max_stable"] == pytest.approx(2 / eigenvalues[-1])
+    assert rates["lr_best_constant"] == pytest.approx(2 / (eigenvalues[0] + eigenvalues[-1]))
+    above = train(config.with_train(exp, lr=1.05 * rates["lr_max_stable"], epochs=200).train,
+                  dataset)
+    assert above.diverged or above.train_loss[-1] > above.train_loss[0]
+
+
+def test_shares_split_the_missing_trials():
+    assert shares(10, 3) == [4, 3, 3]
+    assert shares(2, 3) == [1, 1]
+    assert sum(shares(24, 3)) == 24
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--lr-range", "0.1", "0.01"], "sweep.lr must be a non-empty range"),
+        (["--lr-range", "0.1", "0.1"], "sweep.lr must be a non-empty range"),
+        (["--lr-range", "0", "0.1"], "sweep.lr must lie above 0"),
+        (["--epochs-range", "50", "5"], "sweep.epochs must be a non-empty range"),
+        (["--n-trials", "0"], "--n-trials must be >= 1"),
+        (["--workers", "0"], "--workers must be >= 1"),
+        (["--storage", "sqlite:////no/such/folder/optuna.db"], "cannot open storage"),
+        (["--storage", "postgresql://nobody@127.0.0.1:9/none"], "cannot open storage"),
+    ],
+)
+def test_bad_sweep_input(workdir, args, expected):
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "sweep", "-e", "line_fit_15pts", *args],
+        cwd=workdir, capture_output=True, text=True, env=subprocess_env(), timeout=120,
+    )
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert "RUNNING" not in run_statuses(workdir / "mlflow.db")
+    assert run_statuses(workdir / "mlflow.db") == []  # refused before any run opened
