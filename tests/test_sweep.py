@@ -214,3 +214,37 @@ def test_bad_sweep_input(workdir, args, expected):
     assert len(lines) == 1 and expected in lines[0], result.stderr
     assert "RUNNING" not in run_statuses(workdir / "mlflow.db")
     assert run_statuses(workdir / "mlflow.db") == []  # refused before any run opened
+
+
+def test_default_lr_range_comes_from_theory():
+    from pipeline.config import SweepSettings
+    from pipeline.sweep import search_space
+
+    exp = config.load("line_fit_15pts", ["sweep.lr=[]"])
+    dataset = data.build(exp.data, exp.seed)
+    rates = theory.learning_rates(dataset, fit_bias=True, reduction="mean")
+    space = search_space(exp, SweepSettings(n_trials=1), rates)
+    assert space.lr == pytest.approx((rates["lr_max_stable"] / 1000, rates["lr_max_stable"]))
+    assert space.epochs == tuple(exp.sweep.epochs)
+
+
+def test_champion_moves_only_to_a_better_model(store):
+    sweep(store, "-e", "line_fit_15pts", "--n-trials", "4", "--epochs-range", "20", "40")
+    worse = sweep(store, "-e", "line_fit_15pts", "--n-trials", "2", "--study-name", "slow",
+                  "--lr-range", "1e-5", "2e-5", "--epochs-range", "5", "6")
+    assert "kept v1" in worse
+    client = MlflowClient(store)
+    assert str(client.get_model_version_by_alias("line_fit_15pts", "champion").version) == "1"
+    assert len(client.search_model_versions("name = 'line_fit_15pts'")) == 2
+    parents, _ = sweep_runs(store, "line_fit_15pts")
+    slow = next(p for p in parents if p.data.tags["optuna_study"] == "slow")
+    assert slow.data.tags["champion_decision"].startswith("kept v1")
+    assert slow.data.metrics["best_champion_previous_objective"] < slow.data.metrics["best_value"]
+
+
+def test_log_models_all_logs_a_model_per_completed_trial(store):
+    sweep(store, "-e", "line_fit_15pts", "--n-trials", "3", "--epochs-range", "5", "10",
+          "--log-models", "all", "--pruner", "none")
+    _, children = sweep_runs(store, "line_fit_15pts")
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    assert finished and all(c.data.tags["model_uri"].startswith("models:/") for c in finished)
