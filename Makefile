@@ -7,11 +7,13 @@ EXP ?= line_fit_15pts
 TRIALS ?= 20
 WORKERS ?= 1
 PORT ?= 5000
+SERVE_PORT ?= 5001
+MODEL ?= models:/$(EXP)@champion
 TRACKING_URI ?= sqlite:///mlflow.db
 
 
 .DEFAULT_GOAL := help
-.PHONY: help install run sweep ui test lint bench clean
+.PHONY: help install run sweep ui serve test lint bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -44,6 +46,11 @@ lint: install ## check style with ruff
 sweep: install ## Optuna sweep of lr and epochs for EXP (TRIALS=, WORKERS=)
 	$(BIN)/pipeline sweep -e $(EXP) --n-trials $(TRIALS) --workers $(WORKERS) \
 	  --tracking-uri $(TRACKING_URI)
+
+serve: install ## serve MODEL (default: EXP's champion) on 127.0.0.1:SERVE_PORT for REST calls
+	PATH="$(CURDIR)/$(BIN):$$PATH" MLFLOW_TRACKING_URI=$(TRACKING_URI) \
+	  $(BIN)/mlflow models serve -m "$(MODEL)" \
+	  --env-manager local --host 127.0.0.1 --port $(SERVE_PORT)
 
 clean: ## remove .venv, the local MLflow store and caches
 	rm -rf $(VENV) mlflow.db mlruns mlartifacts optuna.journal* .pytest_cache .ruff_cache *.egg-info

@@ -10,6 +10,7 @@ Heavy libraries (torch, mlflow) are imported inside the commands, so `pipeline -
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import click
 
@@ -235,6 +236,111 @@ def _print_sweep(summary, tracking_uri: str) -> None:
                f"models:/{summary.model_name}@champion")
     click.echo(f"look: `mlflow ui --backend-store-uri {tracking_uri}` (or `make ui`), "
                f"experiment '{summary.study_name.split(':')[0]}', run 'sweep {summary.study_name}'")
+
+
+def tracking_option(func):
+    return click.option("--tracking-uri", type=str, envvar="MLFLOW_TRACKING_URI",
+                        default=DEFAULT_TRACKING_URI, show_default=True,
+                        help="MLflow tracking URI (or set MLFLOW_TRACKING_URI).")(func)
+
+
+def _connect_store(tracking_uri: str) -> None:
+    from pipeline import tracking
+
+    tracking.connect(tracking_uri)
+
+
+@cli.command()
+@click.option("--model", "model_uri", type=str, required=True,
+              help="models:/NAME@ALIAS, models:/NAME/VERSION, models:/m-<id>, runs:/<id>/PATH.")
+@click.option("--input", "input_path", type=click.Path(dir_okay=False, path_type=str),
+              required=True, help="CSV with the model's feature columns, by name.")
+@click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=str),
+              default=None, help="Where to write the predictions (CSV). Default: stdout.")
+@device_option
+@click.option("--allow-pickle", is_flag=True,
+              help="Allow loading a model stored as a pickle (only for sources you trust).")
+@tracking_option
+def predict(model_uri: str, input_path: str, output_path: str | None, device: str | None,
+            allow_pickle: bool, tracking_uri: str) -> None:
+    """Predict the targets of every row of a CSV with a logged or registered model.
+
+    Writes one column per target, named as in training.
+    """
+    from pipeline import serving
+    from pipeline.train import resolve_device
+
+    serving.check_uri(model_uri)
+    target_device = resolve_device(device or "auto")
+    _connect_store(tracking_uri)
+    model = serving.load(model_uri, target_device, allow_pickle)
+    features = serving.read_features(input_path, model.feature_names)
+    frame = serving.prediction_frame(model.predict(features), model.target_names)
+    if output_path:
+        frame.to_csv(output_path, index=False)
+        click.echo(f"{len(frame)} predictions of {', '.join(frame.columns)} written to "
+                   f"{output_path}", err=True)
+    else:
+        click.echo(frame.to_csv(index=False), nl=False)
+
+
+@cli.command()
+@click.argument("name", required=False)
+@tracking_option
+def models(name: str | None, tracking_uri: str) -> None:
+    """List registered models: versions, aliases, objective, lr, epochs, source run."""
+    from pipeline import registry
+
+    _connect_store(tracking_uri)
+    table = registry.versions_table(name)
+    if table.empty:
+        click.echo("no registered models yet: `pipeline sweep -e EXPERIMENT` registers one")
+        return
+    click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.6g}"))
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("version", type=str)
+@click.option("--alias", type=str, default="champion", show_default=True,
+              help="Alias to move to VERSION.")
+@click.option("--reason", type=str, default="",
+              help="Why; recorded in the version's tags with who and when.")
+@tracking_option
+def promote(name: str, version: str, alias: str, reason: str, tracking_uri: str) -> None:
+    """Move an alias of a registered model to VERSION (models:/NAME@ALIAS follows it)."""
+    from pipeline import registry
+
+    if not version.isdigit():
+        raise UserError(f"VERSION must be a version number, got {version!r}")
+    _connect_store(tracking_uri)
+    previous = registry.promote(name, version, alias, reason)
+    before = f"v{previous}" if previous else "no version"
+    click.echo(f"{name}@{alias}: {before} -> v{version} (models:/{name}@{alias})")
+
+
+@cli.command()
+@click.option("-e", "--experiment", "experiment_name", type=str, required=True,
+              help="Experiment whose runs to compare.")
+@click.option("--metric", type=str, default=None,
+              help="Sort by this metric (r2: highest first; others: lowest first). "
+                   "Default: mse, else objective (sweeps), else train_loss.")
+@click.option("--top", type=click.IntRange(min=1), default=None, help="Show the best N runs.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "markdown"]),
+              default="table", show_default=True, help="Output format.")
+@tracking_option
+def compare(experiment_name: str, metric: str | None, top: int | None, fmt: str,
+            tracking_uri: str) -> None:
+    """Compare an experiment's runs: model, lr, epochs and final metrics, best first."""
+    from pipeline import compare as comparing
+    from pipeline import tracking
+
+    # A config name or file, else the name of an MLflow experiment in the store.
+    path = Path(experiment_name)
+    name = path.stem if path.suffix in (".yaml", ".yml") else experiment_name
+    _connect_store(tracking_uri)
+    table = comparing.runs_table(tracking.runs_frame(name), metric, top)
+    click.echo(comparing.render(table, fmt), nl=fmt != "csv")
 
 
 def main() -> None:

@@ -14,6 +14,8 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from pipeline.errors import UserError
+
 CHAMPION = "champion"
 
 
@@ -62,3 +64,85 @@ def promote_if_better(name: str, version: str, objective: float,
     else:
         reason = f"beats v{current[0]}: {objective:.6g} < {current[1]:.6g}"
     return Decision(version, version, True, None if current is None else current[1], reason)
+
+
+class RegistryError(UserError):
+    """A registered model, version or alias that does not exist, or an alias MLflow refuses."""
+
+
+def versions_table(name: str | None = None):
+    """Registered models and their versions as a DataFrame, newest version first per model."""
+    import pandas as pd
+
+    client = MlflowClient()
+    if name is not None:
+        _registered_model(name)
+        names = [name]
+    else:
+        names = sorted(m.name for m in client.search_registered_models())
+    rows = []
+    for model_name in names:
+        # search_model_versions leaves aliases out; the registered model lists them.
+        aliases: dict[str, list[str]] = {}
+        for alias, number in client.get_registered_model(model_name).aliases.items():
+            aliases.setdefault(str(number), []).append(alias)
+        for version in client.search_model_versions(f"name = '{model_name}'"):
+            tags = version.tags
+            rows.append({
+                "name": model_name,
+                "version": int(version.version),
+                "aliases": ",".join(sorted(aliases.get(str(version.version), []))),
+                "objective": _float(tags.get("objective")),
+                "model": tags.get("model_kind", ""),
+                "lr": _float(tags.get("lr")),
+                "epochs": tags.get("epochs", ""),
+                "source_run": version.run_id or tags.get("source_run_id", ""),
+                "created": pd.Timestamp(version.creation_timestamp, unit="ms").floor("s"),
+            })
+    table = pd.DataFrame(rows, columns=["name", "version", "aliases", "objective", "model",
+                                        "lr", "epochs", "source_run", "created"])
+    return table.sort_values(["name", "version"], ascending=[True, False], ignore_index=True)
+
+
+def _float(text: str | None) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _registered_model(name: str):
+    try:
+        return MlflowClient().get_registered_model(name)
+    except MlflowException:
+        raise RegistryError(f"no registered model named {name!r}") from None
+
+
+def promote(name: str, version: str, alias: str = CHAMPION, reason: str = "") -> str | None:
+    """Move ``alias`` to ``version`` by hand; record who, when, why and from which version.
+
+    Returns the version that held the alias before, if any.
+    """
+    import datetime
+    import getpass
+
+    client = MlflowClient()
+    _registered_model(name)
+    try:
+        client.get_model_version(name, version)
+    except MlflowException:
+        raise RegistryError(f"registered model {name!r} has no version {version}") from None
+    previous = champion(name, alias)
+    try:
+        client.set_registered_model_alias(name, alias, version)
+    except MlflowException as err:
+        raise RegistryError(f"alias {alias!r} refused: {err.message.splitlines()[0]}") from None
+    record = {
+        "by": getpass.getuser(),
+        "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "reason": reason or "promoted by hand",
+        "previous_version": previous[0] if previous else "none",
+    }
+    for key, value in record.items():
+        client.set_model_version_tag(name, version, f"{alias}.promoted_{key}", value)
+    return previous[0] if previous else None

@@ -301,6 +301,14 @@ def read_dataset(uri: str) -> Dataset:
     return data.read(Path(local))
 
 
+def runs_frame(experiment_name: str):
+    """Every run of an experiment as ``mlflow.search_runs`` gives it (a pandas DataFrame)."""
+    found = MlflowClient().get_experiment_by_name(experiment_name)
+    if found is None:
+        raise TrackingError(f"no runs recorded for experiment {experiment_name!r} in this store")
+    return mlflow.search_runs(experiment_ids=[found.experiment_id])
+
+
 def find_cached_dataset(experiment: str, key: str) -> str | None:
     """The run id of a finished generate run whose data key is ``key``, if any."""
     runs = mlflow.search_runs(
@@ -336,13 +344,3 @@ def log_model(module: torch.nn.Module, example: np.ndarray, dataset: Dataset) ->
         },
     )
     return info.model_uri
-
-
-def load_model(uri: str) -> torch.nn.Module:
-    import mlflow.pytorch
-
-    try:
-        return mlflow.pytorch.load_model(uri)
-    except (MlflowException, OSError) as err:
-        message = (getattr(err, "message", None) or str(err)).splitlines()[0]
-        raise TrackingError(f"cannot load model {uri}: {message}") from None

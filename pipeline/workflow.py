@@ -10,9 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from pipeline import data, evaluate, plots, tracking
+from pipeline import data, evaluate, plots, serving, tracking
 from pipeline import train as training
 from pipeline.config import Experiment, TrainConfig
 from pipeline.data import Dataset
@@ -135,15 +134,15 @@ def _single_weight(result: training.TrainResult) -> bool:
 def evaluate_model(exp: Experiment, dataset: Dataset, model_uri: str, experiment: str,
                    parent_run_id: str | None = None, echo: Echo = print) -> dict[str, float]:
     """Score a logged model on the evaluation split (validation rows, else the training rows)."""
-    model = tracking.load_model(model_uri)
+    model = serving.load(model_uri)
     train_set, val_set = data.split(dataset, exp.val_fraction, exp.seed)
     eval_set, split_name = (val_set, "validation") if val_set is not None else (train_set, "train")
     tags = {"stage": "evaluate", "model_uri": model_uri, "eval_split": split_name}
     with tracking.run(experiment, f"evaluate {run_name(exp.train)}", parent_run_id, tags):
         tracking.log_params(exp.params())
-        predictions = predict(model, eval_set.features)
+        predictions = model.predict(eval_set.features)
         metrics = evaluate.evaluate(predictions, eval_set, fit_bias=exp.train.has_bias)
-        weight, bias = learned_parameters(model)
+        weight, bias = model.parameters()
         metrics.update(evaluate.parameter_errors(weight, bias, eval_set))
         tracking.log_metrics(metrics)
         tracking.log_figure(
@@ -156,20 +155,6 @@ def evaluate_model(exp: Experiment, dataset: Dataset, model_uri: str, experiment
                                                          "optimality_gap"))
     echo(f"evaluate: on {split_name} rows: {shown}")
     return metrics
-
-
-def predict(model: torch.nn.Module, features: np.ndarray) -> np.ndarray:
-    dtype = next(iter(model.state_dict().values())).dtype
-    with torch.no_grad():
-        return model(torch.as_tensor(features, dtype=dtype)).double().numpy()
-
-
-def learned_parameters(model: torch.nn.Module) -> tuple[np.ndarray, np.ndarray | None]:
-    """Weight and bias of a loaded linear model, whichever of the two kinds it is."""
-    state = {name.rsplit(".", 1)[-1]: value for name, value in model.state_dict().items()}
-    weight = state["weight"].double().numpy()
-    bias = state.get("bias", state.get("offset"))
-    return weight, None if bias is None else bias.double().numpy()
 
 
 def run_all(exp: Experiment, experiment: str, echo: Echo = print) -> dict[str, float]:

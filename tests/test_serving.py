@@ -1,0 +1,225 @@
+"""Registered models in use: predict, models, promote, compare, and `mlflow models serve`."""
+
+from __future__ import annotations
+
+import io
+import socket
+import subprocess
+import sys
+import time
+
+import mlflow
+import mlflow.pytorch
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+import torch
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from pipeline.cli import cli
+from tests.conftest import BIN, subprocess_env
+
+CROP = ["temp", "rainfall", "humidity"]
+
+
+@pytest.fixture(scope="module")
+def registry_store(tmp_path_factory):
+    """A store where short sweeps registered a builtin and a manual champion."""
+    folder = tmp_path_factory.mktemp("registry")
+    store = f"sqlite:///{folder / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        for args in (["-e", "crop_yields_builtin", "--n-trials", "4"],
+                     ["-e", "line_fit_15pts", "--n-trials", "3", "--epochs-range", "5", "20"]):
+            result = CliRunner().invoke(cli, ["sweep", *args, "--tracking-uri", store])
+            assert result.exit_code == 0, result.output
+    mlflow.set_tracking_uri(store)
+    return folder, store
+
+
+def pipeline(folder, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=folder,
+                          capture_output=True, text=True, timeout=120, env=subprocess_env())
+
+
+def crop_rows(count: int) -> pd.DataFrame:
+    values = np.random.default_rng(count).uniform(30, 140, size=(count, 3))
+    return pd.DataFrame(values, columns=CROP)
+
+
+def in_process(uri: str, rows: pd.DataFrame) -> np.ndarray:
+    model = mlflow.pytorch.load_model(uri)
+    with torch.no_grad():
+        return model(torch.tensor(rows.to_numpy(), dtype=torch.float32)).numpy()
+
+
+@pytest.mark.parametrize("count", [1, 10_000])
+def test_predict_matches_the_model_loaded_in_process(registry_store, count):
+    folder, store = registry_store
+    rows = crop_rows(count)
+    # Columns in another order: they are matched by name, not position.
+    rows[list(reversed(CROP))].to_csv(folder / "x.csv", index=False)
+    uri = "models:/crop_yields_builtin@champion"
+    result = pipeline(folder, "predict", "--model", uri, "--input", "x.csv",
+                      "--tracking-uri", store)
+    assert result.returncode == 0, result.stderr
+    printed = pd.read_csv(io.StringIO(result.stdout))
+    assert list(printed.columns) == ["apples", "oranges"] and len(printed) == count
+    np.testing.assert_allclose(printed.to_numpy(), in_process(uri, rows), rtol=1e-5, atol=1e-5)
+
+    written = pipeline(folder, "predict", "--model", uri, "--input", "x.csv", "--output",
+                       "y.csv", "--tracking-uri", store)
+    assert written.returncode == 0 and written.stdout == ""
+    np.testing.assert_allclose(pd.read_csv(folder / "y.csv").to_numpy(), printed.to_numpy())
+
+
+def test_manual_and_builtin_champions_load_with_pyfunc(registry_store):
+    builtin = mlflow.pyfunc.load_model("models:/crop_yields_builtin@champion")
+    manual = mlflow.pyfunc.load_model("models:/line_fit_15pts@champion")
+    assert builtin.predict(crop_rows(7).to_numpy(np.float32)).shape == (7, 2)
+    x = np.array([[3.3], [4.4], [10.791]], dtype=np.float32)
+    predicted = manual.predict(x)
+    assert predicted.shape == (3, 1)
+    version = MlflowClient().get_model_version_by_alias("line_fit_15pts", "champion")
+    assert version.tags["model_kind"] == "manual" and "Best of Optuna study" in (
+        version.description)
+    assert {"experiment", "data_key", "objective", "lr", "epochs"} <= set(version.tags)
+
+
+def test_models_lists_versions_with_aliases(registry_store):
+    folder, store = registry_store
+    result = pipeline(folder, "models", "--tracking-uri", store)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:4] == ["name", "version", "aliases", "objective"]
+    assert any(line.split()[:3] == ["crop_yields_builtin", "1", "champion"] for line in lines)
+    assert any(line.split()[:3] == ["line_fit_15pts", "1", "champion"] for line in lines)
+
+
+def test_promote_moves_the_alias(registry_store):
+    folder, store = registry_store
+    client = MlflowClient()
+    first = client.get_model_version("crop_yields_builtin", "1")
+    second = mlflow.register_model(f"models:/{first.source.rsplit('/', 1)[-1]}"
+                                   if first.source.startswith("models:/") else first.source,
+                                   "crop_yields_builtin")
+    result = pipeline(folder, "promote", "crop_yields_builtin", str(second.version),
+                      "--reason", "checked by hand", "--tracking-uri", store)
+    assert result.returncode == 0, result.stderr
+    assert "v1 -> v2" in result.stdout
+    holder = client.get_model_version_by_alias("crop_yields_builtin", "champion")
+    assert str(holder.version) == "2"
+    assert holder.tags["champion.promoted_reason"] == "checked by hand"
+    assert holder.tags["champion.promoted_previous_version"] == "1"
+    assert "champion.promoted_by" in holder.tags and "champion.promoted_at" in holder.tags
+    back = pipeline(folder, "promote", "crop_yields_builtin", "1", "--tracking-uri", store)
+    assert back.returncode == 0 and "v2 -> v1" in back.stdout
+
+
+def test_compare_gives_one_sorted_row_per_run(registry_store):
+    folder, store = registry_store
+    result = pipeline(folder, "compare", "-e", "crop_yields_builtin", "--format", "csv",
+                      "--tracking-uri", store)
+    assert result.returncode == 0, result.stderr
+    table = pd.read_csv(io.StringIO(result.stdout))
+    runs = mlflow.search_runs(experiment_names=["crop_yields_builtin"])
+    assert len(table) == len(runs) == 5  # the sweep's parent and its four trials
+    assert {"run_name", "model", "lr", "epochs", "objective", "run_id"} <= set(table.columns)
+    scored = table["objective"].dropna()
+    assert list(scored) == sorted(scored) and len(scored) >= 1
+    top = pipeline(folder, "compare", "-e", "crop_yields_builtin", "--metric", "train_loss",
+                   "--top", "2", "--format", "markdown", "--tracking-uri", store)
+    assert top.returncode == 0 and top.stdout.count("\n| trial") == 2
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_mlflow_models_serve_gives_the_same_predictions(registry_store):
+    folder, store = registry_store
+    port = free_port()
+    uri = "models:/crop_yields_builtin@champion"
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port)],
+        cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=subprocess_env(MLFLOW_TRACKING_URI=store),
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=1).ok:
+                    break
+            except requests.RequestException:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow models serve did not answer within 90 s")
+        rows = crop_rows(5)
+        reply = requests.post(f"http://127.0.0.1:{port}/invocations",
+                              json={"inputs": rows.to_numpy().tolist()}, timeout=30)
+        assert reply.status_code == 200, reply.text
+        served = np.array(reply.json()["predictions"])
+        np.testing.assert_allclose(served, in_process(uri, rows), rtol=1e-5)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_a_pickled_model_needs_the_users_say(registry_store, tmp_path):
+    folder, store = registry_store
+    mlflow.pytorch.save_model(torch.nn.Linear(3, 2), tmp_path / "pickled",
+                              serialization_format="pickle",
+                              input_example=np.ones((2, 3), dtype=np.float32))
+    # Without recorded names, the features are x0, x1, x2 by position.
+    crop_rows(2).set_axis(["x0", "x1", "x2"], axis=1).to_csv(tmp_path / "x.csv", index=False)
+    args = ["predict", "--model", str(tmp_path / "pickled"), "--input", str(tmp_path / "x.csv"),
+            "--tracking-uri", store]
+    refused = pipeline(folder, *args)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode != 0 and len(lines) == 1 and "--allow-pickle" in lines[0]
+    allowed = pipeline(folder, *args, "--allow-pickle")
+    assert allowed.returncode == 0, allowed.stderr
+    assert len(pd.read_csv(io.StringIO(allowed.stdout))) == 2
+
+
+@pytest.mark.parametrize(
+    "args, csv, expected",
+    [
+        (["predict", "--model", "models:/nobody@champion"], "ok", "no registered model named"),
+        (["predict", "--model", "models:/crop_yields_builtin@nope"], "ok", "has no alias 'nope'"),
+        (["predict", "--model", "models:/crop_yields_builtin/99"], "ok", "has no version 99"),
+        (["predict", "--model", "models/crop_yields_builtin"], "ok", "does not parse"),
+        (["predict", "--model", "models:/crop_yields_builtin@champion"],
+         "temp,rainfall\n1,2\n", "no column named humidity"),
+        (["predict", "--model", "models:/crop_yields_builtin@champion"],
+         "temp,rainfall,humidity,wind\n1,2,3,4\n", "unexpected column wind"),
+        (["predict", "--model", "models:/crop_yields_builtin@champion"],
+         "temp,rainfall,humidity\n1,two,3\n", "column rainfall"),
+        (["predict", "--model", "models:/crop_yields_builtin@champion"],
+         "temp,rainfall,humidity\n", "no data rows"),
+        (["models", "nobody"], None, "no registered model named 'nobody'"),
+        (["promote", "nobody", "1"], None, "no registered model named 'nobody'"),
+        (["promote", "crop_yields_builtin", "99"], None, "has no version 99"),
+        (["promote", "crop_yields_builtin", "1", "--alias", "v7"], None, "refused"),
+        (["compare", "-e", "never_ran"], None, "no runs recorded"),
+        (["compare", "-e", "crop_yields_builtin", "--metric", "nope"], None, "no run has metric"),
+    ],
+)
+def test_bad_input_gets_one_line(registry_store, tmp_path, args, csv, expected):
+    # In-process for speed; test_cli.py checks the same contract through real subprocesses.
+    folder, store = registry_store
+    if csv is not None:
+        (tmp_path / "x.csv").write_text("temp,rainfall,humidity\n1,2,3\n" if csv == "ok" else csv)
+        args = [*args, "--input", str(tmp_path / "x.csv")]
+    result = CliRunner().invoke(cli, [*args, "--tracking-uri", store])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 1
+    assert isinstance(result.exception, SystemExit)  # a handled error, not a crash
+    assert len(lines) == 1 and expected in lines[0], result.stderr
