@@ -8,6 +8,7 @@ TRIALS ?= 20
 WORKERS ?= 1
 PORT ?= 5000
 SERVE_PORT ?= 5001
+ROWS ?= 1000000
 MODEL ?= models:/$(EXP)@champion
 TRACKING_URI ?= sqlite:///mlflow.db
 
@@ -40,8 +41,11 @@ ui: install ## start the MLflow UI on 127.0.0.1 (PORT=5000) over TRACKING_URI
 test: install ## run the test suite
 	$(BIN)/python -m pytest
 
+bench: install ## measure speed and memory (ROWS=1000000), results in bench-results/
+	$(BIN)/python benchmarks/bench.py --rows $(ROWS)
+
 lint: install ## check style with ruff
-	$(BIN)/ruff check pipeline tests
+	$(BIN)/ruff check pipeline tests benchmarks
 
 sweep: install ## Optuna sweep of lr and epochs for EXP (TRIALS=, WORKERS=)
 	$(BIN)/pipeline sweep -e $(EXP) --n-trials $(TRIALS) --workers $(WORKERS) \

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from pipeline import models
 from pipeline.config import TrainConfig
@@ -139,24 +140,36 @@ def _recorder(result: TrainResult, model, config: TrainConfig, val, on_epoch):
     return record
 
 
-def _batches(x: torch.Tensor, y: torch.Tensor, config: TrainConfig):
-    """``TensorDataset`` + ``DataLoader``, fetching whole batches by index, not row by row.
+class IndexBatches(Sampler):
+    """Batches of row indices in the order ``DataLoader(shuffle=True)`` draws them, as tensors.
 
-    A ``BatchSampler`` over a ``RandomSampler`` draws the same order as ``shuffle=True``.
+    It draws exactly what ``RandomSampler`` draws (a seed from the global RNG, then one
+    ``randperm``), so runs match the tutorials' loader; yielding whole index tensors lets
+    ``TensorDataset`` gather a batch in one operation instead of a Python list of rows.
     """
-    from torch.utils.data import (
-        BatchSampler,
-        DataLoader,
-        RandomSampler,
-        SequentialSampler,
-        TensorDataset,
-    )
 
-    dataset = TensorDataset(x, y)
-    order = RandomSampler(dataset) if config.shuffle else SequentialSampler(dataset)
-    batch_size = config.batch_size or x.shape[0]
-    sampler = BatchSampler(order, batch_size=batch_size, drop_last=False)
-    return DataLoader(dataset, sampler=sampler, batch_size=None)
+    def __init__(self, n_rows: int, batch_size: int, shuffle: bool, device: torch.device):
+        self.n_rows, self.batch_size, self.shuffle, self.device = (
+            n_rows, batch_size, shuffle, device)
+
+    def __iter__(self):
+        if self.shuffle:
+            seed = int(torch.empty((), dtype=torch.int64).random_().item())
+            generator = torch.Generator()
+            generator.manual_seed(seed)
+            order = torch.randperm(self.n_rows, generator=generator)
+        else:
+            order = torch.arange(self.n_rows)
+        yield from order.to(self.device).split(self.batch_size)
+
+    def __len__(self) -> int:
+        return math.ceil(self.n_rows / self.batch_size)
+
+
+def _batches(x: torch.Tensor, y: torch.Tensor, config: TrainConfig):
+    """``TensorDataset`` + ``DataLoader`` over the tensors already on the device."""
+    sampler = IndexBatches(x.shape[0], config.batch_size or x.shape[0], config.shuffle, x.device)
+    return DataLoader(TensorDataset(x, y), sampler=sampler, batch_size=None)
 
 
 # --- one gradient step, three ways --------------------------------------------------------------

@@ -176,3 +176,22 @@ def test_cuda_training_matches_cpu():
     _, _, gpu = fit("crop_yields_manual", "device=cuda", "dtype=float64")
     assert gpu.device.type == "cuda"
     np.testing.assert_allclose(cpu.train_loss, gpu.train_loss, rtol=1e-9)
+
+
+def test_index_batches_draw_what_a_shuffling_dataloader_draws():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pipeline.train import IndexBatches
+
+    rows = torch.arange(23)
+    torch.manual_seed(5)
+    expected = [batch[0].tolist() for batch in DataLoader(TensorDataset(rows), batch_size=5,
+                                                           shuffle=True)]
+    torch.manual_seed(5)
+    sampler = IndexBatches(23, 5, shuffle=True, device=torch.device("cpu"))
+    # Through a DataLoader, which draws its own base seed first, as in training.
+    loader = DataLoader(TensorDataset(rows), sampler=sampler, batch_size=None)
+    assert [batch[0].tolist() for batch in loader] == expected
+    assert len(sampler) == 5 and [len(b) for b in expected] == [5, 5, 5, 5, 3]
+    ordered = IndexBatches(7, 3, shuffle=False, device=torch.device("cpu"))
+    assert [b.tolist() for b in ordered] == [[0, 1, 2], [3, 4, 5], [6]]
