@@ -161,9 +161,11 @@ def run(experiment, tracking_uri: str, device: str | None) -> None:
 
     experiment = _with_device(experiment, device)
     experiment_id = _connect(experiment, tracking_uri)
+    from pipeline import tracking
+
     workflow.run_all(experiment, experiment_id, echo=click.echo)
     click.echo(
-        f"done: experiment '{experiment.name}' in {tracking_uri}; "
+        f"done: experiment '{tracking.experiment_name(experiment_id)}' in {tracking_uri}; "
         f"browse it with `mlflow ui --backend-store-uri {tracking_uri}` (or `make ui`)"
     )
 
@@ -215,10 +217,12 @@ def sweep(experiment, tracking_uri: str, device: str | None, n_trials: int,
 
     experiment_id = _connect(experiment, tracking_uri)
     summary = sweeps.run(experiment, settings, experiment_id, tracking_uri, echo=click.echo)
-    _print_sweep(summary, tracking_uri)
+    from pipeline import tracking
+
+    _print_sweep(summary, tracking_uri, tracking.experiment_name(experiment_id))
 
 
-def _print_sweep(summary, tracking_uri: str) -> None:
+def _print_sweep(summary, tracking_uri: str, experiment_name: str) -> None:
     states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(summary.states.items()))
     click.echo(f"study {summary.study_name}: {summary.n_trials} trials ({states}); "
                f"{summary.new_trials} new; parent run {summary.parent_run_id}")
@@ -235,7 +239,7 @@ def _print_sweep(summary, tracking_uri: str) -> None:
                f"champion is v{summary.champion_version}: "
                f"models:/{summary.model_name}@champion")
     click.echo(f"look: `mlflow ui --backend-store-uri {tracking_uri}` (or `make ui`), "
-               f"experiment '{summary.study_name.split(':')[0]}', run 'sweep {summary.study_name}'")
+               f"experiment '{experiment_name}', run 'sweep {summary.study_name}'")
 
 
 def tracking_option(func):

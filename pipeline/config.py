@@ -158,6 +158,7 @@ class TrainConfig:
             raise ConfigError(f"lr must be a finite number > 0, got {self.lr}")
         if self.epochs < 1:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        _check_seed("seed", self.seed)
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(
                 f"batch_size must be >= 1 (or null for full batch), got {self.batch_size}"
@@ -222,6 +223,8 @@ class SweepSettings:
             raise ConfigError(f"--workers must be >= 1, got {self.workers}")
         if self.timeout is not None and not self.timeout > 0:
             raise ConfigError(f"--timeout must be > 0 seconds, got {self.timeout}")
+        if self.seed is not None:
+            _check_seed("--seed", self.seed)
         SweepConfig(lr=self.lr_range or (), epochs=self.epochs_range or ()).validate()
 
 
@@ -337,7 +340,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             try:
                 return int(value)
             except ValueError:
-                pass
+                try:  # 1e3, which YAML 1.1 leaves as a string
+                    number = float(value)
+                except ValueError:
+                    number = math.nan
+                if math.isfinite(number) and number.is_integer():
+                    return int(number)
         raise ConfigError(f"{key} must be an integer, got {value!r}")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -459,6 +467,11 @@ def _check_matrix(key: str, rows: tuple[tuple[float, ...], ...]) -> None:
 def _check_names(key: str, names: tuple[str, ...], width: int) -> None:
     if names and len(names) != width:
         raise ConfigError(f"{key} names {len(names)} columns but the data has {width}")
+
+
+def _check_seed(key: str, value: int) -> None:
+    if not 0 <= value < 2**32:  # what numpy's and Optuna's generators accept
+        raise ConfigError(f"{key} must lie in [0, 2**32), got {value}")
 
 
 def _check_positive(key: str, value: int) -> None:

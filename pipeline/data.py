@@ -57,14 +57,18 @@ class Dataset:
 def build(config: DataConfig, seed: int) -> Dataset:
     """Make the dataset a recipe describes; noise and random weights draw from ``seed``."""
     if isinstance(config, TableData):
-        return _table(config)
-    if isinstance(config, LineData):
-        return _line(config, np.random.default_rng(seed))
-    if isinstance(config, SyntheticData):
-        return _synthetic(config, np.random.default_rng(seed))
-    if isinstance(config, CsvData):
-        return read_table(config.csv, config.features, config.targets)
-    raise TypeError(f"unknown data config {config!r}")
+        dataset = _table(config)
+    elif isinstance(config, LineData):
+        dataset = _line(config, np.random.default_rng(seed))
+    elif isinstance(config, SyntheticData):
+        dataset = _synthetic(config, np.random.default_rng(seed))
+    elif isinstance(config, CsvData):
+        dataset = read_table(config.csv, config.features, config.targets)
+    else:
+        raise TypeError(f"unknown data config {config!r}")
+    if dataset.n_rows == 0:
+        raise DataError(f"the {config.source} recipe gives no rows; check its range or values")
+    return dataset
 
 
 def _table(config: TableData) -> Dataset:
@@ -147,6 +151,8 @@ def read_frame(path: str | Path):
     import pandas as pd
 
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a CSV or Parquet file")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     try:
@@ -174,9 +180,10 @@ def numeric_matrix(frame, columns: tuple[str, ...], path: str | Path) -> np.ndar
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
             raw = frame[column].iloc[row]
+            shown = "an empty cell" if pd.isna(raw) else f"'{raw}'"
             raise DataError(
                 f"{path}: column {column} holds a non-numeric or missing value "
-                f"{raw!r} in data row {row + 1}"
+                f"({shown}) in data row {row + 1}"
             )
     return frame.loc[:, list(columns)].to_numpy(dtype=np.float64, copy=True)
 

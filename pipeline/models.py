@@ -24,8 +24,17 @@ def init_parameters(
 
     ``torch`` is ``nn.Linear``'s own scheme (uniform on ±1/sqrt(d)), drawn identically, so a
     builtin model and a manual one with the same seed start from the same point.
+
+    Draws are made in float32, torch's default, and then cast: the tutorials draw their
+    parameters that way even when they compute in float64 (tutorial 004's ``w1.double()``).
     """
+    weight, bias = _draw_float32(n_features, n_targets, config)
     dtype = DTYPES[config.dtype]
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def _draw_float32(n_features: int, n_targets: int, config: TrainConfig):
+    dtype = torch.float32
     weight = _draw(config.weight_init, (n_targets, n_features), dtype)
     if config.weight_init == "torch":
         # Exactly nn.Linear.reset_parameters: the same calls give the same bits in any dtype.

@@ -54,7 +54,7 @@ def promote_if_better(name: str, version: str, objective: float,
     """Give ``alias`` to ``version`` when its objective is lower than the holder's."""
     current = champion(name, alias)
     if current is not None and current[0] == version:
-        return Decision(version, version, False, current[1], "already the champion")
+        return Decision(version, version, False, None, "already the champion")
     if current is not None and not objective < current[1]:
         reason = f"kept v{current[0]}: its objective {current[1]:.6g} <= {objective:.6g}"
         return Decision(version, current[0], False, current[1], reason)

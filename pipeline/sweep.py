@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import multiprocessing
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -97,7 +98,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     except Exception as err:  # SQLAlchemy raises many types for a bad or unreachable database
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if "DB access module" in reason:
-            reason = "no database driver for it (PostgreSQL: pip install psycopg2-binary)"
+            reason = "its database driver is not installed (e.g. psycopg2-binary, PyMySQL)"
         raise SweepError(f"cannot open storage {url}: {reason[:200]}") from None
 
 
@@ -126,11 +127,19 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
 
 
 def load_study(settings: SweepSettings, study_name: str, offset: int = 0) -> optuna.Study:
+    """Create or load the study; the sampler's seed moves on with every trial already held,
+    so a resumed study does not propose its first trials again."""
+    storage = open_storage(settings.storage)
+    held = 0
+    try:
+        held = len(optuna.load_study(study_name=study_name, storage=storage).trials)
+    except KeyError:
+        pass  # a new study
     return optuna.create_study(
         study_name=study_name,
-        storage=open_storage(settings.storage),
+        storage=storage,
         direction="minimize",
-        sampler=make_sampler(settings, offset),
+        sampler=make_sampler(settings, offset + held),
         pruner=make_pruner(settings.pruner),
         load_if_exists=True,
     )
@@ -184,6 +193,7 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float:
         diverged = result.diverged or watch.diverged or not (
             result.train_loss[-1] <= result.train_loss[0])
         tags["diverged"] = str(diverged).lower()
+        trial.set_user_attr("diverged", diverged)
         if diverged or watch.pruned:
             state = TrialState.PRUNED
             raise optuna.TrialPruned(
@@ -248,7 +258,10 @@ def _progress_line(echo: Echo, target: int) -> Callable:
             outcome = f"complete, value {trial.value:.6g}"
         elif trial.state == TrialState.PRUNED:
             steps = trial.intermediate_values
-            outcome = f"pruned at epoch {max(steps)}" if steps else "pruned (diverged)"
+            if trial.user_attrs.get("diverged") or not steps:
+                outcome = "pruned (diverged)"
+            else:
+                outcome = f"pruned at epoch {max(steps)}"
         else:
             outcome = trial.state.name.lower()
         echo(f"trial {trial.number} {outcome}: "
@@ -271,7 +284,10 @@ def _optimize(ctx: TrialContext, settings: SweepSettings, n_trials: int, offset:
 
 
 def _worker(ctx: TrialContext, settings: SweepSettings, n_trials: int, offset: int,
-            tracking_uri: str) -> None:
+            tracking_uri: str, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)  # K workers share the cores instead of each taking all
     try:
         _optimize(ctx, settings, n_trials, offset, tracking_uri, show_bar=False)
     except KeyboardInterrupt:
@@ -288,6 +304,7 @@ def run(exp: Experiment, settings: SweepSettings, experiment_id: str, tracking_u
         echo: Echo = print) -> Summary:
     """Create or resume the study, run the missing trials, then summarise and register."""
     settings.validate()
+    training.resolve_device(exp.train.device)  # before the study: no trial fails for it
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study_name = settings.study_name or exp.name
     dataset = data.build(exp.data, exp.seed)
@@ -302,7 +319,7 @@ def run(exp: Experiment, settings: SweepSettings, experiment_id: str, tracking_u
                          f"{exp.name!r} has now; pass --study-name to start another study")
     study.set_user_attr("config_digest", digest)
 
-    parent_run_id = tracking.open_parent(
+    parent_run_id, new_parent = tracking.open_parent(
         experiment_id, f"sweep {study_name}",
         {"stage": "sweep", "optuna_study": study_name, "optuna_storage": settings.storage,
          "data_key": data.content_key(exp.data, exp.seed)},
@@ -311,8 +328,12 @@ def run(exp: Experiment, settings: SweepSettings, experiment_id: str, tracking_u
     study.set_user_attr("mlflow_parent_run_id", parent_run_id)
     status = "FAILED"
     try:
-        tracking.log_to_run(parent_run_id, params=_parent_params(exp, settings, space),
-                            metrics=rates)
+        settings_now = _parent_params(exp, settings, space)
+        if new_parent:
+            tracking.log_to_run(parent_run_id, params=settings_now, metrics=rates)
+        else:  # params are write-once; a resume may widen ranges or change sampler or pruner
+            tracking.log_to_run(parent_run_id, tags={"last_resume_settings": json.dumps(
+                {k: v for k, v in settings_now.items() if k.startswith("sweep.")})})
         missing = settings.n_trials - len(study.trials)
         ctx = TrialContext(exp, dataset, space, experiment_id, parent_run_id, study_name,
                            settings.log_models)
@@ -339,8 +360,10 @@ def _run_workers(ctx: TrialContext, settings: SweepSettings, missing: int, track
         _optimize(ctx, settings, missing, 0, tracking_uri, show_bar=sys.stderr.isatty())
         return
     spawn = multiprocessing.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // settings.workers)
     processes = [
-        spawn.Process(target=_worker, args=(ctx, settings, n, offset + 1, tracking_uri))
+        spawn.Process(target=_worker,
+                      args=(ctx, settings, n, offset + 1, tracking_uri, threads))
         for offset, n in enumerate(shares(missing, settings.workers))
     ]
     for process in processes:

@@ -80,12 +80,12 @@ def register_best(best: optuna.trial.FrozenTrial, exp: configs.Experiment, ctx) 
         tracking.log_to_run(run_id, tags={"registered_model": name,
                                           "registered_version": version})
     decision = registry.promote_if_better(name, version, best.value)
-    metrics = {"objective": best.value}
+    metrics = {}
     if decision.previous_objective is not None and math.isfinite(decision.previous_objective):
         metrics["champion_previous_objective"] = decision.previous_objective
     tracking.log_to_run(
         ctx.parent_run_id,
-        metrics={f"best_{k}": v for k, v in metrics.items()},
+        metrics=metrics,
         tags={"registered_model": name, "registered_version": version,
               "champion_version": decision.champion_version,
               "champion_decision": decision.reason},

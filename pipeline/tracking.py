@@ -29,7 +29,6 @@ from mlflow.tracking import MlflowClient
 from pipeline.data import Dataset
 from pipeline.errors import UserError
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 INPUT_EXAMPLE_ROWS = 5  # a one-row example would pin the exported graph to batch size 1
 HEALTH_TIMEOUT_S = 5
 
@@ -55,6 +54,10 @@ def connect(tracking_uri: str) -> None:
             reason = type(err).__name__
             message = f"tracking server {tracking_uri} is not reachable ({reason})"
             raise TrackingError(message) from None
+
+
+def experiment_name(experiment: str) -> str:
+    return MlflowClient().get_experiment(experiment).name
 
 
 def experiment_id(name: str) -> str:
@@ -177,23 +180,28 @@ def close_run(run_id: str, status: str, curves: dict[str, list[float]] | None = 
 
 
 def open_parent(experiment: str, name: str, tags: dict[str, str],
-                run_id: str | None = None) -> str:
-    """Create a top-level run, or mark an existing one RUNNING again; return its id.
+                run_id: str | None = None) -> tuple[str, bool]:
+    """Mark an existing top-level run RUNNING again, or start one; return (id, is_new).
 
-    Under ``mlflow run`` a new parent is the run `mlflow run` opened (``MLFLOW_RUN_ID``).
+    Under ``mlflow run`` a new parent is the run `mlflow run` opened (``MLFLOW_RUN_ID``),
+    renamed and tagged as a parent made here would be.
     """
     client = MlflowClient()
     launched = os.environ.pop("MLFLOW_RUN_ID", None)
-    run_id = run_id or launched
     if run_id is not None:
         try:
             if client.get_run(run_id).info.lifecycle_stage == "active":
                 client.update_run(run_id, status="RUNNING")
-                return run_id
+                return run_id, False
         except MlflowException:
             pass  # deleted from the store: start a new parent
-    run = client.create_run(experiment, run_name=name, tags={**environment_tags(), **tags})
-    return run.info.run_id
+    all_tags = {**environment_tags(), **tags}
+    if launched is not None:
+        client.update_run(launched, status="RUNNING", name=name)
+        client.log_batch(launched, tags=[RunTag(k, str(v)) for k, v in all_tags.items()])
+        return launched, True
+    run = client.create_run(experiment, run_name=name, tags=all_tags)
+    return run.info.run_id, True
 
 
 def log_to_run(run_id: str, params: dict[str, Any] | None = None,
@@ -220,10 +228,6 @@ def log_figure_to(run_id: str, fig, path: str) -> None:
 
 def run_tags(run_id: str) -> dict[str, str]:
     return MlflowClient().get_run(run_id).data.tags
-
-
-def logged_params(run_id: str) -> dict[str, str]:
-    return MlflowClient().get_run(run_id).data.params
 
 
 @contextlib.contextmanager
@@ -313,7 +317,8 @@ def find_cached_dataset(experiment: str, key: str) -> str | None:
     """The run id of a finished generate run whose data key is ``key``, if any."""
     runs = mlflow.search_runs(
         experiment_ids=[experiment],
-        filter_string=f"tags.data_key = '{key}' and attributes.status = 'FINISHED'",
+        filter_string=(f"tags.data_key = '{key}' and tags.stage = 'generate' "
+                       "and attributes.status = 'FINISHED'"),
         max_results=1,
         output_format="list",
     )

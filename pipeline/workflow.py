@@ -135,6 +135,11 @@ def evaluate_model(exp: Experiment, dataset: Dataset, model_uri: str, experiment
                    parent_run_id: str | None = None, echo: Echo = print) -> dict[str, float]:
     """Score a logged model on the evaluation split (validation rows, else the training rows)."""
     model = serving.load(model_uri)
+    if len(model.feature_names) != dataset.features.shape[1]:
+        raise serving.ModelError(
+            f"model {model_uri} takes {len(model.feature_names)} features "
+            f"({', '.join(model.feature_names)}) but {exp.name}'s data has "
+            f"{dataset.features.shape[1]}; was it trained on another experiment?")
     train_set, val_set = data.split(dataset, exp.val_fraction, exp.seed)
     eval_set, split_name = (val_set, "validation") if val_set is not None else (train_set, "train")
     tags = {"stage": "evaluate", "model_uri": model_uri, "eval_split": split_name}

@@ -180,6 +180,8 @@ def assert_one_line_failure(result: subprocess.CompletedProcess, *expected: str)
         (["-e", "line_fit_15pts", "--set", "lr=nan"], ["lr must be"]),
         (["-e", "line_fit_15pts", "--set", "epochs=0"], ["epochs must be >= 1"]),
         (["-e", "line_fit_15pts", "--set", "batch_size=0"], ["batch_size must be >= 1"]),
+        (["-e", "line_fit_15pts", "--set", "seed=-1"], ["seed must lie in [0, 2**32)"]),
+        (["-e", "line_fit_15pts", "--set", "seed=99999999999999999999"], ["seed must lie"]),
     ],
 )
 def test_bad_config_input(workdir, args, expected):
@@ -221,6 +223,20 @@ def test_good_csv_runs(store, workdir):
     invoke(store, "run", "-e", config_path, "--set", "epochs=200")
     evaluate_run = runs_of(store, "mine")["evaluate"][0]
     assert evaluate_run.data.metrics["r2"] > 0.99
+
+
+def test_empty_recipe_is_refused_before_any_run(workdir):
+    result = pipeline(workdir, "run", "-e", "slope_only", "--set", "data.x_range=[1,0,1]")
+    assert_one_line_failure(result, "gives no rows")
+    assert "FAILED" not in run_statuses(workdir / "mlflow.db")
+
+
+def test_evaluate_refuses_a_model_of_another_width(store):
+    model_uri = invoke(store, "train", "-e", "slope_only").output.split()[-1]
+    result = CliRunner().invoke(cli, ["evaluate", "-e", "crop_yields_builtin", "--model",
+                                      model_uri, "--tracking-uri", store])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert "takes 1 features" in result.stderr and len(result.stderr.splitlines()) == 1
 
 
 def test_cuda_asked_for_where_there_is_none(workdir):

@@ -275,3 +275,10 @@ def test_with_train_revalidates():
     assert config.with_train(experiment, lr=0.2).train.lr == 0.2
     with pytest.raises(ConfigError, match=names_key("lr")):
         config.with_train(experiment, lr=math.inf)
+
+
+def test_integer_written_in_exponent_form_is_accepted():
+    # YAML 1.1 reads 1e3 as a string, as it does 1e-5 for lr.
+    assert config.load("line_fit_15pts", ["epochs=1e3"]).train.epochs == 1000
+    with pytest.raises(config.ConfigError, match="epochs must be an integer"):
+        config.load("line_fit_15pts", ["epochs=1.5e0"])

@@ -47,13 +47,15 @@ def test_torch_init_draws_what_nn_linear_draws(d, k):
 
 
 @pytest.mark.parametrize(("d", "k"), [(3, 2), (4, 2)])
-def test_torch_init_draws_what_nn_linear_draws_in_float64(d, k):
+def test_float64_models_start_from_nn_linears_float32_draws(d, k):
+    # Drawn as torch draws by default (float32), then cast, as the tutorials do.
     torch.manual_seed(11)
     model = models.build(d, k, settings(model="builtin", dtype="float64"))
     torch.manual_seed(11)
-    reference = nn.Linear(d, k, dtype=torch.float64)
-    assert torch.equal(model.weight, reference.weight)
-    assert torch.equal(model.bias, reference.bias)
+    reference = nn.Linear(d, k)
+    assert model.weight.dtype == torch.float64
+    assert torch.equal(model.weight, reference.weight.double())
+    assert torch.equal(model.bias, reference.bias.double())
 
 
 @pytest.mark.parametrize("activation", ["none", "relu"])
