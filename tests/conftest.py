@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import sqlite3
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,27 @@ def run_statuses(db_path: Path) -> list[str]:
             return [row[0] for row in connection.execute("select status from runs")]
         except sqlite3.OperationalError:  # the store was never initialised
             return []
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (at the moment of asking)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_answering(url: str, seconds: float) -> None:
+    """Poll ``url`` until it answers 200, or fail the test after ``seconds``."""
+    import requests
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=1).ok:
+                return
+        except requests.RequestException:
+            time.sleep(0.3)
+    pytest.fail(f"{url} did not answer within {seconds:.0f} s")
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

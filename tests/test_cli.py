@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import config
 from pipeline.cli import cli
-from tests.conftest import REPO, run_statuses, subprocess_env
+from tests.conftest import REPO, free_port, run_statuses, subprocess_env
 
 TUTORIALS = ["line_fit_15pts", "crop_yields_manual", "crop_yields_builtin", "line_2x_plus_1",
              "slope_only", "relu_line"]
@@ -250,11 +250,7 @@ def test_cuda_asked_for_where_there_is_none(workdir):
 
 
 def test_unreachable_tracking_server(workdir):
-    import socket
-
-    with socket.socket() as probe:  # a port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     result = pipeline(workdir, "run", "-e", "line_fit_15pts",
                       "--tracking-uri", f"http://127.0.0.1:{port}")
     assert_one_line_failure(result, "not reachable")

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-import time
 
 import mlflow
 import numpy as np
 import pytest
-import requests
 
-from tests.conftest import BIN, REPO, subprocess_env
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from tests.conftest import BIN, REPO, free_port, subprocess_env, wait_until_answering
 
 
 def test_mlflow_run_main_entry_point(workdir):
@@ -56,15 +47,7 @@ def mlflow_server(workdir):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"{url}/health", timeout=1).ok:
-                    break
-            except requests.RequestException:
-                time.sleep(0.3)
-        else:
-            pytest.fail("mlflow server did not start within 60 s")
+        wait_until_answering(f"{url}/health", 60)
         yield url
     finally:
         server.terminate()

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import io
-import socket
 import subprocess
 import sys
-import time
 
 import mlflow
 import mlflow.pytorch
@@ -19,7 +17,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from pipeline.cli import cli
-from tests.conftest import BIN, subprocess_env
+from tests.conftest import BIN, free_port, subprocess_env, wait_until_answering
 
 CROP = ["temp", "rainfall", "humidity"]
 
@@ -135,12 +133,6 @@ def test_compare_gives_one_sorted_row_per_run(registry_store):
     assert top.returncode == 0 and top.stdout.count("\n| trial") == 2
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_mlflow_models_serve_gives_the_same_predictions(registry_store):
     folder, store = registry_store
     port = free_port()
@@ -152,15 +144,7 @@ def test_mlflow_models_serve_gives_the_same_predictions(registry_store):
         env=subprocess_env(MLFLOW_TRACKING_URI=store),
     )
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=1).ok:
-                    break
-            except requests.RequestException:
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow models serve did not answer within 90 s")
+        wait_until_answering(f"http://127.0.0.1:{port}/ping", 90)
         rows = crop_rows(5)
         reply = requests.post(f"http://127.0.0.1:{port}/invocations",
                               json={"inputs": rows.to_numpy().tolist()}, timeout=30)
