@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from pipeline import config as configs
+from pipeline import redact
 from pipeline.errors import UserError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -26,13 +27,14 @@ class Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except click.ClickException:
+        except click.ClickException as err:
+            err.message = redact.mask(err.message)  # no password from any URL on the screen
             raise
         except Exception as err:
             from mlflow.exceptions import MlflowException
 
             if isinstance(err, MlflowException):
-                message = (err.message or type(err).__name__).strip().splitlines()[0]
+                message = redact.mask((err.message or type(err).__name__).strip().splitlines()[0])
                 raise UserError(f"tracking store error: {message}") from None
             raise
 
@@ -164,9 +166,10 @@ def run(experiment, tracking_uri: str, device: str | None) -> None:
     from pipeline import tracking
 
     workflow.run_all(experiment, experiment_id, echo=click.echo)
+    shown = redact.mask(tracking_uri)
     click.echo(
-        f"done: experiment '{tracking.experiment_name(experiment_id)}' in {tracking_uri}; "
-        f"browse it with `mlflow ui --backend-store-uri {tracking_uri}` (or `make ui`)"
+        f"done: experiment '{tracking.experiment_name(experiment_id)}' in {shown}; "
+        f"browse it with `mlflow ui --backend-store-uri {shown}` (or `make ui`)"
     )
 
 
@@ -219,7 +222,7 @@ def sweep(experiment, tracking_uri: str, device: str | None, n_trials: int,
     summary = sweeps.run(experiment, settings, experiment_id, tracking_uri, echo=click.echo)
     from pipeline import tracking
 
-    _print_sweep(summary, tracking_uri, tracking.experiment_name(experiment_id))
+    _print_sweep(summary, redact.mask(tracking_uri), tracking.experiment_name(experiment_id))
 
 
 def _print_sweep(summary, tracking_uri: str, experiment_name: str) -> None:
@@ -275,6 +278,9 @@ def predict(model_uri: str, input_path: str, output_path: str | None, device: st
     from pipeline.train import resolve_device
 
     serving.check_uri(model_uri)
+    if output_path and not Path(output_path).resolve().parent.is_dir():
+        raise UserError(f"--output {output_path}: the folder "
+                        f"{Path(output_path).resolve().parent} does not exist")
     target_device = resolve_device(device or "auto")
     _connect_store(tracking_uri)
     model = serving.load(model_uri, target_device, allow_pickle)

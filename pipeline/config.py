@@ -82,6 +82,8 @@ class LineData:
             raise ConfigError("data needs exactly one of data.x (values) or data.x_range")
         if self.x_range and (len(self.x_range) != 3 or self.x_range[2] == 0):
             raise ConfigError("data.x_range must be [start, stop, step] with a non-zero step")
+        if not all(map(math.isfinite, self.x_range)):
+            raise ConfigError(f"data.x_range must hold finite numbers, got {list(self.x_range)}")
         if not (math.isfinite(self.x_divisor) and self.x_divisor != 0):
             raise ConfigError(
                 f"data.x_divisor must be a finite non-zero number, got {self.x_divisor}"
@@ -121,6 +123,13 @@ class CsvData:
     def validate(self) -> None:
         if not self.features or not self.targets:
             raise ConfigError("data.features and data.targets must each name at least one column")
+        _check_unique("data.features", self.features)
+        _check_unique("data.targets", self.targets)
+        if both := [name for name in self.features if name in self.targets]:
+            raise ConfigError(
+                f"column {both[0]} is in both data.features and data.targets; "
+                "a column is either a feature or a target"
+            )
 
 
 DataConfig = TableData | LineData | SyntheticData | CsvData
@@ -262,7 +271,9 @@ TOP_LEVEL_KEYS = {"description", "val_fraction", "data", "sweep"}
 def build(name: str, raw: dict[str, Any]) -> Experiment:
     """Turn a parsed YAML mapping into a validated :class:`Experiment`."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"experiment {name!r}: the file must hold a mapping of keys to values")
+        raise ConfigError(
+            f"experiment {name!r}: the file must hold a mapping of keys to values, got {_kind(raw)}"
+        )
     raw = dict(raw)
     description = _coerce(raw.pop("description", ""), str, "description")
     val_fraction = _coerce(raw.pop("val_fraction", 0.0), float, "val_fraction")
@@ -371,6 +382,17 @@ def _type_name(hint: Any) -> str:
     )
 
 
+def _kind(value: Any) -> str:
+    """What a parsed YAML value is, in words: ``[1, 2]`` -> ``a list``."""
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    if value is None or type(value) in (int, float, str, bool):
+        return _type_name(type(value))
+    return f"a {type(value).__name__}"  # a date, which YAML reads from 2024-01-01
+
+
 # --- loading and overrides ----------------------------------------------------------------------
 
 
@@ -400,9 +422,15 @@ def read_raw(name_or_path: str) -> tuple[str, dict[str, Any]]:
             raise ConfigError(f"unknown experiment {name_or_path!r} (known: {names})")
         path = known[name_or_path]
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if raw is None:  # an empty file: build() then names the first missing key
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path}: the file must hold a mapping of keys to values, got {_kind(raw)}"
+        )
     return path.stem, raw
 
 
@@ -434,7 +462,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[tuple[str, Any]]) -> di
         if section:
             if section not in ("data", "sweep"):
                 raise ConfigError(f"unknown key {key} (sections: data., sweep.)")
-            merged.setdefault(section, {})[leaf] = value
+            if merged.get(section) is None:
+                merged[section] = {}
+            if not isinstance(merged[section], dict):
+                raise ConfigError(
+                    f"{section}: expected a mapping, got {_kind(merged[section])}, "
+                    f"so {key} cannot be set"
+                )
+            merged[section][leaf] = value
         else:
             merged[key] = value
     return merged
@@ -467,6 +502,12 @@ def _check_matrix(key: str, rows: tuple[tuple[float, ...], ...]) -> None:
 def _check_names(key: str, names: tuple[str, ...], width: int) -> None:
     if names and len(names) != width:
         raise ConfigError(f"{key} names {len(names)} columns but the data has {width}")
+
+
+def _check_unique(key: str, names: tuple[str, ...]) -> None:
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ConfigError(f"{key} lists column {name} more than once")
 
 
 def _check_seed(key: str, value: int) -> None:

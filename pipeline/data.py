@@ -11,13 +11,21 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import math
+import os
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.config import CsvData, DataConfig, LineData, SyntheticData, TableData
 from pipeline.errors import UserError
+
+MEMINFO = Path("/proc/meminfo")
+# Bytes held per generated value: the float64 itself, a second copy when the rows are split,
+# and the training copy with its batches; a recipe that needs more than memory holds is refused.
+BYTES_PER_VALUE = 3 * 8
 
 
 class DataError(UserError):
@@ -56,6 +64,7 @@ class Dataset:
 
 def build(config: DataConfig, seed: int) -> Dataset:
     """Make the dataset a recipe describes; noise and random weights draw from ``seed``."""
+    _check_fits_in_memory(config)
     if isinstance(config, TableData):
         dataset = _table(config)
     elif isinstance(config, LineData):
@@ -114,6 +123,62 @@ def _synthetic(config: SyntheticData, rng: np.random.Generator) -> Dataset:
     )
 
 
+def _check_fits_in_memory(config: DataConfig) -> None:
+    """Refuse, before allocating anything, a generated recipe too large for this machine."""
+    planned = _planned_shape(config)
+    available = available_memory()
+    if planned is None or available is None:
+        return
+    (n, d, k), key = planned
+    needed = BYTES_PER_VALUE * (n * (d + k) + k * (d + 1))  # rows, then weights and bias
+    if needed > available:
+        raise DataError(
+            f"{config.source} data of {n} × {d} → {k} needs about {_size(needed)} of memory; "
+            f"this machine has {_size(available)} available; lower {key}"
+        )
+
+
+def _planned_shape(config: DataConfig) -> tuple[tuple[int, int, int], str] | None:
+    """(rows, features, targets) a recipe will generate, and the key that sets its size."""
+    if isinstance(config, SyntheticData):
+        shape = (config.n_rows, config.n_features, config.n_targets)
+        largest = ("n_rows", "n_features", "n_targets")[shape.index(max(shape))]
+        return shape, f"data.{largest}"
+    if isinstance(config, TableData):
+        rows = config.repeat * len(config.features)
+        return (rows, len(config.features[0]), len(config.targets[0])), "data.repeat"
+    if isinstance(config, LineData) and config.x_range:
+        start, stop, step = config.x_range
+        count = (stop - start) / step
+        if not math.isfinite(count):  # a span too wide for a float to count
+            raise DataError(f"data.x_range {list(config.x_range)} gives too many rows to count")
+        return (max(0, math.ceil(count)), 1, 1), "data.x_range"
+    return None  # a CSV is as large as its file; listed x values are already in memory
+
+
+def available_memory() -> int | None:
+    """Bytes of memory free for new data: MemAvailable, else physical memory, else unknown."""
+    try:
+        for line in MEMINFO.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # the kernel writes kB meaning KiB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _size(count: int) -> str:
+    """Bytes in decimal units, one decimal: 9_600_000_000_000 -> ``9.6 TB``."""
+    units = ("bytes", "kB", "MB", "GB", "TB", "PB")
+    for power, unit in enumerate(units):
+        if count < 1000 ** (power + 1):
+            return f"{Decimal(count).scaleb(-3 * power):.1f} {unit}"
+    return f"{Decimal(count).scaleb(-3 * len(units)):,.1f} EB"
+
+
 def _names(prefix: str, count: int) -> tuple[str, ...]:
     return (prefix,) if count == 1 else tuple(f"{prefix}{i}" for i in range(count))
 
@@ -148,44 +213,72 @@ def read_table(path: str | Path, features: tuple[str, ...], targets: tuple[str, 
 
 
 def read_frame(path: str | Path):
+    """A CSV or Parquet file as a DataFrame; in a CSV only an empty cell counts as missing."""
     import pandas as pd
 
     path = Path(path)
+    _check_readable(path)
+    try:
+        if path.suffix == ".parquet":
+            frame = pd.read_parquet(path)
+            header = list(frame.columns)
+        else:
+            # pandas renames a repeated name (a, a -> a, a.1), so the header is read as a row.
+            header = pd.read_csv(path, header=None, nrows=1, dtype=str, keep_default_na=False)
+            header = header.iloc[0].tolist()
+            # "NaN" or "NA" stays text, so the error can quote it; only "" becomes missing.
+            frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the file is empty") from None
+    except OSError as err:
+        raise _file_error(path, err) from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"{path}: cannot be read as a table ({first})") from None
+    for i, name in enumerate(header):
+        if name != "" and name in header[:i]:
+            raise DataError(f"{path}: the header names column {name} more than once")
+    if frame.empty:
+        raise DataError(f"{path}: the file has no data rows")
+    return frame
+
+
+def _check_readable(path: Path) -> None:
     if path.is_dir():
         raise DataError(f"{path}: is a folder, not a CSV or Parquet file")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    try:
-        if path.suffix == ".parquet":
-            frame = pd.read_parquet(path)
-        else:
-            frame = pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: the file is empty") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"{path}: cannot be read as a table ({first})") from None
-    if frame.empty:
-        raise DataError(f"{path}: the file has no data rows")
-    return frame
+
+
+def _file_error(path: Path, err: OSError) -> DataError:
+    """The real reason a file could not be opened, not just "no such file"."""
+    if isinstance(err, FileNotFoundError):
+        return DataError(f"{path}: no such file")
+    if isinstance(err, IsADirectoryError):
+        return DataError(f"{path}: is a folder, not a CSV or Parquet file")
+    if isinstance(err, PermissionError):
+        return DataError(f"{path}: cannot be read: permission denied")
+    return DataError(f"{path}: cannot be read: {(err.strerror or str(err)).lower()}")
 
 
 def numeric_matrix(frame, columns: tuple[str, ...], path: str | Path) -> np.ndarray:
     """The named columns as float64, refusing text and missing values with the first bad cell."""
     import pandas as pd
 
-    for column in columns:
+    matrix = np.empty((len(frame), len(columns)), dtype=np.float64)
+    for j, column in enumerate(columns):
         values = pd.to_numeric(frame[column], errors="coerce")
-        bad = values.isna() | ~np.isfinite(values.to_numpy(dtype=np.float64, na_value=np.nan))
+        matrix[:, j] = values.to_numpy(dtype=np.float64, na_value=np.nan)
+        bad = ~np.isfinite(matrix[:, j])  # text, an empty cell, NaN or inf
         if bad.any():
-            row = int(np.flatnonzero(bad.to_numpy())[0])
+            row = int(np.flatnonzero(bad)[0])
             raw = frame[column].iloc[row]
             shown = "an empty cell" if pd.isna(raw) else f"'{raw}'"
             raise DataError(
                 f"{path}: column {column} holds a non-numeric or missing value "
                 f"({shown}) in data row {row + 1}"
             )
-    return frame.loc[:, list(columns)].to_numpy(dtype=np.float64, copy=True)
+    return matrix
 
 
 def _listing(frame) -> str:
@@ -228,8 +321,10 @@ def content_key(config: DataConfig, seed: int) -> str:
         digest.update(str(seed).encode())
     digest.update(inspect.getsource(inspect.getmodule(content_key)).encode())
     if isinstance(config, CsvData):
+        path = Path(config.csv)
+        _check_readable(path)
         try:
-            digest.update(Path(config.csv).read_bytes())
-        except OSError:
-            raise DataError(f"{config.csv}: no such file") from None
+            digest.update(path.read_bytes())
+        except OSError as err:
+            raise _file_error(path, err) from None
     return digest.hexdigest()

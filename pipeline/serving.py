@@ -2,24 +2,27 @@
 
     pipeline predict --model models:/crop_yields_builtin@champion --input rows.csv
 
-Models are stored in torch.export (``pt2``) form, which loads without unpickling. A model stored
-as a pickle (``model.pth``, which can run arbitrary code when loaded) is refused unless the user
-says otherwise with ``--allow-pickle``.
+Models are stored in torch.export (``pt2``) form, which loads without unpickling. A model folder
+that MLflow would load through a pickle (a ``model.pth``, a pickled pyfunc) or through code of its
+own is refused unless the user says otherwise with ``--allow-pickle``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline import data
+from pipeline import data, model_format
 from pipeline.errors import UserError
 
+PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 PREDICT_CHUNK_ROWS = 1 << 16
 URI_FORMS = "models:/NAME@ALIAS, models:/NAME/VERSION, models:/m-<id>, runs:/<run id>/PATH"
 _REGISTERED = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
@@ -94,7 +97,11 @@ def _check_registered(uri: str) -> None:
 
 
 def load(uri: str, device: torch.device | None = None, allow_pickle: bool = False) -> LoadedModel:
-    """Load a logged pytorch model with its feature and target names."""
+    """Load a logged model with its feature and target names, refusing unsafe folders.
+
+    Without ``allow_pickle`` the folder must pass :func:`model_format.check_safe`, and MLflow's
+    own pickle permission is turned off while it loads (so it checks the ``pt2`` archive too).
+    """
     import mlflow
     import mlflow.pytorch
     from mlflow.exceptions import MlflowException
@@ -104,32 +111,54 @@ def load(uri: str, device: torch.device | None = None, allow_pickle: bool = Fals
     _check_registered(uri)
     device = device or torch.device("cpu")
     try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
-        meta = Model.load(local)
-        _check_not_pickled(Path(local), meta, uri, allow_pickle)
-        if allow_pickle:
-            os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "true"
-        module = mlflow.pytorch.load_model(local)
-    except (MlflowException, OSError, RuntimeError) as err:
-        message = (getattr(err, "message", None) or str(err) or type(err).__name__)
-        raise ModelError(f"cannot load model {uri}: {message.strip().splitlines()[0]}") from None
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        meta = Model.load(str(local))
+        if not allow_pickle:
+            model_format.check_safe(local, meta)
+        with _pickle_permission(allow_pickle):
+            module = mlflow.pytorch.load_model(str(local))
+    except model_format.UnsafeModel as err:
+        raise ModelError(f"refusing to load model {uri}: {err}; pass --allow-pickle only if "
+                         "you trust its source") from None
+    except (MlflowException, OSError, RuntimeError, ValueError, KeyError) as err:
+        raise ModelError(f"cannot load model {uri}: {first_line(err)}") from None
+    features, targets = _names_of(meta)
     module = module.to(device)
-    inputs = meta.signature.inputs.inputs if meta.signature else []
-    dtype = getattr(torch, str(inputs[0].type)) if inputs else torch.float32
-    metadata = meta.metadata or {}
-    n_features = inputs[0].shape[-1] if inputs else None
-    features = tuple(metadata.get("feature_names") or _names("x", n_features))
-    targets = tuple(metadata.get("target_names") or ())
+    dtype = next((p.dtype for p in module.parameters()), torch.float32)
     return LoadedModel(uri, module, features, targets, dtype, device)
 
 
-def _check_not_pickled(local: Path, meta, uri: str, allow_pickle: bool) -> None:
-    flavor = meta.flavors.get("pytorch")
-    if flavor is None:
-        raise ModelError(f"cannot load model {uri}: it has no pytorch flavor")
-    if not allow_pickle and not (local / flavor["model_data"] / "model.pt2").is_file():
-        raise ModelError(f"model {uri} is stored as a pickle, which can run code when loaded; "
-                         "pass --allow-pickle if you trust its source")
+@contextlib.contextmanager
+def _pickle_permission(allowed: bool) -> Iterator[None]:
+    """Set MLflow's pickle permission for one load, then put the environment back as it was."""
+    before = os.environ.get(PICKLE_ENV)
+    os.environ[PICKLE_ENV] = "true" if allowed else "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(PICKLE_ENV, None)
+        else:
+            os.environ[PICKLE_ENV] = before
+
+
+def _names_of(meta) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Feature and target names from a column-based signature, else from the metadata that
+    models logged before the signature carried names hold."""
+    signature = meta.signature
+    if signature is not None and signature.inputs.has_input_names():
+        targets = signature.outputs.input_names() if signature.outputs else []
+        return tuple(signature.inputs.input_names()), tuple(targets)
+    metadata = meta.metadata or {}
+    inputs = signature.inputs.inputs if signature else []
+    n_features = inputs[0].shape[-1] if inputs else None
+    features = tuple(metadata.get("feature_names") or _names("x", n_features))
+    return features, tuple(metadata.get("target_names") or ())
+
+
+def first_line(err: BaseException) -> str:
+    message = getattr(err, "message", None) or str(err) or type(err).__name__
+    return message.strip().splitlines()[0]
 
 
 def _names(prefix: str, count: int | None) -> tuple[str, ...]:

@@ -25,7 +25,7 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline import config as configs
-from pipeline import data, theory, tracking
+from pipeline import data, redact, theory, tracking
 from pipeline import train as training
 from pipeline.config import Experiment, SweepSettings
 from pipeline.data import Dataset
@@ -90,16 +90,21 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             return JournalStorage(JournalFileBackend(url))
         except OSError as err:
             raise SweepError(f"cannot open journal storage {url}: {err.strerror}") from None
+        except Exception as err:  # replaying the log failed: a line that is not what Optuna wrote
+            raise SweepError(f"journal storage {url} cannot be read (damaged?): "
+                             f"{tracking.first_line(err)}") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             # Heartbeats let a later run mark trials of a killed worker as failed.
             return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=90)
     except Exception as err:  # SQLAlchemy raises many types for a bad or unreachable database
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "DB access module" in reason:
-            reason = "its database driver is not installed (e.g. psycopg2-binary, PyMySQL)"
-        raise SweepError(f"cannot open storage {url}: {reason[:200]}") from None
+        reason = tracking.first_line(err)
+        if "DB access module" in reason or isinstance(err, ImportError):
+            reason = ("its database driver is not installed (postgresql:// needs psycopg 3: "
+                      "pip install 'psycopg[binary]'; mysql:// needs PyMySQL)")
+        raise SweepError(f"cannot open storage {redact.mask(url)}: "
+                         f"{redact.mask(reason)[:200]}") from None
 
 
 def config_digest(exp: Experiment) -> str:
@@ -130,19 +135,22 @@ def load_study(settings: SweepSettings, study_name: str, offset: int = 0) -> opt
     """Create or load the study; the sampler's seed moves on with every trial already held,
     so a resumed study does not propose its first trials again."""
     storage = open_storage(settings.storage)
-    held = 0
     try:
-        held = len(optuna.load_study(study_name=study_name, storage=storage).trials)
-    except KeyError:
-        pass  # a new study
-    return optuna.create_study(
-        study_name=study_name,
-        storage=storage,
-        direction="minimize",
-        sampler=make_sampler(settings, offset + held),
-        pruner=make_pruner(settings.pruner),
-        load_if_exists=True,
-    )
+        try:
+            held = len(optuna.load_study(study_name=study_name, storage=storage).trials)
+        except KeyError:
+            held = 0  # a new study
+        return optuna.create_study(
+            study_name=study_name,
+            storage=storage,
+            direction="minimize",
+            sampler=make_sampler(settings, offset + held),
+            pruner=make_pruner(settings.pruner),
+            load_if_exists=True,
+        )
+    except ValueError as err:  # e.g. a journal line that is not JSON: a damaged file
+        raise SweepError(f"storage {redact.mask(settings.storage)} cannot be read "
+                         f"(damaged?): {redact.mask(tracking.first_line(err))}") from None
 
 
 # --- one trial ----------------------------------------------------------------------------------
@@ -203,8 +211,7 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float:
         if ctx.log_models == "all":
             with tracking.resumed(run_id):
                 tags["model_uri"] = tracking.log_model(
-                    result.model.to_module(), train_set.features.astype(exp.train.dtype),
-                    ctx.dataset)
+                    result.model.to_module(), train_set, exp.train.dtype)
         state = TrialState.COMPLETE
         return value
     except KeyboardInterrupt:
@@ -321,7 +328,8 @@ def run(exp: Experiment, settings: SweepSettings, experiment_id: str, tracking_u
 
     parent_run_id, new_parent = tracking.open_parent(
         experiment_id, f"sweep {study_name}",
-        {"stage": "sweep", "optuna_study": study_name, "optuna_storage": settings.storage,
+        {"stage": "sweep", "optuna_study": study_name,
+         "optuna_storage": redact.mask(settings.storage),
          "data_key": data.content_key(exp.data, exp.seed)},
         run_id=study.user_attrs.get("mlflow_parent_run_id"),
     )
@@ -386,7 +394,7 @@ def _parent_params(exp: Experiment, settings: SweepSettings, space: Space) -> di
     params.update({
         "sweep.lr_range": list(space.lr), "sweep.epochs_range": list(space.epochs),
         "sweep.sampler": settings.sampler, "sweep.pruner": settings.pruner,
-        "sweep.seed": settings.seed, "sweep.storage": settings.storage,
+        "sweep.seed": settings.seed, "sweep.storage": redact.mask(settings.storage),
     })
     params.pop("sweep.lr", None)
     params.pop("sweep.epochs", None)

@@ -99,8 +99,6 @@ def _log_best_model(best, exp: configs.Experiment, ctx, run_id: str) -> str:
     train_set, val_set = data.split(ctx.dataset, best_exp.val_fraction, best_exp.seed)
     result = training.train(best_exp.train, train_set, val_set)
     with tracking.resumed(run_id):
-        model_uri = tracking.log_model(
-            result.model.to_module(), train_set.features.astype(best_exp.train.dtype),
-            ctx.dataset)
+        model_uri = tracking.log_model(result.model.to_module(), train_set, best_exp.train.dtype)
         tracking.set_tags({"model_uri": model_uri})
     return model_uri

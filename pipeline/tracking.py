@@ -8,6 +8,7 @@ per epoch. Models are logged in torch.export (``pt2``) form with explicit pip re
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -26,11 +27,12 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from pipeline import redact
 from pipeline.data import Dataset
 from pipeline.errors import UserError
 
-INPUT_EXAMPLE_ROWS = 5  # a one-row example would pin the exported graph to batch size 1
 HEALTH_TIMEOUT_S = 5
+SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 class TrackingError(UserError):
@@ -38,22 +40,99 @@ class TrackingError(UserError):
 
 
 def connect(tracking_uri: str) -> None:
-    """Point MLflow at ``tracking_uri``; fail fast, in one line, if a server does not answer."""
+    """Point MLflow at ``tracking_uri`` and make sure the store is usable, in one line if not.
+
+    A server must answer its health check; a database store must be writable and is migrated
+    here, once, under a lock, so that several processes starting on a fresh store do not race
+    to create its tables. Credentials in an ``http(s)`` URI move to MLflow's environment
+    variables, so that MLflow never prints them in its "View run" links.
+    """
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # Progress bars for a few small artifacts are noise on stderr.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    mlflow.set_tracking_uri(tracking_uri)
+    shown = redact.mask(tracking_uri)
     if tracking_uri.startswith(("http://", "https://")):
-        import requests
+        tracking_uri, user, password = redact.split_credentials(tracking_uri)
+        if user:
+            os.environ["MLFLOW_TRACKING_USERNAME"] = user
+        if password is not None:
+            os.environ["MLFLOW_TRACKING_PASSWORD"] = password
+        mlflow.set_tracking_uri(tracking_uri)
+        _check_server(tracking_uri, shown)
+        return
+    if tracking_uri.startswith("sqlite:"):
+        _check_sqlite_file(tracking_uri, shown)
+    mlflow.set_tracking_uri(tracking_uri)
+    if "://" in tracking_uri:
+        with store_lock(tracking_uri):
+            try:
+                MlflowClient().search_experiments(max_results=1)  # creates or migrates tables
+            except Exception as err:  # SQLAlchemy and MLflow raise many kinds here
+                raise TrackingError(
+                    f"tracking store {shown} cannot be used: {redact.mask(first_line(err))}"
+                ) from None
 
-        url = tracking_uri.rstrip("/") + "/health"
+
+def _check_server(url: str, shown: str) -> None:
+    import requests
+
+    try:
+        requests.get(url.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S).raise_for_status()
+    except requests.RequestException as err:
+        reason = type(err).__name__
+        raise TrackingError(f"tracking server {shown} is not reachable ({reason})") from None
+
+
+def _check_sqlite_file(uri: str, shown: str) -> None:
+    """Refuse what SQLite would fail on only after minutes of MLflow's retries."""
+    # sqlite:///relative.db and sqlite:////absolute.db; sqlite:// alone is in memory.
+    name = uri.partition(":///")[2].partition("?")[0]
+    if name in ("", ":memory:"):
+        return
+    path = Path(name).absolute()
+    folder = path.parent
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() or _under_a_file(folder) else "does not exist"
+        raise TrackingError(f"tracking store {shown}: {folder} {what}")
+    if path.exists():
+        if not path.is_file():
+            raise TrackingError(f"tracking store {shown}: {path} is not a file")
         try:
-            requests.get(url, timeout=HEALTH_TIMEOUT_S).raise_for_status()
-        except requests.RequestException as err:
-            reason = type(err).__name__
-            message = f"tracking server {tracking_uri} is not reachable ({reason})"
-            raise TrackingError(message) from None
+            with open(path, "r+b") as handle:
+                header = handle.read(len(SQLITE_HEADER))
+        except OSError as err:
+            raise TrackingError(f"tracking store {shown}: cannot write {path} "
+                                f"({err.strerror.lower()})") from None
+        if header and header != SQLITE_HEADER:
+            raise TrackingError(f"tracking store {shown}: {path} is not an SQLite database "
+                                "(corrupt, or another kind of file)")
+        return
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        raise TrackingError(f"tracking store {shown}: cannot create {path} "
+                            f"({err.strerror.lower()})") from None
+
+
+def _under_a_file(folder: Path) -> bool:
+    return any(parent.is_file() for parent in (folder, *folder.parents))
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """A lock shared by every process on this machine that opens the store ``uri``."""
+    import filelock
+
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    with filelock.FileLock(Path(tempfile.gettempdir()) / f"pipeline-store-{digest}.lock"):
+        yield
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message, which is all a user needs to read."""
+    message = getattr(err, "message", None) or str(err) or type(err).__name__
+    return str(message).strip().splitlines()[0] if str(message).strip() else type(err).__name__
 
 
 def experiment_name(experiment: str) -> str:
@@ -75,7 +154,12 @@ def experiment_id(name: str) -> str:
             if found.lifecycle_stage == "deleted":
                 client.restore_experiment(found.experiment_id)
             return found.experiment_id
-        return client.create_experiment(name)
+        try:
+            return client.create_experiment(name)
+        except MlflowException:
+            if found := client.get_experiment_by_name(name):  # another process made it first
+                return found.experiment_id
+            raise
     except MlflowException as err:
         raise TrackingError(f"tracking store refused experiment {name!r}: {err.message}") from None
 
@@ -331,21 +415,24 @@ def pip_requirements() -> list[str]:
     return [f"torch=={torch_version}", f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}"]
 
 
-def log_model(module: torch.nn.Module, example: np.ndarray, dataset: Dataset) -> str:
-    """Log ``module`` as an MLflow model of the active run; return its ``models:/`` URI."""
-    import mlflow.pytorch
+def log_model(module: torch.nn.Module, dataset: Dataset, dtype: str) -> str:
+    """Log ``module`` as an MLflow model of the active run; return its ``models:/`` URI.
 
-    rows = example[:INPUT_EXAMPLE_ROWS]
-    if len(rows) < 2:  # the exported graph specialises on the example's batch size
-        rows = np.repeat(rows, 2, axis=0)
-    info = mlflow.pytorch.log_model(
-        module.to("cpu").eval(),
+    The model takes the dataset's features by name (see :mod:`pipeline.model_format`); a few of
+    its rows, cast to the model's dtype, are the input example the program is exported with.
+    """
+    from mlflow.models import Model
+
+    from pipeline import model_format
+
+    info = Model.log(
+        artifact_path=None,
         name="model",
-        input_example=rows,
+        flavor=model_format,
+        module=module,
+        example=dataset.features[:model_format.EXAMPLE_ROWS].astype(dtype),
+        feature_names=dataset.feature_names,
+        target_names=dataset.target_names,
         pip_requirements=pip_requirements(),
-        metadata={
-            "feature_names": list(dataset.feature_names),
-            "target_names": list(dataset.target_names),
-        },
     )
     return info.model_uri

@@ -9,8 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
-
 from pipeline import data, evaluate, plots, serving, tracking
 from pipeline import train as training
 from pipeline.config import Experiment, TrainConfig
@@ -118,8 +116,7 @@ def train(exp: Experiment, dataset: Dataset, experiment: str,
                 f"with lr={config.lr:g}; try a smaller lr (run {run_id} marked FAILED)"
             )
         tracking.set_tags({"diverged": "false"})
-        example = train_set.features.astype(np.dtype(config.dtype))
-        model_uri = tracking.log_model(result.model.to_module(), example, dataset)
+        model_uri = tracking.log_model(result.model.to_module(), train_set, config.dtype)
     echo(
         f"train: {run_name(config)} on {device}: train_loss {result.train_loss[0]:.6g} → "
         f"{result.train_loss[-1]:.6g}; model {model_uri}"

@@ -9,11 +9,13 @@ from pathlib import Path
 import mlflow
 import mlflow.pytorch
 import numpy as np
+import pandas as pd
 import pytest
+import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from pipeline import config
+from pipeline import config, data
 from pipeline.cli import cli
 from tests.conftest import REPO, free_port, run_statuses, subprocess_env
 
@@ -86,13 +88,19 @@ def test_run_records_everything_for_each_tutorial(store, name):
 
     model_uri = evaluate_run.data.tags["model_uri"]
     model = mlflow.pyfunc.load_model(model_uri)
-    n_features = model.metadata.get_input_schema().inputs[0].shape[-1]
-    n_targets = model.metadata.get_output_schema().inputs[0].shape[-1]
-    dtype = np.float64 if exp.train.dtype == "float64" else np.float32
-    for rows in (1, 10_000):
-        out = model.predict(np.random.default_rng(0).random((rows, n_features)).astype(dtype))
-        assert np.asarray(out).shape == (rows, n_targets)
-    assert mlflow.pytorch.load_model(model_uri) is not None
+    dataset = data.build(exp.data, exp.seed)
+    features = model.metadata.get_input_schema().input_names()
+    targets = model.metadata.get_output_schema().input_names()
+    assert (features, targets) == (list(dataset.feature_names), list(dataset.target_names))
+    module = mlflow.pytorch.load_model(model_uri)
+    dtype = torch.float64 if exp.train.dtype == "float64" else torch.float32
+    for count in (1, 10_000):
+        rows = np.random.default_rng(count).random((count, len(features)))
+        out = model.predict(pd.DataFrame(rows, columns=features)[features[::-1]])
+        assert list(out.columns) == targets and out.shape == (count, len(targets))
+        with torch.no_grad():
+            direct = module(torch.tensor(rows, dtype=dtype)).double().numpy()
+        np.testing.assert_allclose(out.to_numpy(), direct, rtol=1e-12)
 
 
 def test_line_fit_curve_matches_the_tutorial(store):

@@ -83,6 +83,40 @@ def test_invalid_yaml_is_a_config_error(tmp_path):
         config.load(str(path))
 
 
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        ("- lr: 0.1\n- epochs: 2\n", "a list"),
+        ("just some words\n", "a string"),
+        ("42\n", "an integer"),
+    ],
+    ids=["list", "string", "number"],
+)
+def test_file_that_is_not_a_mapping_is_named(tmp_path, text, kind):
+    path = tmp_path / "flat.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        config.load(str(path), ["lr=0.2"])  # overrides are merged into the mapping, so first
+    assert info.value.message == (
+        f"{path}: the file must hold a mapping of keys to values, got {kind}"
+    )
+
+
+def test_empty_file_reads_as_no_keys(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    with pytest.raises(ConfigError, match="data: missing"):
+        config.load(str(path))
+
+
+def test_build_of_a_list_names_the_experiment():
+    with pytest.raises(ConfigError) as info:
+        config.build("flat", [1, 2])
+    assert info.value.message == (
+        "experiment 'flat': the file must hold a mapping of keys to values, got a list"
+    )
+
+
 # --- overrides ------------------------------------------------------------------------------------
 
 
@@ -106,6 +140,23 @@ def test_dotted_override_reaches_the_data_recipe():
     assert experiment.data.noise == 0.2
     assert experiment.data.weight == -3.0
     assert experiment.train.lr == 0.1
+
+
+def test_dotted_override_fills_an_empty_data_section(tmp_path):
+    path = tmp_path / "bare.yaml"
+    path.write_text("lr: 0.1\nepochs: 2\ndata:\n")  # data: with nothing under it is null
+    experiment = config.load(str(path), ["data.source=line data.x=[1,2] data.weight=2"])
+    assert experiment.data == config.LineData(weight=2.0, x=(1.0, 2.0))
+
+
+def test_dotted_override_into_a_section_that_is_not_a_mapping(tmp_path):
+    path = tmp_path / "flat_data.yaml"
+    path.write_text("lr: 0.1\nepochs: 2\ndata: 3\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(str(path), ["data.noise=0.2"])
+    assert info.value.message == (
+        "data: expected a mapping, got an integer, so data.noise cannot be set"
+    )
 
 
 def test_dotted_override_reaches_the_sweep():
@@ -163,6 +214,7 @@ def test_override_without_key_and_value_is_rejected(bad):
         ("data.noise=loud", "data.noise"),
         ("data.weight=inf", "data.weight"),
         ("data.noise=-0.1", "data.noise"),
+        ("data.x_range=[0,.inf,1]", "data.x_range"),
         ("model=linear", "model"),
         ("device=tpu", "device"),
         ("weight_init=gaussian", "weight_init"),
@@ -225,6 +277,38 @@ def test_val_fraction_inside_zero_to_one_is_accepted(fraction):
 def test_bad_sweep_ranges_are_rejected(override, key):
     with pytest.raises(ConfigError, match=names_key(key)):
         config.load("slope_only", [override])
+
+
+def csv_experiment(features: list[str], targets: list[str]) -> dict:
+    data = {"source": "csv", "csv": "table.csv", "features": features, "targets": targets}
+    return {"lr": 0.1, "epochs": 1, "data": data}
+
+
+@pytest.mark.parametrize(
+    ("features", "targets", "message"),
+    [
+        (["a", "b", "a"], ["y"], "data.features lists column a more than once"),
+        (["a"], ["y", "z", "y"], "data.targets lists column y more than once"),
+        (
+            ["a", "y"],
+            ["y"],
+            "column y is in both data.features and data.targets; "
+            "a column is either a feature or a target",
+        ),
+    ],
+    ids=["feature-twice", "target-twice", "feature-and-target"],
+)
+def test_csv_column_named_twice_is_rejected(features, targets, message):
+    # Checked when the config is built, before any file is opened (table.csv does not exist).
+    with pytest.raises(ConfigError) as info:
+        config.build("csv", csv_experiment(features, targets))
+    assert info.value.message == message
+
+
+def test_csv_columns_named_once_each_are_accepted():
+    recipe = config.build("csv", csv_experiment(["a", "b"], ["y", "z"])).data
+    assert recipe.features == ("a", "b")
+    assert recipe.targets == ("y", "z")
 
 
 def test_missing_required_key_is_named(tmp_path):

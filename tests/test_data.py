@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -123,6 +124,91 @@ def test_synthetic_same_seed_same_data_different_seed_different_data():
         assert not np.array_equal(getattr(first, field), getattr(other, field))
 
 
+# --- memory ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def memory(monkeypatch):
+    """Pretend the machine has 21.3 GB available, so messages do not depend on the host."""
+    monkeypatch.setattr(data, "available_memory", lambda: 21_300_000_000)
+
+
+def test_synthetic_data_too_large_for_memory_is_refused(memory):
+    exp = config.load(
+        str(EXPERIMENTS / "synthetic.yaml"),
+        ["data.n_rows=100000000000", "data.n_features=3", "data.n_targets=1"],
+    )
+    # Refused before allocating: 1e11 × 4 float64 would be a MemoryError, not this message.
+    with pytest.raises(DataError) as info:
+        data.build(exp.data, exp.seed)
+    assert info.value.message == (
+        "synthetic data of 100000000000 × 3 → 1 needs about 9.6 TB of memory; "
+        "this machine has 21.3 GB available; lower data.n_rows"
+    )
+
+
+@pytest.mark.parametrize(
+    ("recipe", "message"),
+    [
+        (
+            SyntheticData(n_rows=10, n_features=10**9, n_targets=1),
+            "synthetic data of 10 × 1000000000 → 1 needs about 264.0 GB of memory; "
+            "this machine has 21.3 GB available; lower data.n_features",
+        ),
+        (
+            # The true weights alone are 1e9 × 2 values, beside the 10 rows.
+            SyntheticData(n_rows=10, n_features=1, n_targets=10**9),
+            "synthetic data of 10 × 1 → 1000000000 needs about 288.0 GB of memory; "
+            "this machine has 21.3 GB available; lower data.n_targets",
+        ),
+        (
+            TableData(features=((1.0, 2.0),), targets=((3.0,),), repeat=10**12),
+            "table data of 1000000000000 × 2 → 1 needs about 72.0 TB of memory; "
+            "this machine has 21.3 GB available; lower data.repeat",
+        ),
+        (
+            LineData(weight=1.0, x_range=(0.0, 1e12, 1.0)),
+            "line data of 1000000000000 × 1 → 1 needs about 48.0 TB of memory; "
+            "this machine has 21.3 GB available; lower data.x_range",
+        ),
+    ],
+    ids=["features", "targets", "table-repeat", "line-range"],
+)
+def test_generated_data_too_large_names_the_key_to_lower(memory, recipe, message):
+    with pytest.raises(DataError) as info:
+        data.build(recipe, seed=0)
+    assert info.value.message == message
+
+
+def test_memory_estimate_is_three_float64_copies(monkeypatch):
+    # 1000 rows × (3 + 1) values plus 1 × (3 + 1) weights and bias, 8 bytes, three times over.
+    needed = 3 * 8 * (1000 * 4 + 4)
+    recipe = SyntheticData(n_rows=1000, n_features=3, n_targets=1)
+    monkeypatch.setattr(data, "available_memory", lambda: needed)
+    assert data.build(recipe, seed=0).features.shape == (1000, 3)
+    monkeypatch.setattr(data, "available_memory", lambda: needed - 1)
+    with pytest.raises(DataError, match="needs about 96.1 kB of memory; this machine has 96.1 kB"):
+        data.build(recipe, seed=0)
+
+
+def test_this_machine_refuses_an_absurd_size():
+    with pytest.raises(DataError, match=r"needs about 96\.0 PB of memory; this machine has \d"):
+        data.build(SyntheticData(n_rows=10**15), seed=0)
+
+
+def test_available_memory_reads_meminfo(tmp_path, monkeypatch):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       32000 kB\nMemFree:  1000 kB\nMemAvailable:   20800 kB\n")
+    monkeypatch.setattr(data, "MEMINFO", meminfo)
+    assert data.available_memory() == 20800 * 1024
+
+
+def test_available_memory_falls_back_to_physical_memory(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "MEMINFO", tmp_path / "no_meminfo")
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert data.available_memory() == physical
+
+
 # --- split ----------------------------------------------------------------------------------------
 
 
@@ -220,6 +306,108 @@ def test_non_numeric_cell_names_the_column(tmp_path, cell):
     with pytest.raises(DataError, match="column b") as info:
         data.build(CsvData(csv=str(path), features=("a",), targets=("b",)), seed=0)
     assert "data row 2" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("cell", "shown"),
+    [
+        ("NaN", "'NaN'"),
+        ("nan", "'nan'"),
+        ("NA", "'NA'"),
+        ("null", "'null'"),
+        ("N/A", "'N/A'"),
+        ("inf", "'inf'"),
+        ("-inf", "'-inf'"),
+        ("", "an empty cell"),
+    ],
+)
+def test_bad_cell_is_quoted_as_written(tmp_path, cell, shown):
+    path = write_csv(tmp_path / "table.csv", f"a,b\n1,2\n3,{cell}\n")
+    with pytest.raises(DataError) as info:
+        data.build(CsvData(csv=str(path), features=("a",), targets=("b",)), seed=0)
+    assert info.value.message == (
+        f"{path}: column b holds a non-numeric or missing value ({shown}) in data row 2"
+    )
+
+
+def test_clean_numeric_columns_parse_as_float64(tmp_path):
+    path = write_csv(tmp_path / "table.csv", "a,b,note\n1.5,2,NA\n-3,4,x\n")
+    frame = data.read_frame(path)
+    assert frame["a"].dtype == np.float64
+    # Text that pandas would call missing stays the text the file holds.
+    assert frame["note"].tolist() == ["NA", "x"]
+    matrix = data.numeric_matrix(frame, ("b", "a"), path)
+    assert matrix.dtype == np.float64
+    np.testing.assert_array_equal(matrix, [[2.0, 1.5], [4.0, -3.0]])
+
+
+@pytest.mark.parametrize(("value", "shown"), [(np.nan, "an empty cell"), (np.inf, "'inf'")])
+def test_bad_parquet_value_is_named(tmp_path, value, shown):
+    dataset = data.Dataset(np.array([[1.0], [2.0]]), np.array([[3.0], [value]]), ("a",), ("b",))
+    path = data.write(dataset, tmp_path) / "data.parquet"
+    with pytest.raises(DataError) as info:
+        data.read_table(path, ("a",), ("b",))
+    assert info.value.message == (
+        f"{path}: column b holds a non-numeric or missing value ({shown}) in data row 2"
+    )
+
+
+def test_repeated_header_column_is_refused(tmp_path):
+    path = write_csv(tmp_path / "table.csv", "a,b,a\n1,2,3\n")
+    with pytest.raises(DataError) as info:
+        data.build(CsvData(csv=str(path), features=("a",), targets=("b",)), seed=0)
+    assert info.value.message == f"{path}: the header names column a more than once"
+
+
+def test_column_really_named_with_a_dot_suffix_is_kept(tmp_path):
+    # "a.1" is what pandas renames a repeated "a" to; written by the user, it is a real name.
+    path = write_csv(tmp_path / "table.csv", "a,a.1\n1,2\n3,4\n")
+    dataset = data.read_table(path, ("a",), ("a.1",))
+    np.testing.assert_array_equal(dataset.targets, [[2.0], [4.0]])
+
+
+def reads_csv(path: Path) -> None:
+    data.build(CsvData(csv=str(path), features=("a",), targets=("b",)), seed=0)
+
+
+def keys_csv(path: Path) -> None:
+    data.content_key(CsvData(csv=str(path), features=("a",), targets=("b",)), seed=0)
+
+
+@pytest.mark.parametrize("use", [reads_csv, keys_csv], ids=["build", "content_key"])
+def test_folder_given_as_csv_says_so(tmp_path, use):
+    folder = tmp_path / "table.csv"
+    folder.mkdir()
+    with pytest.raises(DataError) as info:
+        use(folder)
+    assert info.value.message == f"{folder}: is a folder, not a CSV or Parquet file"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+@pytest.mark.parametrize("use", [reads_csv, keys_csv], ids=["build", "content_key"])
+def test_unreadable_csv_says_permission_denied(tmp_path, use):
+    path = write_csv(tmp_path / "table.csv", "a,b\n1,2\n")
+    path.chmod(0)
+    with pytest.raises(DataError) as info:
+        use(path)
+    assert info.value.message == f"{path}: cannot be read: permission denied"
+
+
+@pytest.mark.parametrize(
+    ("target", "use"),
+    [("pandas.read_csv", reads_csv), ("pathlib.Path.read_bytes", keys_csv)],
+    ids=["build", "content_key"],
+)
+def test_denied_read_says_permission_denied(tmp_path, monkeypatch, target, use):
+    # The same refusal as above, made to happen when the tests run as root.
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    path = write_csv(tmp_path / "table.csv", "a,b\n1,2\n")
+    monkeypatch.setattr(target, denied)
+    with pytest.raises(DataError) as info:
+        use(path)
+    assert info.value.message == f"{path}: cannot be read: permission denied"
 
 
 def test_csv_round_trip(tmp_path):

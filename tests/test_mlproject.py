@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import mlflow
-import numpy as np
+import pandas as pd
 import pytest
 
 from tests.conftest import BIN, REPO, free_port, subprocess_env, wait_until_answering
@@ -35,26 +35,30 @@ def test_mlflow_run_main_entry_point(workdir):
     assert by_stage["evaluate"].data.metrics["r2"] > 0.999
 
 
-@pytest.fixture
-def mlflow_server(workdir):
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on a free loopback port: one worker, artifacts proxied to a
+    folder of its own. Yields its URL and that folder."""
+    folder = tmp_path_factory.mktemp("server")
     port = free_port()
     server = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{workdir / 'server.db'}",
-         "--artifacts-destination", str(workdir / "server-artifacts"), "--workers", "1"],
-        cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+         "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+         "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"],
+        cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         env=subprocess_env(),
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_answering(f"{url}/health", 60)
-        yield url
+        wait_until_answering(f"{url}/health", 90)
+        yield url, folder / "artifacts"
     finally:
         server.terminate()
         server.wait(timeout=30)
 
 
 def test_pipeline_against_a_real_tracking_server(workdir, mlflow_server):
+    mlflow_server, _ = mlflow_server
     result = subprocess.run(
         [sys.executable, "-m", "pipeline", "run", "-e", "line_fit_15pts",
          "--tracking-uri", mlflow_server],
@@ -70,5 +74,40 @@ def test_pipeline_against_a_real_tracking_server(workdir, mlflow_server):
     assert len(curve) == 12 and curve[10].value == pytest.approx(0.20337, rel=1e-4)
     mlflow.set_tracking_uri(mlflow_server)
     model = mlflow.pyfunc.load_model(f"models:/{train_run.outputs.model_outputs[0].model_id}")
-    assert model.predict(np.ones((3, 1), dtype=np.float32)).shape == (3, 1)
+    assert model.predict(pd.DataFrame({"x": [1.0, 2.0, 3.0]})).shape == (3, 1)
     assert not (workdir / "mlflow.db").exists()  # nothing went to the default local store
+
+
+PASSWORD = "pw-4f1c9e"  # distinctive, so a search for it finds nothing by chance
+
+
+def test_no_password_in_the_store_or_on_the_screen(workdir, mlflow_server):
+    url, artifacts = mlflow_server
+    with_password = url.replace("http://", f"http://pipeline:{PASSWORD}@")
+    storage = f"postgresql://optuna:{PASSWORD}@127.0.0.1:{free_port()}/optuna"
+    commands = [
+        ["run", "-e", "line_fit_15pts"],
+        ["sweep", "-e", "line_fit_15pts", "--n-trials", "3", "--epochs-range", "5", "20"],
+        ["sweep", "-e", "line_fit_15pts", "--n-trials", "3", "--storage", storage],
+        ["run", "-e", "line_fit_15pts", "--set", "lr=oops"],
+    ]
+    printed = ""
+    for args in commands:
+        result = subprocess.run([sys.executable, "-m", "pipeline", *args,
+                                 "--tracking-uri", with_password],
+                                cwd=workdir, capture_output=True, text=True, timeout=300,
+                                env=subprocess_env())
+        printed += result.stdout + result.stderr
+    assert printed.count("pipeline:***@") >= 2  # the URLs are shown, masked
+    assert "storage postgresql://optuna:***@127.0.0.1" in printed
+    assert PASSWORD not in printed
+    client = mlflow.MlflowClient(url)
+    experiment = client.get_experiment_by_name("line_fit_15pts")
+    runs = client.search_runs([experiment.experiment_id])
+    assert {r.data.tags.get("stage") for r in runs} >= {"pipeline", "sweep", "trial"}
+    for run in runs:
+        assert PASSWORD not in repr(run.data.params) + repr(run.data.tags)
+    for path in [*artifacts.rglob("*"), *workdir.rglob("*")]:
+        if path.is_file() and path.suffix in ("", ".json", ".csv", ".txt", ".yaml", ".py",
+                                              ".journal", ".db", ".log"):
+            assert PASSWORD.encode() not in path.read_bytes(), path

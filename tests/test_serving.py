@@ -77,10 +77,13 @@ def test_predict_matches_the_model_loaded_in_process(registry_store, count):
 def test_manual_and_builtin_champions_load_with_pyfunc(registry_store):
     builtin = mlflow.pyfunc.load_model("models:/crop_yields_builtin@champion")
     manual = mlflow.pyfunc.load_model("models:/line_fit_15pts@champion")
-    assert builtin.predict(crop_rows(7).to_numpy(np.float32)).shape == (7, 2)
-    x = np.array([[3.3], [4.4], [10.791]], dtype=np.float32)
-    predicted = manual.predict(x)
-    assert predicted.shape == (3, 1)
+    rows = crop_rows(7)
+    predicted = builtin.predict(rows[list(reversed(CROP))])
+    assert list(predicted.columns) == ["apples", "oranges"]
+    np.testing.assert_allclose(predicted.to_numpy(), in_process(
+        "models:/crop_yields_builtin@champion", rows), rtol=1e-6)
+    x = pd.DataFrame({"x": [3.3, 4.4, 10.791]})
+    assert manual.predict(x).shape == (3, 1)
     version = MlflowClient().get_model_version_by_alias("line_fit_15pts", "champion")
     assert version.tags["model_kind"] == "manual" and "Best of Optuna study" in (
         version.description)
@@ -133,7 +136,7 @@ def test_compare_gives_one_sorted_row_per_run(registry_store):
     assert top.returncode == 0 and top.stdout.count("\n| trial") == 2
 
 
-def test_mlflow_models_serve_gives_the_same_predictions(registry_store):
+def test_mlflow_models_serve_matches_columns_by_name(registry_store):
     folder, store = registry_store
     port = free_port()
     uri = "models:/crop_yields_builtin@champion"
@@ -143,14 +146,33 @@ def test_mlflow_models_serve_gives_the_same_predictions(registry_store):
         cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         env=subprocess_env(MLFLOW_TRACKING_URI=store),
     )
+    url = f"http://127.0.0.1:{port}/invocations"
+    rows = crop_rows(5).round(1)
+    shuffled = rows[["humidity", "temp", "rainfall"]]
+    expected = in_process(uri, rows)
+    requests_by_format = {
+        "dataframe_records": {"json": {"dataframe_records": shuffled.to_dict("records")}},
+        "dataframe_split": {"json": {"dataframe_split": shuffled.to_dict("split")}},
+        "inputs as columns": {"json": {"inputs": shuffled.to_dict("list")}},
+        "text/csv": {"data": shuffled.to_csv(index=False),
+                     "headers": {"Content-Type": "text/csv"}},
+    }
     try:
         wait_until_answering(f"http://127.0.0.1:{port}/ping", 90)
-        rows = crop_rows(5)
-        reply = requests.post(f"http://127.0.0.1:{port}/invocations",
-                              json={"inputs": rows.to_numpy().tolist()}, timeout=30)
-        assert reply.status_code == 200, reply.text
-        served = np.array(reply.json()["predictions"])
-        np.testing.assert_allclose(served, in_process(uri, rows), rtol=1e-5)
+        for name, request in requests_by_format.items():
+            reply = requests.post(url, timeout=30, **request)
+            assert reply.status_code == 200, (name, reply.text)
+            served = pd.DataFrame(reply.json()["predictions"])
+            assert list(served.columns) == ["apples", "oranges"], name
+            np.testing.assert_allclose(served.to_numpy(), expected, rtol=1e-6, err_msg=name)
+        whole_numbers = requests.post(url, timeout=30, json={"dataframe_records": [
+            {"humidity": 43, "rainfall": 67, "temp": 73}]})
+        assert whole_numbers.status_code == 200, whole_numbers.text
+        unknown = requests.post(url, timeout=30, json={"dataframe_records": [
+            {"humidity": 43.0, "rainfall": 67.0, "tmp": 73.0}]})
+        assert unknown.status_code == 400
+        assert "missing inputs ['temp']" in unknown.json()["message"]
+        assert "tmp" in unknown.json()["message"]
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -188,6 +210,10 @@ def test_a_pickled_model_needs_the_users_say(registry_store, tmp_path):
          "temp,rainfall,humidity\n1,two,3\n", "column rainfall"),
         (["predict", "--model", "models:/crop_yields_builtin@champion"],
          "temp,rainfall,humidity\n", "no data rows"),
+        (["predict", "--model", "models:/crop_yields_builtin@champion", "--output",
+          "/no/such/folder/y.csv"], "ok", "the folder /no/such/folder does not exist"),
+        (["predict", "--model", "models:/crop_yields_builtin@champion"],
+         "temp,rainfall,humidity\n1,NaN,3\n", "('NaN')"),
         (["models", "nobody"], None, "no registered model named 'nobody'"),
         (["promote", "nobody", "1"], None, "no registered model named 'nobody'"),
         (["promote", "crop_yields_builtin", "99"], None, "has no version 99"),

@@ -8,6 +8,7 @@ import sys
 import mlflow
 import numpy as np
 import optuna
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
@@ -90,7 +91,8 @@ def test_sweep_resume_and_extend(store):
     assert float(champion.tags["objective"]) == pytest.approx(best.value)
     model = mlflow.pyfunc.load_model("models:/crop_yields_builtin@champion")
     for rows in (1, 10_000):
-        assert model.predict(np.ones((rows, 3), dtype=np.float32)).shape == (rows, 2)
+        ones = pd.DataFrame(np.ones((rows, 3)), columns=["temp", "rainfall", "humidity"])
+        assert model.predict(ones).shape == (rows, 2)
     # The registered model is the best trial's: it reproduces the trial's objective.
     exp = config.load("crop_yields_builtin")
     dataset = data.build(exp.data, exp.seed)
@@ -211,11 +213,13 @@ def test_shares_split_the_missing_trials():
         (["--device", "cuda"], "device cuda was asked for"),
         (["--storage", "sqlite:////no/such/folder/optuna.db"], "cannot open storage"),
         (["--storage", "postgresql://nobody@127.0.0.1:9/none"], "cannot open storage"),
+        (["--storage", "damaged.journal"], "journal storage damaged.journal cannot be read"),
     ],
 )
 def test_bad_sweep_input(workdir, args, expected):
     if "cuda" in args and __import__("torch").cuda.is_available():
         pytest.skip("this machine has CUDA")
+    (workdir / "damaged.journal").write_text('{"op_code": 0, "worker_id": "a"}\n{"op_co\n')
     result = subprocess.run(
         [sys.executable, "-m", "pipeline", "sweep", "-e", "line_fit_15pts", *args],
         cwd=workdir, capture_output=True, text=True, env=subprocess_env(), timeout=120,

@@ -1,0 +1,128 @@
+"""How a trained model is stored in MLflow, and what a folder must hold to be loaded safely.
+
+A logged model is one ``torch.export`` program (``artifacts/model.pt2``) with two faces:
+
+- the ``pytorch`` flavor, so ``mlflow.pytorch.load_model`` returns the program as a module that
+  takes a tensor of features in training order;
+- a ``python_function`` flavor written as "models from code" (``pyfunc_model.py``) with a
+  column-based signature, so ``mlflow.pyfunc``, ``mlflow models serve`` and the MLflow UI know
+  the features and targets by name, and requests may give the columns in any order.
+
+Neither face unpickles anything. :func:`check_safe` refuses a folder that MLflow would load
+through a pickle or through code of its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+CODE_FILE = Path(__file__).with_name("pyfunc_model.py")
+PROGRAM_FILE = "model.pt2"
+EXAMPLE_ROWS = 5  # a one-row example would pin the exported graph to batch size 1
+SAFE_LOADERS = {"mlflow.pytorch", "mlflow.pyfunc.loaders.code_model"}
+
+
+class UnsafeModel(Exception):
+    """A model folder that would run code or unpickle data when loaded; the message says why."""
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+def signature(feature_names, target_names):
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("double", name) for name in feature_names]),
+        outputs=Schema([ColSpec("double", name) for name in target_names]),
+    )
+
+
+def save_model(path: str, mlflow_model, module, example: np.ndarray,
+               feature_names, target_names, pip_requirements, **_) -> None:
+    """What ``mlflow.models.Model.log`` calls to write a model folder at ``path``."""
+    import mlflow.pyfunc
+    import pandas as pd
+    import torch
+
+    rows = example[:EXAMPLE_ROWS]
+    if len(rows) < 2:
+        rows = np.repeat(rows, 2, axis=0)
+    module = module.to("cpu").eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        program_path = Path(tmp) / PROGRAM_FILE
+        program = torch.export.export(
+            module, (torch.from_numpy(np.ascontiguousarray(rows)),),
+            dynamic_shapes=({0: torch.export.Dim.AUTO},),
+        )
+        torch.export.save(program, program_path)
+        mlflow.pyfunc.save_model(
+            path,
+            python_model=str(CODE_FILE),
+            artifacts={"program": str(program_path)},
+            model_config={"features": list(feature_names), "targets": list(target_names),
+                          "dtype": str(rows.dtype)},
+            signature=signature(feature_names, target_names),
+            input_example=pd.DataFrame(rows.astype(np.float64), columns=list(feature_names)),
+            pip_requirements=pip_requirements,
+            mlflow_model=mlflow_model,
+        )
+    mlflow_model.add_flavor("pytorch", model_data="artifacts",
+                            pytorch_version=str(torch.__version__), code=None)
+    mlflow_model.save(str(Path(path) / "MLmodel"))
+
+
+# --- checking before loading --------------------------------------------------------------------
+
+
+def check_safe(folder: Path, meta) -> None:
+    """Refuse a model folder unless everything MLflow would load from it is pickle- and code-free.
+
+    ``mlflow.pytorch.load_model`` reads the ``pytorch`` flavor's data folder: it unpickles a
+    ``model.pth`` there if one exists (even beside a ``model.pt2``) and puts the flavor's ``code``
+    folder on ``sys.path``. The ``python_function`` flavor is what ``mlflow.pyfunc`` and
+    ``mlflow models serve`` would run: accepted are MLflow's torch loader (held to the same rules)
+    and this project's own models-from-code file, nothing else.
+    """
+    flavor = meta.flavors.get("pytorch")
+    if flavor is None:
+        raise UnsafeModel("it has no pytorch flavor")
+    _check_torch_data(folder, flavor, "pytorch")
+    pyfunc = meta.flavors.get("python_function")
+    if pyfunc is None:
+        return
+    loader = pyfunc.get("loader_module")
+    if loader not in SAFE_LOADERS:
+        raise UnsafeModel(f"its python_function flavor loads through {loader!r}, code of its own")
+    if loader == "mlflow.pytorch":
+        _check_torch_data(folder, pyfunc, "python_function")
+        return
+    if pyfunc.get("code"):
+        raise UnsafeModel("its python_function flavor ships code of its own")
+    # MLflow runs the file of that name in the model folder, wherever it was logged from.
+    code = folder / Path(str(pyfunc.get("model_code_path") or "")).name
+    if not (code.is_file() and _digest(code) == _digest(CODE_FILE)):
+        raise UnsafeModel("its python_function flavor runs code other than this project's")
+
+
+def _check_torch_data(folder: Path, flavor: dict, name: str) -> None:
+    """What MLflow's torch loader reads: the ``code`` folder and ``model.pth`` or ``model.pt2``."""
+    if flavor.get("code"):
+        raise UnsafeModel(f"its {name} flavor puts code of its own on the import path")
+    key = "model_data" if name == "pytorch" else "data"
+    data = (folder / str(flavor.get(key) or "")).resolve()
+    if not data.is_relative_to(folder.resolve()) or not data.is_dir() or data == folder.resolve():
+        raise UnsafeModel(f"its {name} flavor names no data folder inside the model")
+    if (data / "model.pth").exists():
+        raise UnsafeModel("it holds a pickled model.pth, which MLflow would load")
+    if not (data / PROGRAM_FILE).is_file():
+        raise UnsafeModel(f"it holds no {PROGRAM_FILE} (torch.export program)")
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

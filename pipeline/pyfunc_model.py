@@ -1,0 +1,50 @@
+"""The pyfunc face of a logged pipeline model: the exported program, fed its columns by name.
+
+MLflow copies this file into every model the pipeline logs ("models from code") and runs it when
+``mlflow.pyfunc.load_model`` or ``mlflow models serve`` loads the model, so it imports nothing
+from the pipeline package. Before ``predict`` is called MLflow has matched the request's columns
+to the signature by name and put them in training order; this class casts them to the model's
+dtype and runs the ``torch.export`` program, which ``mlflow.pytorch.load_model`` reads too (and
+checks for pickles unless ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION`` allows them).
+"""
+
+from pathlib import Path
+
+import mlflow
+import mlflow.pytorch
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.pyfunc import PythonModel
+
+CHUNK_ROWS = 1 << 16  # rows per forward pass, so millions of rows fit in memory
+
+
+class ExportedProgram(PythonModel):
+    def load_context(self, context) -> None:
+        # The program lives in the model's artifacts folder, which is also what the model's
+        # ``pytorch`` flavor points at: load it through that flavor, pickle checks included.
+        model_root = Path(context.artifacts["program"]).parent.parent
+        self.program = mlflow.pytorch.load_model(str(model_root))
+        config = context.model_config
+        self.features = list(config["features"])
+        self.targets = list(config["targets"])
+        self.dtype = config["dtype"]
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        if isinstance(model_input, pd.DataFrame):
+            values = model_input[self.features].to_numpy(dtype=self.dtype)
+            index = model_input.index
+        else:
+            values = np.asarray(model_input, dtype=self.dtype)
+            index = None
+        outputs = []
+        with torch.no_grad():
+            for start in range(0, len(values), CHUNK_ROWS):
+                chunk = torch.tensor(values[start:start + CHUNK_ROWS])
+                outputs.append(self.program(chunk).double().numpy())
+        predicted = np.concatenate(outputs) if outputs else np.empty((0, len(self.targets)))
+        return pd.DataFrame(predicted, columns=self.targets, index=index)
+
+
+mlflow.models.set_model(ExportedProgram())

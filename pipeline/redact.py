@@ -1,0 +1,30 @@
+"""Passwords out of URLs before anything is printed or logged.
+
+    postgresql://optuna:s3cret@db.internal/optuna  ->  postgresql://optuna:***@db.internal/optuna
+
+Credentials are better kept out of URLs altogether: PostgreSQL reads ``PGPASSWORD`` and
+``~/.pgpass``, an MLflow server takes ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+_USERINFO = re.compile(
+    r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]*)@")
+
+
+def mask(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@`` in it shown as ``***``."""
+    return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+
+
+def split_credentials(url: str) -> tuple[str, str | None, str | None]:
+    """``url`` without its user and password, and the two (``None`` where absent)."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, None, None
+    host = parts.netloc.rpartition("@")[2]
+    password = None if parts.password is None else unquote(parts.password)
+    return urlunsplit(parts._replace(netloc=host)), unquote(parts.username or ""), password

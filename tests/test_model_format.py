@@ -1,0 +1,198 @@
+"""The logged model format: named columns everywhere, and no code run from a hostile folder."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from mlflow.models import Model
+
+from pipeline import model_format, serving
+from pipeline.cli import cli
+
+CROP = ["temp", "rainfall", "humidity"]
+TARGETS = ["apples", "oranges"]
+
+
+@pytest.fixture(scope="module")
+def linear() -> torch.nn.Linear:
+    torch.manual_seed(0)
+    return torch.nn.Linear(3, 2)
+
+
+@pytest.fixture(scope="module")
+def genuine(tmp_path_factory, linear) -> Path:
+    """A model folder as the pipeline writes it."""
+    folder = tmp_path_factory.mktemp("genuine") / "model"
+    example = np.random.default_rng(0).uniform(30, 140, (5, 3)).astype(np.float32)
+    model_format.save_model(str(folder), Model(), linear, example, CROP, TARGETS,
+                            pip_requirements=["torch"])
+    return folder
+
+
+def rows(count: int) -> pd.DataFrame:
+    return pd.DataFrame(np.random.default_rng(count).uniform(30, 140, (count, 3)), columns=CROP)
+
+
+def by_hand(linear, frame: pd.DataFrame) -> np.ndarray:
+    with torch.no_grad():
+        return linear(torch.tensor(frame[CROP].to_numpy(), dtype=torch.float32)).double().numpy()
+
+
+def test_signature_names_features_and_targets(genuine):
+    signature = Model.load(str(genuine)).signature
+    assert signature.inputs.input_names() == CROP
+    assert signature.outputs.input_names() == TARGETS
+
+
+def test_pyfunc_matches_columns_by_name(genuine, linear):
+    model = mlflow.pyfunc.load_model(str(genuine))
+    frame = rows(7)
+    shuffled = model.predict(frame[["humidity", "temp", "rainfall"]])
+    assert list(shuffled.columns) == TARGETS and shuffled.shape == (7, 2)
+    np.testing.assert_allclose(shuffled.to_numpy(), by_hand(linear, frame), rtol=1e-6)
+    as_dict = model.predict({name: frame[name].tolist() for name in reversed(CROP)})
+    np.testing.assert_allclose(as_dict.to_numpy(), shuffled.to_numpy(), rtol=1e-12)
+
+
+def test_pyfunc_refuses_unknown_columns(genuine):
+    model = mlflow.pyfunc.load_model(str(genuine))
+    frame = rows(2).rename(columns={"temp": "tmp"})
+    with pytest.raises(mlflow.exceptions.MlflowException, match=r"missing inputs \['temp'\]"):
+        model.predict(frame)
+
+
+def test_pytorch_flavor_loads_the_same_program(genuine, linear):
+    module = mlflow.pytorch.load_model(str(genuine))
+    frame = rows(10_000)
+    with torch.no_grad():
+        out = module(torch.tensor(frame.to_numpy(), dtype=torch.float32)).double().numpy()
+    np.testing.assert_allclose(out, by_hand(linear, frame), rtol=1e-6)
+
+
+def test_safe_loading_restores_the_pickle_setting(genuine, monkeypatch):
+    monkeypatch.setenv(serving.PICKLE_ENV, "true")
+    serving.load(str(genuine))
+    assert os.environ[serving.PICKLE_ENV] == "true"
+    monkeypatch.delenv(serving.PICKLE_ENV)
+    loaded = serving.load(str(genuine))
+    assert serving.PICKLE_ENV not in os.environ
+    assert loaded.feature_names == tuple(CROP) and loaded.target_names == tuple(TARGETS)
+
+
+# --- hostile folders ----------------------------------------------------------------------------
+
+
+class Payload:
+    """Unpickling this writes a marker file: the proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
+
+
+def _edit_mlmodel(folder: Path, edit) -> None:
+    path = folder / "MLmodel"
+    meta = yaml.safe_load(path.read_text())
+    edit(meta["flavors"])
+    path.write_text(yaml.safe_dump(meta))
+
+
+def _pth_beside(folder: Path, marker: Path) -> None:
+    torch.save(Payload(marker), folder / "artifacts" / "model.pth")
+    (folder / "artifacts" / "pickle_module_info.txt").write_text("pickle")
+
+
+def _pth_only(folder: Path, marker: Path) -> None:
+    _pth_beside(folder, marker)
+    (folder / "artifacts" / "model.pt2").unlink()
+
+
+def _pickled_pyfunc(folder: Path, marker: Path) -> None:
+    (folder / "python_model.pkl").write_bytes(pickle.dumps(Payload(marker)))
+    _edit_mlmodel(folder, lambda flavors: flavors.update(python_function={
+        **{k: v for k, v in flavors["python_function"].items() if k != "model_code_path"},
+        "loader_module": "mlflow.pyfunc.model", "python_model": "python_model.pkl"}))
+
+
+def _pyfunc_reads_a_pickle(folder: Path, marker: Path) -> None:
+    (folder / "model.pkl").write_bytes(pickle.dumps(Payload(marker)))
+    _edit_mlmodel(folder, lambda flavors: flavors.update(
+        python_function={"loader_module": "mlflow.sklearn", "model_path": "model.pkl"}))
+
+
+def _own_loader_module(folder: Path, marker: Path) -> None:
+    (folder / "code").mkdir()
+    (folder / "code" / "evil_loader.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "def _load_pyfunc(path):\n    return None\n")
+    _edit_mlmodel(folder, lambda flavors: flavors.update(
+        python_function={"loader_module": "evil_loader", "code": "code"}))
+
+
+def _other_model_code(folder: Path, marker: Path) -> None:
+    code = folder / "pyfunc_model.py"
+    code.write_text(code.read_text() + f"\nopen({str(marker)!r}, 'w').write('ran')\n")
+
+
+def _code_on_the_import_path(folder: Path, marker: Path) -> None:
+    (folder / "code").mkdir()
+    (folder / "code" / "numpy.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    _edit_mlmodel(folder, lambda flavors: flavors["pytorch"].update(code="code"))
+
+
+HOSTILE = {
+    "pt2 and pth": (_pth_beside, "pickled model.pth"),
+    "pth only": (_pth_only, "pickled model.pth"),
+    "pickled pyfunc": (_pickled_pyfunc, "mlflow.pyfunc.model"),
+    "pyfunc reads a pickle": (_pyfunc_reads_a_pickle, "mlflow.sklearn"),
+    "own loader module": (_own_loader_module, "evil_loader"),
+    "other model code": (_other_model_code, "code other than this project's"),
+    "code on the import path": (_code_on_the_import_path, "import path"),
+}
+
+
+def hostile(genuine: Path, tmp_path: Path, kind: str) -> tuple[Path, Path]:
+    folder, marker = tmp_path / kind.replace(" ", "_"), tmp_path / "payload_ran"
+    shutil.copytree(genuine, folder)
+    HOSTILE[kind][0](folder, marker)
+    return folder, marker
+
+
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_hostile_folder_is_refused_by_predict(genuine, tmp_path, workdir, kind):
+    folder, marker = hostile(genuine, tmp_path, kind)
+    rows(3).to_csv("x.csv", index=False)
+    result = CliRunner().invoke(cli, ["predict", "--model", str(folder), "--input", "x.csv"])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert len(lines) == 1 and "refusing to load model" in lines[0]
+    assert HOSTILE[kind][1] in lines[0]
+    assert not marker.exists(), "the payload ran"
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_hostile_run_artifact_is_refused(genuine, tmp_path, store, command):
+    folder, marker = hostile(genuine, tmp_path, "pt2 and pth")
+    mlflow.set_tracking_uri(store)
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(folder), "model")
+    uri = f"runs:/{run.info.run_id}/model"
+    rows(3).to_csv("x.csv", index=False)
+    args = (["predict", "--model", uri, "--input", "x.csv"] if command == "predict"
+            else ["evaluate", "-e", "crop_yields_builtin", "--model", uri])
+    result = CliRunner().invoke(cli, [*args, "--tracking-uri", store])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert "pickled model.pth" in lines[0] and not marker.exists()

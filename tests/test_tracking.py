@@ -1,0 +1,116 @@
+"""The tracking layer: stores that cannot be used say so in one line; first use by many
+processes at once; passwords kept out of the store and off the screen."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline import redact
+from pipeline.cli import cli
+from tests.conftest import run_statuses, subprocess_env
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("postgresql://optuna:s3cret@db:5432/optuna", "postgresql://optuna:***@db:5432/optuna"),
+        ("http://me:p%40ss@127.0.0.1:5000", "http://me:***@127.0.0.1:5000"),
+        ("could not connect to postgresql+psycopg://u:pw@h/db: refused",
+         "could not connect to postgresql+psycopg://u:***@h/db: refused"),
+        ("sqlite:///mlflow.db", "sqlite:///mlflow.db"),
+        ("http://user@host/path", "http://user@host/path"),
+    ],
+)
+def test_mask_hides_passwords_only(url, shown):
+    assert redact.mask(url) == shown
+
+
+def test_split_credentials_takes_user_and_password_out():
+    assert redact.split_credentials("https://me:p%40ss@mlflow.example:8443/x") == (
+        "https://mlflow.example:8443/x", "me", "p@ss")
+    assert redact.split_credentials("http://127.0.0.1:5000") == (
+        "http://127.0.0.1:5000", None, None)
+
+
+def one_line_failure(args: list[str], expected: str) -> None:
+    result = CliRunner().invoke(cli, args)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+
+
+def test_store_under_a_file_is_refused(workdir):
+    (workdir / "file").write_text("x")
+    one_line_failure(["run", "-e", "line_fit_15pts", "--tracking-uri",
+                      f"sqlite:///{workdir / 'file' / 'mlflow.db'}"], "is not a folder")
+
+
+def test_store_in_a_missing_folder_is_refused(workdir):
+    one_line_failure(["run", "-e", "line_fit_15pts", "--tracking-uri",
+                      f"sqlite:///{workdir / 'nowhere' / 'mlflow.db'}"], "does not exist")
+
+
+def test_corrupt_store_is_refused(workdir):
+    (workdir / "mlflow.db").write_bytes(b"this is not a database" * 100)
+    one_line_failure(["run", "-e", "line_fit_15pts"], "is not an SQLite database")
+
+
+def test_truncated_store_is_refused_and_left_as_it_was(workdir, store):
+    result = CliRunner().invoke(cli, ["run", "-e", "line_fit_15pts", "--tracking-uri", store])
+    assert result.exit_code == 0, result.output
+    whole = (workdir / "mlflow.db").read_bytes()
+    (workdir / "mlflow.db").write_bytes(whole[: len(whole) // 3])
+    one_line_failure(["run", "-e", "line_fit_15pts", "--tracking-uri", store], "cannot be used")
+    assert len((workdir / "mlflow.db").read_bytes()) == len(whole) // 3
+
+
+def _read_only(source, command: str) -> subprocess.CompletedProcess:
+    """Run ``command`` inside a read-only bind mount of ``source`` (root cannot be stopped by
+    file modes, but a read-only mount stops everyone)."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare")
+    mount = source.parent / "read-only"
+    mount.mkdir()
+    script = (f"mount --bind {source} {mount} && mount -o remount,ro,bind {mount} && "
+              f"cd {mount} && {command}")
+    result = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True,
+                            text=True, timeout=120, env=subprocess_env())
+    if "mount:" in result.stderr or "unshare:" in result.stderr:
+        pytest.skip(f"cannot make a read-only mount here: {result.stderr.strip()}")
+    return result
+
+
+@pytest.mark.parametrize("with_store", [False, True])
+def test_read_only_folder_or_store_fails_at_once(tmp_path, with_store):
+    source = tmp_path / "work"
+    source.mkdir()
+    if with_store:
+        made = subprocess.run([sys.executable, "-m", "pipeline", "generate", "-e",
+                               "line_fit_15pts"], cwd=source, capture_output=True, text=True,
+                              env=subprocess_env(), timeout=120)
+        assert made.returncode == 0, made.stderr
+    result = _read_only(source, f"{sys.executable} -m pipeline run -e line_fit_15pts")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert ("cannot write" if with_store else "cannot create") in lines[0]
+    assert "read-only file system" in lines[0]
+
+
+def test_four_first_runs_at_once_all_succeed(workdir):
+    processes = [
+        subprocess.Popen([sys.executable, "-m", "pipeline", "run", "-e", "line_fit_15pts"],
+                         cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=subprocess_env())
+        for _ in range(4)
+    ]
+    outcomes = [(p.wait(timeout=300), p.stderr.read()) for p in processes]
+    assert [code for code, _ in outcomes] == [0, 0, 0, 0], outcomes
+    statuses = run_statuses(workdir / "mlflow.db")
+    assert set(statuses) == {"FINISHED"}
+    # Four parents, four trainings, four evaluations, and the generate runs (one or more).
+    assert 13 <= len(statuses) <= 16
