@@ -11,14 +11,16 @@ SERVE_PORT ?= 5001
 ROWS ?= 1000000
 MODEL ?= models:/$(EXP)@champion
 TRACKING_URI ?= sqlite:///mlflow.db
+BACKEND ?= sqlite:///mlflow-server.db
 
 
 .DEFAULT_GOAL := help
-.PHONY: help install run sweep ui serve test lint bench clean
+.PHONY: help install run sweep ui server serve test lint bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 	@echo "  variables: EXP=$(EXP) TRIALS=$(TRIALS) WORKERS=$(WORKERS) TRACKING_URI=$(TRACKING_URI)"
+	@echo "             PORT=$(PORT) BACKEND=$(BACKEND)"
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,8 +37,14 @@ run: install ## run generate -> train -> evaluate for EXP through `mlflow run`
 	@echo "Next: 'make ui' and open http://127.0.0.1:$(PORT) (experiment '$(EXP)'),"
 	@echo "      'make sweep EXP=$(EXP)' to search lr and epochs, 'make test' for the suite."
 
+# One worker: the default four keep dying while importing on a two-core machine.
 ui: install ## start the MLflow UI on 127.0.0.1 (PORT=5000) over TRACKING_URI
-	$(BIN)/mlflow ui --backend-store-uri $(TRACKING_URI) --host 127.0.0.1 --port $(PORT)
+	$(BIN)/mlflow ui --backend-store-uri $(TRACKING_URI) --host 127.0.0.1 --port $(PORT) \
+	  --workers 1
+
+server: install ## tracking server on 127.0.0.1:PORT, store BACKEND, artifacts in mlartifacts/
+	$(BIN)/mlflow server --backend-store-uri '$(BACKEND)' --host 127.0.0.1 --port $(PORT) \
+	  --artifacts-destination $(CURDIR)/mlartifacts --workers 1
 
 test: install ## run the test suite
 	$(BIN)/python -m pytest
@@ -57,5 +65,5 @@ serve: install ## serve MODEL (default: EXP's champion) on 127.0.0.1:SERVE_PORT 
 	  --env-manager local --host 127.0.0.1 --port $(SERVE_PORT)
 
 clean: ## remove .venv, the local MLflow store and caches
-	rm -rf $(VENV) mlflow.db mlruns mlartifacts optuna.journal* .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) mlflow.db mlflow-server.db mlruns mlartifacts optuna.journal* .pytest_cache .ruff_cache *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

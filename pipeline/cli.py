@@ -186,7 +186,8 @@ def run(experiment, tracking_uri: str, device: str | None) -> None:
 @click.option("--study-name", type=str, default=None,
               help="Study to create or resume. Default: the experiment's name.")
 @click.option("--workers", type=int, default=1, show_default=True,
-              help="Worker processes sharing the storage.")
+              help="Local worker processes sharing the storage; 0: print the `pipeline "
+                   "worker` command to run on other machines, and wait for them.")
 @click.option("--sampler", type=click.Choice(["tpe", "random"]), default="tpe",
               show_default=True, help="Optuna sampler.")
 @click.option("--pruner", type=click.Choice(["median", "percentile", "hyperband", "none"]),
@@ -216,13 +217,52 @@ def sweep(experiment, tracking_uri: str, device: str | None, n_trials: int,
         lr_range=lr_range, epochs_range=epochs_range,
     )
     settings.validate()  # before the heavy imports: bad input answers at once
+    from pipeline import interrupts, tracking
     from pipeline import sweep as sweeps
 
     experiment_id = _connect(experiment, tracking_uri)
-    summary = sweeps.run(experiment, settings, experiment_id, tracking_uri, echo=click.echo)
-    from pipeline import tracking
-
+    try:
+        summary = sweeps.run(experiment, settings, experiment_id, tracking_uri, echo=click.echo)
+    except interrupts.Interrupted as stop:
+        _stopped(stop)
     _print_sweep(summary, redact.mask(tracking_uri), tracking.experiment_name(experiment_id))
+
+
+def _stopped(stop) -> None:
+    """Ctrl-C or SIGTERM: one line, and the exit status a shell expects (130, 143)."""
+    click.echo(stop.message(), err=True)
+    raise SystemExit(stop.exit_code)
+
+
+@cli.command()
+@click.option("--storage", type=str, required=True, envvar="PIPELINE_OPTUNA_STORAGE",
+              help="The study's Optuna storage (postgresql://... for several machines).")
+@click.option("--study", "study_name", type=str, required=True,
+              help="Study to work on, set up by `pipeline sweep`.")
+@click.option("--tracking-uri", type=str, envvar="MLFLOW_TRACKING_URI", default=None,
+              help="MLflow tracking URI. Default: the one `pipeline sweep` recorded.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop starting trials after S seconds.")
+def worker(storage: str, study_name: str, tracking_uri: str | None,
+           timeout: float | None) -> None:
+    """Join a sweep from any machine: run its trials until the study holds its total.
+
+    Start as many as you like (any launcher: ssh, a SLURM array, a Kubernetes Job); they share
+    the storage, log to the sweep's MLflow parent run, and never finalise the sweep.
+    """
+    import os
+
+    from pipeline import interrupts
+    from pipeline import worker as workers
+
+    with interrupts.deferred():
+        try:
+            outcome = workers.run(storage, study_name, tracking_uri, offset=os.getpid(),
+                                  timeout=timeout, echo=click.echo)
+        except interrupts.Interrupted as stop:
+            _stopped(stop)
+    click.echo(f"worker: ran {outcome.ran} trials; study {study_name} holds "
+               f"{outcome.finished} of {outcome.total} finished")
 
 
 def _print_sweep(summary, tracking_uri: str, experiment_name: str) -> None:

@@ -188,6 +188,11 @@ class TrainConfig:
         return self.bias_init != "none"
 
 
+def run_name(config: TrainConfig) -> str:
+    """What the MLflow UI lists for a training run, e.g. ``builtin lr=1e-05 epochs=100``."""
+    return f"{config.model} lr={config.lr:g} epochs={config.epochs}"
+
+
 # --- sweeps -------------------------------------------------------------------------------------
 
 
@@ -228,8 +233,9 @@ class SweepSettings:
     def validate(self) -> None:
         if self.n_trials < 1:
             raise ConfigError(f"--n-trials must be >= 1, got {self.n_trials}")
-        if self.workers < 1:
-            raise ConfigError(f"--workers must be >= 1, got {self.workers}")
+        if self.workers < 0:
+            raise ConfigError(f"--workers must be >= 0 (0: print the worker command), "
+                              f"got {self.workers}")
         if self.timeout is not None and not self.timeout > 0:
             raise ConfigError(f"--timeout must be > 0 seconds, got {self.timeout}")
         if self.seed is not None:
@@ -266,6 +272,18 @@ class Experiment:
 
 
 TOP_LEVEL_KEYS = {"description", "val_fraction", "data", "sweep"}
+
+
+def to_raw(experiment: Experiment) -> dict[str, Any]:
+    """The plain mapping :func:`build` turns back into ``experiment`` (lists, not tuples)."""
+    import json
+
+    raw: dict[str, Any] = dataclasses.asdict(experiment.train)
+    raw["description"] = experiment.description
+    raw["val_fraction"] = experiment.val_fraction
+    raw["data"] = dataclasses.asdict(experiment.data)
+    raw["sweep"] = {k: v for k, v in dataclasses.asdict(experiment.sweep).items() if v}
+    return json.loads(json.dumps(raw))
 
 
 def build(name: str, raw: dict[str, Any]) -> Experiment:

@@ -7,14 +7,57 @@ logged it there. The registry's `champion` alias moves to it only if it beats th
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+from dataclasses import dataclass
 
 import optuna
 from optuna.trial import TrialState
 
 from pipeline import config as configs
 from pipeline import data, registry, tracking
+from pipeline import study as studies
 from pipeline import train as training
+
+
+@dataclass(frozen=True)
+class Summary:
+    study_name: str
+    parent_run_id: str
+    n_trials: int
+    new_trials: int
+    states: dict[str, int]
+    best_value: float | None
+    best_params: dict
+    rates: dict[str, float]
+    model_name: str | None = None
+    version: str | None = None
+    decision: str | None = None
+    champion_version: str | None = None
+
+
+def summarise(study: optuna.Study, exp: configs.Experiment, ctx, rates: dict[str, float],
+              new_trials: int) -> Summary:
+    """Trials table, plots, best params on the parent run; the best model registered."""
+    states = studies.counts(study)
+    summary = Summary(study.study_name, ctx.parent_run_id, sum(states.values()), new_trials,
+                      states, None, {}, rates)
+    log_study(study, ctx.parent_run_id)
+    if not states.get(TrialState.COMPLETE.name):
+        return summary
+    best = study.best_trial
+    summary = dataclasses.replace(summary, best_value=best.value, best_params=best.params)
+    tracking.log_to_run(
+        ctx.parent_run_id,
+        metrics={"best_value": best.value, "best_lr": best.params["lr"],
+                 "best_epochs": best.params["epochs"],
+                 "best_lr_over_lr_best_constant": best.params["lr"] / rates["lr_best_constant"]},
+        tags={"best_trial": str(best.number),
+              "best_run_id": best.user_attrs.get("mlflow_run_id", ""),
+              "best_params": json.dumps(best.params)},
+    )
+    return dataclasses.replace(summary, **register_best(best, exp, ctx))
 
 PLOTS = {
     "optimization_history": lambda study: optuna.visualization.matplotlib
@@ -25,6 +68,23 @@ PLOTS = {
     .plot_param_importances(study),
     "slice": lambda study: optuna.visualization.matplotlib.plot_slice(study),
 }
+
+
+def already_summarised(study: optuna.Study, exp: configs.Experiment, ctx,
+                       rates: dict[str, float]) -> Summary:
+    """What :func:`summarise` reported when the study last reached this total."""
+    states = studies.counts(study)
+    summary = Summary(study.study_name, ctx.parent_run_id, sum(states.values()), 0, states,
+                      None, {}, rates)
+    if not states.get(TrialState.COMPLETE.name):
+        return summary
+    best = study.best_trial
+    tags = tracking.run_tags(best.user_attrs["mlflow_run_id"])
+    holder = registry.champion(exp.name)
+    return dataclasses.replace(
+        summary, best_value=best.value, best_params=best.params, model_name=exp.name,
+        version=tags.get("registered_version"), decision="already summarised",
+        champion_version=holder[0] if holder else None)
 
 
 def log_study(study: optuna.Study, parent_run_id: str) -> None:

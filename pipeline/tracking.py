@@ -251,6 +251,14 @@ def open_child(experiment: str, parent_run_id: str, name: str, params: dict[str,
     return run.info.run_id
 
 
+def find_child(experiment: str, parent_run_id: str, tags: dict[str, str]) -> str | None:
+    """The id of the run under ``parent_run_id`` carrying ``tags``, if there is one."""
+    clauses = [f"tags.mlflow.parentRunId = '{parent_run_id}'"]
+    clauses += [f"tags.{key} = '{value}'" for key, value in tags.items()]
+    found = MlflowClient().search_runs([experiment], " and ".join(clauses), max_results=1)
+    return found[0].info.run_id if found else None
+
+
 def close_run(run_id: str, status: str, curves: dict[str, list[float]] | None = None,
               metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None) -> None:
     """Log curves, final metrics and tags in one batch, then end the run with ``status``."""
@@ -366,13 +374,25 @@ def _artifact_location(uri: str) -> str | None:
     return RunsArtifactRepository.get_underlying_uri(uri)
 
 
-def write_dataset(dataset: Dataset) -> str:
-    """Log the rows (Parquet) and schema as artifacts of the active run; return their URI."""
+def write_dataset(dataset: Dataset, run_id: str | None = None) -> str:
+    """Log the rows (Parquet) and schema as artifacts of ``run_id`` (default: the active run);
+    return their URI."""
     from pipeline import data
 
+    run_id = run_id or mlflow.active_run().info.run_id
     with tempfile.TemporaryDirectory() as tmp:
-        mlflow.log_artifacts(str(data.write(dataset, Path(tmp))), "dataset")
-    return f"runs:/{mlflow.active_run().info.run_id}/dataset"
+        MlflowClient().log_artifacts(run_id, str(data.write(dataset, Path(tmp))), "dataset")
+    return f"runs:/{run_id}/dataset"
+
+
+def portable_uri(tracking_uri: str) -> str:
+    """``tracking_uri`` as another process in another folder can use it: no credentials, and
+    a relative SQLite path made absolute."""
+    if tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:////"):
+        name = tracking_uri.removeprefix("sqlite:///")
+        if name and not name.startswith(":memory:"):
+            return f"sqlite:///{Path(name).absolute()}"
+    return redact.split_credentials(tracking_uri)[0]
 
 
 def read_dataset(uri: str) -> Dataset:

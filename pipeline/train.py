@@ -25,6 +25,7 @@ from pipeline.errors import UserError
 EpochCallback = Callable[[int, float, "float | None"], bool]
 
 PATH_MAX_PARAMETERS = 2  # record the parameters' path when it can be drawn on a loss surface
+DIVERGENCE_FACTOR = 100.0  # a loss this many times above its start will not come back
 
 
 @dataclass
@@ -70,6 +71,21 @@ def train(
     val_set: Dataset | None = None,
     on_epoch: EpochCallback | None = None,
 ) -> TrainResult:
+    """Fit a fresh model; the result says whether (and at which epoch) training diverged.
+
+    Diverged means, for `pipeline train` and sweeps alike: the training loss became inf or
+    NaN, rose above ``DIVERGENCE_FACTOR`` times its start (training stops there), or ended
+    above where it started (each step overshoots: lr is past the stable edge).
+    """
+    result = _fit(config, train_set, val_set, on_epoch)
+    curve = result.train_loss
+    if not result.diverged and result.stopped_at is None and len(curve) > 1 and (
+            curve[-1] > curve[0]):
+        result.diverged_at = result.epochs_run
+    return result
+
+
+def _fit(config, train_set, val_set, on_epoch) -> TrainResult:
     device = resolve_device(config.device)
     dtype = models.DTYPES[config.dtype]
     # Moved to the device once; every epoch reads these tensors.
@@ -129,7 +145,9 @@ def _recorder(result: TrainResult, model, config: TrainConfig, val, on_epoch):
             result.parameter_path.append(
                 [v for p in model.parameters() for v in p.detach().flatten().tolist()]
             )
-        if not math.isfinite(value) or (val_value is not None and not math.isfinite(val_value)):
+        start = result.train_loss[0]
+        if (not math.isfinite(value) or (val_value is not None and not math.isfinite(val_value))
+                or value > DIVERGENCE_FACTOR * max(start, 1e-12)):
             result.diverged_at = epoch
             return True
         if on_epoch is not None and on_epoch(epoch, value, val_value):

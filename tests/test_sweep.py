@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import config, data, theory
 from pipeline.cli import cli
-from pipeline.sweep import open_storage, shares
+from pipeline.study import open_storage
 from pipeline.train import train
 from tests.conftest import run_statuses, subprocess_env
 
@@ -194,12 +194,6 @@ def test_theory_for_several_parameters_matches_eigenvalues():
     assert above.diverged or above.train_loss[-1] > above.train_loss[0]
 
 
-def test_shares_split_the_missing_trials():
-    assert shares(10, 3) == [4, 3, 3]
-    assert shares(2, 3) == [1, 1]
-    assert sum(shares(24, 3)) == 24
-
-
 @pytest.mark.parametrize(
     "args, expected",
     [
@@ -208,7 +202,7 @@ def test_shares_split_the_missing_trials():
         (["--lr-range", "0", "0.1"], "sweep.lr must lie above 0"),
         (["--epochs-range", "50", "5"], "sweep.epochs must be a non-empty range"),
         (["--n-trials", "0"], "--n-trials must be >= 1"),
-        (["--workers", "0"], "--workers must be >= 1"),
+        (["--workers", "-1"], "--workers must be >= 0"),
         (["--seed", "-5"], "--seed must lie in [0, 2**32)"),
         (["--device", "cuda"], "device cuda was asked for"),
         (["--storage", "sqlite:////no/such/folder/optuna.db"], "cannot open storage"),
@@ -239,9 +233,9 @@ def test_default_lr_range_comes_from_theory():
     exp = config.load("line_fit_15pts", ["sweep.lr=[]"])
     dataset = data.build(exp.data, exp.seed)
     rates = theory.learning_rates(dataset, fit_bias=True, reduction="mean")
-    space = search_space(exp, SweepSettings(n_trials=1), rates)
-    assert space.lr == pytest.approx((rates["lr_max_stable"] / 1000, rates["lr_max_stable"]))
-    assert space.epochs == tuple(exp.sweep.epochs)
+    lr, epochs = search_space(exp, SweepSettings(n_trials=1), rates)
+    assert lr == pytest.approx((rates["lr_max_stable"] / 1000, rates["lr_max_stable"]))
+    assert epochs == tuple(exp.sweep.epochs)
 
 
 def test_champion_moves_only_to_a_better_model(store):

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
 
 from pipeline import config, data, models
 from pipeline.errors import UserError
-from pipeline.train import resolve_device, train
+from pipeline.train import DIVERGENCE_FACTOR, resolve_device, train
 
 # Tutorial 000 prints the loss before training, then before each of its 10 further updates.
 LINE_FIT_PRINTED = [104.9967, 2.1443493366241455, 0.2407105565071106, 0.20529970526695251,
@@ -128,12 +126,25 @@ def test_validation_curve_has_a_point_per_epoch():
     assert result.val_loss[-1] < result.val_loss[0]
 
 
-def test_divergence_stops_training_at_the_first_non_finite_loss():
+def test_divergence_stops_training_once_the_loss_is_100_times_its_start():
+    # One rule for `pipeline train` and sweeps (DIVERGENCE_FACTOR): inf, NaN or 100x the start.
     _, _, result = fit("slope_only", "lr=10", "epochs=500")
+    start = result.train_loss[0]
     assert result.diverged
     assert result.epochs_run == result.diverged_at < 500
-    assert not math.isfinite(result.train_loss[-1])
-    assert all(math.isfinite(v) for v in result.train_loss[:-1])
+    assert result.train_loss[-1] > DIVERGENCE_FACTOR * start
+    assert all(v <= DIVERGENCE_FACTOR * start for v in result.train_loss[:-1])
+
+
+def test_ending_above_the_start_is_divergence_too():
+    # slope_only's stable edge is lr = 1/mean(x²) ≈ 0.33: just above it, each step overshoots
+    # a little more, so 4 epochs end above the start without reaching 100x it.
+    _, _, result = fit("slope_only", "lr=0.35", "epochs=4")
+    assert result.train_loss[-1] > result.train_loss[0]
+    assert max(result.train_loss) < DIVERGENCE_FACTOR * result.train_loss[0]
+    assert result.diverged and result.diverged_at == 4
+    _, _, stable = fit("slope_only", "lr=0.3", "epochs=4")
+    assert not stable.diverged and stable.train_loss[-1] < stable.train_loss[0]
 
 
 def test_epoch_callback_can_stop_training():

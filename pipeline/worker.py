@@ -1,0 +1,151 @@
+"""A sweep worker: joins a study and runs its trials until the study holds its total.
+
+    pipeline worker --storage postgresql://optuna@db.internal/optuna --study crop_yields_builtin
+
+Workers are identical processes, started by any launcher on any machine and in any folder: the
+study's user attributes (written by `pipeline sweep`) hold the config, the search space, the
+parent run and the tracking URI; the data come from the parent run's artifacts. A worker
+never closes the parent run or registers a model; the coordinator does that once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import TrialState
+
+from pipeline import config as configs
+from pipeline import interrupts, tracking
+from pipeline import study as studies
+from pipeline import trial as trials
+
+POLL_S = 1.0  # how often a worker with nothing to start looks at the study again
+CONNECT_WAIT_S = 60.0  # how long a worker keeps trying to reach its storage at start-up
+Echo = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    ran: int
+    finished: int
+    total: int
+
+
+def join(storage_url: str, study_name: str, offset: int = 0, wait_s: float = CONNECT_WAIT_S):
+    """Open the storage (retrying while it does not answer) and load the study and its spec."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    deadline = time.monotonic() + wait_s
+    while True:  # the database may still be starting, or the coordinator setting the study up
+        try:
+            storage = studies.open_storage(storage_url, on_dead=trials.close_dead_trial_run)
+            spec = studies.read_spec(studies.load(storage, study_name))
+            break
+        except studies.SweepError:
+            if time.monotonic() > deadline:
+                raise
+            pause(2.0)
+    storage.total = spec.n_trials
+    study = studies.load(storage, study_name, spec.sampler, spec.pruner, spec.seed, offset)
+    return study, storage, spec
+
+
+def context(spec: studies.Spec, study_name: str) -> trials.TrialContext:
+    exp = configs.build(spec.experiment_name, spec.experiment)
+    return trials.TrialContext(
+        exp=exp, dataset=tracking.read_dataset(spec.data_uri), lr=spec.lr, epochs=spec.epochs,
+        experiment_id=spec.experiment_id, parent_run_id=spec.parent_run_id,
+        study_name=study_name, log_models=spec.log_models)
+
+
+def run(storage_url: str, study_name: str, tracking_uri: str | None = None, offset: int = 0,
+        timeout: float | None = None, echo: Echo = print) -> Outcome:
+    """Join the study and run trials until it holds its total (or ``timeout`` seconds pass)."""
+    study, storage, spec = join(storage_url, study_name, offset)
+    tracking.connect(tracking_uri or spec.tracking_uri)
+    try:
+        return loop(study, storage, context(spec, study_name), spec.n_trials, timeout, echo)
+    except interrupts.Interrupted as stop:
+        stop.finished, stop.total = studies.finished(study), spec.n_trials
+        raise
+
+
+def loop(study: optuna.Study, storage, ctx: trials.TrialContext, total: int,
+         timeout: float | None = None, echo: Echo = print) -> Outcome:
+    """Start trials while the study lacks some; wait while others' trials finish the total."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # trials print their own line
+    logging.getLogger("optuna").setLevel(logging.ERROR)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    callback = progress_line(echo, total)
+    ran = 0
+    while True:
+        interrupts.check()
+        if studies.finished(study) >= total:
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            break
+        studies.recover_dead_trials(study, storage, trials.close_dead_trial_run)
+        try:
+            study.optimize(lambda trial: trials.run_trial(trial, ctx), n_trials=1,
+                           callbacks=[callback], gc_after_trial=False)
+            ran += 1
+        except studies.BudgetReached:
+            pause(POLL_S)  # the rest of the total is running elsewhere
+    return Outcome(ran, studies.finished(study), total)
+
+
+def pause(seconds: float) -> None:
+    """Sleep, but answer Ctrl-C and SIGTERM within a fifth of a second."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        interrupts.check()
+        time.sleep(min(0.2, seconds))
+
+
+def progress_line(echo: Echo, total: int) -> Callable:
+    """An Optuna callback printing one line per finished trial."""
+
+    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        done = studies.finished(study)
+        try:
+            best = f"{study.best_value:.6g}"
+        except ValueError:
+            best = "none yet"
+        if trial.state == TrialState.COMPLETE:
+            outcome = f"complete, value {trial.value:.6g}"
+        elif trial.state == TrialState.PRUNED:
+            steps = trial.intermediate_values
+            if trial.user_attrs.get("diverged") or not steps:
+                outcome = "pruned (diverged)"
+            else:
+                outcome = f"pruned at epoch {max(steps)}"
+        else:
+            outcome = trial.state.name.lower()
+        echo(f"trial {trial.number} {outcome}: "
+             f"lr={trial.params.get('lr', float('nan')):.3g} "
+             f"epochs={trial.params.get('epochs')} | {done}/{total} done, best {best}")
+
+    return callback
+
+
+def spawned(storage_url: str, study_name: str, tracking_uri: str | None, offset: int,
+            timeout: float | None, threads: int) -> None:
+    """Entry point of a local worker process started by `pipeline sweep --workers K`.
+
+    The coordinator owns it: Ctrl-C goes to the coordinator, which forwards SIGTERM.
+    """
+    import signal
+    import sys
+
+    import torch
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(threads)  # K workers share the cores instead of each taking all
+    with interrupts.deferred((signal.SIGTERM,)):
+        try:
+            run(storage_url, study_name, tracking_uri, offset, timeout)
+        except interrupts.Interrupted as stop:
+            sys.exit(stop.exit_code)

@@ -1,0 +1,126 @@
+"""Sweeps under faults: kill -9, Ctrl-C and SIGTERM lose no trial and leave nothing RUNNING;
+the same command then completes exactly the total. Run alone with `pytest -m faults`."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.study import open_storage
+from tests.conftest import run_statuses, subprocess_env
+
+pytestmark = pytest.mark.faults
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+DONE = re.compile(r"\| (\d+)/\d+ done")
+
+
+def sweep_command(n_trials: int, workers: int) -> list[str]:
+    return [sys.executable, "-m", "pipeline", "sweep", "-e", "line_fit_15pts",
+            "--n-trials", str(n_trials), "--workers", str(workers),
+            "--epochs-range", "50", "2000"]
+
+
+def start(folder, command) -> tuple[subprocess.Popen, list[str]]:
+    """Start ``command`` in a process group of its own; collect its stdout lines."""
+    process = subprocess.Popen(command, cwd=folder, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+                               start_new_session=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
+    return process, lines
+
+
+def wait_for_done(process, lines: list[str], count: int, seconds: float = 240) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        done = [int(m[1]) for line in list(lines) if (m := DONE.search(line))]
+        if done and max(done) >= count:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"the sweep did not reach {count} finished trials: {lines[-3:]}")
+
+
+def check_consistent(folder, n_trials: int) -> optuna.Study:
+    """Exactly ``n_trials`` finished; trials and MLflow runs one to one; nothing RUNNING."""
+    study = optuna.load_study(study_name="line_fit_15pts",
+                              storage=open_storage(str(folder / "optuna.journal")))
+    trials = study.get_trials()
+    assert len([t for t in trials if t.state in FINISHED]) == n_trials
+    assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED", "FAIL"}
+    assert sorted(t.number for t in trials) == list(range(len(trials)))
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("line_fit_15pts")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("stage") == "sweep"]
+    children = {r.info.run_id: r for r in runs if r.data.tags.get("stage") == "trial"}
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    # One run per trial (a trial killed before its run began has none), named by its tags.
+    by_trial = {int(r.data.tags["optuna_trial"]): r for r in children.values()}
+    assert len(by_trial) == len(children)
+    assert {t.number for t in trials if t.state in FINISHED} <= set(by_trial)
+    for number, run in by_trial.items():
+        trial = trials[number]
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert run.data.tags["optuna_state"] == trial.state.name
+        assert run.info.status == {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(
+            trial.state.name, run.info.status)
+        assert run.info.status in ("FINISHED", "KILLED", "FAILED")
+        if "mlflow_run_id" in trial.user_attrs:
+            assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
+    assert "RUNNING" not in run_statuses(folder / "mlflow.db")
+    return study
+
+
+def resume(folder, n_trials: int, workers: int) -> None:
+    result = subprocess.run(sweep_command(n_trials, workers), cwd=folder, capture_output=True,
+                            text=True, env=subprocess_env(), timeout=400)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{n_trials} trials" in result.stdout or "nothing to run" in result.stdout
+
+
+def test_kill_9_then_the_same_command_completes_exactly(workdir):
+    process, lines = start(workdir, sweep_command(40, 2))
+    wait_for_done(process, lines, 12)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    resume(workdir, 40, 2)
+    study = check_consistent(workdir, 40)
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    for run in client.search_runs([client.get_experiment_by_name("line_fit_15pts")
+                                   .experiment_id], "tags.worker_died = 'true'"):
+        # A trial the kill cut short: its run is closed and names the trial that retried it.
+        trial = study.trials[int(run.data.tags["optuna_trial"])]
+        assert run.info.status == "FAILED" and trial.state.name == "FAIL"
+        retry = study.trials[int(run.data.tags["retried_as"])]
+        assert retry.params == trial.params and retry.state in FINISHED
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_interrupt_closes_everything_and_resumes(workdir, how, workers):
+    process, lines = start(workdir, sweep_command(16, workers))
+    wait_for_done(process, lines, 4)
+    if how == "ctrl-c":  # a terminal sends SIGINT to the whole foreground group
+        os.killpg(process.pid, signal.SIGINT)
+    else:  # a process manager sends SIGTERM to the process it started
+        process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    stderr = process.stderr.read()
+    assert process.returncode == (130 if how == "ctrl-c" else 143), stderr
+    assert "Traceback" not in stderr and "database is locked" not in stderr
+    message = stderr.strip().splitlines()
+    assert len(message) <= 3 and re.match(
+        r"interrupted: \d+ of 16 trials finished; run the same command to resume",
+        message[-1]), stderr
+    assert "RUNNING" not in run_statuses(workdir / "mlflow.db")
+    resume(workdir, 16, workers)
+    check_consistent(workdir, 16)

@@ -1,0 +1,125 @@
+"""Sweeps across machines, as Optuna users scale out: a coordinator and eight `pipeline worker`
+processes, each in a folder of its own, sharing a real PostgreSQL storage and logging to a real
+`mlflow server` that keeps the artifacts. One worker is killed with -9 in the middle of a trial.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import subprocess_env
+from tests.servers import PASSWORD, mlflow_server
+
+pytestmark = [pytest.mark.servers, pytest.mark.faults]
+N_TRIALS = 24
+WORKERS = 8
+
+
+def _start(command: list[str], folder, **env: str) -> tuple[subprocess.Popen, list[str]]:
+    folder.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(command, cwd=folder, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True,
+                               env=subprocess_env(**env))
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
+    return process, lines
+
+
+def _wait_for(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def test_workers_on_postgres_and_a_tracking_server(tmp_path, postgres_server):
+    storage = postgres_server.create_database("scale_out")
+    backend = postgres_server.create_database("scale_out_mlflow")
+    with mlflow_server(tmp_path / "server", backend_uri=backend) as server:
+        coordinator, said = _start(
+            [sys.executable, "-m", "pipeline", "sweep", "-e", "line_fit_15pts",
+             "--n-trials", str(N_TRIALS), "--workers", "0", "--epochs-range", "200", "3000",
+             "--storage", storage, "--tracking-uri", server.url],
+            tmp_path / "coordinator")
+        _wait_for(lambda: any("pipeline worker --storage" in line for line in said), 120,
+                  "the coordinator to print the worker command")
+        command = next(line for line in said if "pipeline worker --storage" in line).split()
+        assert PASSWORD not in " ".join(said)
+        # The printed command, with the password from PGPASSWORD instead of the URL.
+        storage_without_password = postgres_server.url("scale_out", password=False)
+        workers = [
+            _start([sys.executable, "-m", "pipeline", "worker", "--storage",
+                    storage_without_password, "--study", command[command.index("--study") + 1]],
+                   tmp_path / f"worker{i}", PGPASSWORD=PASSWORD)
+            for i in range(WORKERS)
+        ]
+        victim = workers[0][0]
+        study = optuna.load_study(study_name="line_fit_15pts", storage=storage)
+
+        def victim_in_a_trial() -> bool:
+            running = study.get_trials(deepcopy=False,
+                                       states=(optuna.trial.TrialState.RUNNING,))
+            return any(t.user_attrs.get("worker", {}).get("pid") == victim.pid
+                       and "mlflow_run_id" in t.user_attrs for t in running)
+
+        _wait_for(victim_in_a_trial, 180, "the first worker to start a trial")
+        victim.send_signal(signal.SIGKILL)
+        assert coordinator.wait(timeout=300) == 0, "".join(said[-20:])
+        outcomes = [process.wait(timeout=60) for process, _ in workers[1:]]
+        assert outcomes == [0] * (WORKERS - 1), [lines[-3:] for _, lines in workers]
+
+        trials = study.get_trials()
+        finished = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE,
+                                                     optuna.trial.TrialState.PRUNED)]
+        assert len(finished) == N_TRIALS
+        assert sorted(t.number for t in trials) == list(range(len(trials)))
+        killed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+        assert len(killed) == 1 and killed[0].user_attrs["worker"]["pid"] == victim.pid
+        retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed[0].number]
+        assert len(retries) == 1 and retries[0].params == killed[0].params
+        assert retries[0].state in (optuna.trial.TrialState.COMPLETE,
+                                    optuna.trial.TrialState.PRUNED)
+
+        client = MlflowClient(server.url)
+        experiment = client.get_experiment_by_name("line_fit_15pts")
+        runs = client.search_runs([experiment.experiment_id], max_results=1000)
+        parent = next(r for r in runs if r.data.tags.get("stage") == "sweep")
+        children = [r for r in runs if r.data.tags.get("stage") == "trial"]
+        assert parent.info.status == "FINISHED"
+        assert sorted(int(r.data.tags["optuna_trial"]) for r in children) == [
+            t.number for t in trials]
+        dead_run = client.get_run(killed[0].user_attrs["mlflow_run_id"])
+        assert dead_run.info.status == "FAILED"
+        assert dead_run.data.tags["retried_as"] == str(retries[0].number)
+        assert {r.info.status for r in runs} <= {"FINISHED", "KILLED", "FAILED"}
+        for run in runs:  # the storage's password is in no param or tag
+            assert PASSWORD not in repr(run.data.params) + repr(run.data.tags)
+        assert parent.data.params["sweep.storage"].startswith("postgresql://optuna:***@")
+
+        # Artifacts went through the server: nothing in the workers' or coordinator's folders.
+        for folder in [tmp_path / "coordinator", *(tmp_path / f"worker{i}" for i in
+                                                   range(WORKERS))]:
+            assert list(folder.iterdir()) == [], folder
+        assert any(server.artifacts.rglob("model.pt2"))
+        assert any(server.artifacts.rglob("data.parquet"))
+
+        # The champion, from another process that knows only the server.
+        loaded = subprocess.run(
+            [sys.executable, "-c",
+             "import mlflow, pandas as pd; "
+             "m = mlflow.pyfunc.load_model('models:/line_fit_15pts@champion'); "
+             "print(m.predict(pd.DataFrame({'x': [3.3, 4.4]})).to_json())"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+            env=subprocess_env(MLFLOW_TRACKING_URI=server.url))
+        assert loaded.returncode == 0, loaded.stderr[-2000:]
+        assert '"y":{"0":' in loaded.stdout
