@@ -83,8 +83,42 @@ def tracking_costs(epochs: int) -> dict:
         module = LinearRegressor(torch.ones(2, 3), torch.zeros(2))
         with tracking.run(experiment, "model"):
             results["log_model with explicit pip requirements (s)"] = round(timed(
-                lambda: tracking.log_model(module, dataset.features.astype("float32"), dataset)
+                lambda: tracking.log_model(module, dataset, "float32")
             ), 3)
+    return results
+
+
+def many_trials(rows: int, trials: int = 100, epochs: int = 1000) -> dict:
+    """Trials trained together (pipeline.engine) against one at a time, and the full-batch
+    sweep from sufficient statistics against one pass over the data."""
+    import numpy as np
+
+    from pipeline import config, data, engine
+    from pipeline.train import train
+
+    results = {}
+    exp = config.load("crop_yields_manual")
+    dataset = data.build(exp.data, exp.seed)
+    lrs = list(np.geomspace(1e-7, 1e-4, trials))
+    counts = [int(c) for c in np.linspace(10, 200, trials)]
+    alone = timed(lambda: [train(config.with_train(exp, lr=lr, epochs=n).train, dataset)
+                           for lr, n in zip(lrs, counts, strict=True)])
+    together = timed(lambda: engine.train_many(exp.train, dataset, None, lrs, counts,
+                                               program="loop"), repeat=3)
+    results[f"{trials} crop trials one at a time (s)"] = round(alone, 3)
+    results[f"{trials} crop trials together, loop (s)"] = round(together, 3)
+    results["together / one at a time"] = round(together / alone, 4)
+
+    big = config.load("synthetic", [f"data.n_rows={rows}", "data.n_features=32",
+                                    "data.n_targets=1", "val_fraction=0", "batch_size=null"])
+    big_data = data.build(big.data, big.seed)
+    one_pass = timed(lambda: big_data.features.sum(axis=0), repeat=3)
+    sweep = timed(lambda: engine.train_many(big.train, big_data, None,
+                                            list(np.geomspace(1e-3, 0.5, trials)),
+                                            [epochs] * trials, program="statistics"))
+    results[f"one pass over {rows}x32 (s)"] = round(one_pass, 4)
+    results[f"{trials} trials x {epochs} epochs from statistics (s)"] = round(sweep, 3)
+    results["statistics sweep / one pass"] = round(sweep / one_pass, 2)
     return results
 
 
@@ -98,7 +132,7 @@ def main() -> None:
 
     results = {"rows": args.rows, "epochs": args.epochs}
     for part in (cli_startup, lambda: training(args.rows, args.epochs),
-                 lambda: tracking_costs(args.curve)):
+                 lambda: tracking_costs(args.curve), lambda: many_trials(args.rows)):
         results.update(part())
     width = max(map(len, results))
     for key, value in results.items():

@@ -200,10 +200,12 @@ def run(experiment, tracking_uri: str, device: str | None) -> None:
               help="Integer epochs range. Default: the config's sweep.epochs.")
 @click.option("--log-models", type=click.Choice(["best", "all"]), default="best",
               show_default=True, help="Log a model for the best trial only, or for every trial.")
+@click.option("--batch", type=int, default=8, show_default=True,
+              help="Trials each worker asks for at once and trains together, as one program.")
 def sweep(experiment, tracking_uri: str, device: str | None, n_trials: int,
           timeout: float | None, storage: str, study_name: str | None, workers: int,
           sampler: str, pruner: str, seed: int | None, lr_range, epochs_range,
-          log_models: str) -> None:
+          log_models: str, batch: int) -> None:
     """Search lr and epochs with Optuna; one MLflow parent run, a child run per trial.
 
     The best trial's model is registered under the experiment's name; the alias `champion`
@@ -214,7 +216,7 @@ def sweep(experiment, tracking_uri: str, device: str | None, n_trials: int,
         n_trials=n_trials, storage=storage, study_name=study_name, workers=workers,
         timeout=timeout, sampler=sampler, pruner=pruner,
         seed=experiment.seed if seed is None else seed, log_models=log_models,
-        lr_range=lr_range, epochs_range=epochs_range,
+        lr_range=lr_range, epochs_range=epochs_range, batch=batch,
     )
     settings.validate()  # before the heavy imports: bad input answers at once
     from pipeline import interrupts, tracking

@@ -229,8 +229,11 @@ class SweepSettings:
     log_models: str = "best"
     lr_range: tuple[float, float] | None = None
     epochs_range: tuple[int, int] | None = None
+    batch: int = 8
 
     def validate(self) -> None:
+        if self.batch < 1:
+            raise ConfigError(f"--batch must be >= 1, got {self.batch}")
         if self.n_trials < 1:
             raise ConfigError(f"--n-trials must be >= 1, got {self.n_trials}")
         if self.workers < 0:

@@ -111,6 +111,9 @@ class LinearRegressor(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear_forward(x, self.weight, self.bias, self.activation)
 
+    def to_module(self) -> nn.Module:
+        return self
+
 
 class BuiltinLinear(nn.Module):
     """``nn.Linear``, with ReLU applied before the bias where the experiment asks for it."""

@@ -20,6 +20,7 @@ import hashlib
 import os
 import socket
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -197,6 +198,7 @@ class Spec:
     sampler: str
     pruner: str
     seed: int | None
+    batch: int = 1  # trials a worker trains together
 
     def to_attr(self) -> dict:
         return asdict(self)
@@ -219,7 +221,11 @@ def read_spec(study: optuna.Study) -> Spec:
 def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # Trials asked together (a batch, other workers) count as the worst seen so far
+        # while they run, so TPE does not propose the same point to all of them.
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
 
 
 def make_pruner(name: str) -> optuna.pruners.BasePruner:
@@ -270,6 +276,37 @@ def finished(study: optuna.Study) -> int:
 
 
 # --- dead workers -------------------------------------------------------------------------------
+
+
+def beat(study: optuna.Study, storage, trial: optuna.Trial) -> None:
+    """Record one heartbeat of ``trial`` on a relational storage (nothing on a journal)."""
+    if isinstance(storage, RDBStorage):
+        study_id = storage.get_study_id_from_name(study.study_name)
+        storage.record_heartbeat(
+            storage.get_trial_id_from_study_id_trial_number(study_id, trial.number))
+
+
+@contextlib.contextmanager
+def heartbeats(study: optuna.Study, storage, trials: list) -> Iterator[None]:
+    """While the block runs, a thread records the trials' heartbeats every ``HEARTBEAT_S``
+    (what ``study.optimize`` does for one trial, here for a batch asked with ``study.ask``)."""
+    if not isinstance(storage, RDBStorage):
+        yield
+        return
+    stop = threading.Event()
+
+    def beating() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            for trial in trials:
+                beat(study, storage, trial)
+
+    thread = threading.Thread(target=beating, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def worker_identity(trial_number: int) -> dict:

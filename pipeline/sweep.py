@@ -123,7 +123,7 @@ def _set_up(study: optuna.Study, exp: Experiment, settings: SweepSettings, datas
         parent_run_id=parent_run_id, experiment_id=experiment_id,
         tracking_uri=tracking.portable_uri(tracking_uri), data_uri=data_uri, data_key=data_key,
         log_models=settings.log_models, sampler=settings.sampler, pruner=settings.pruner,
-        seed=settings.seed)
+        seed=settings.seed, batch=settings.batch)
     study.set_user_attr(studies.SPEC_ATTR, spec.to_attr())
     return spec
 

@@ -8,6 +8,7 @@ per epoch. Models are logged in torch.export (``pt2``) form with explicit pip re
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -187,7 +188,9 @@ def run(
     mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
 
 
+@functools.cache
 def environment_tags() -> dict[str, str]:
+    """Torch version and git commit: computed once per process, not once per run."""
     tags = {"torch_version": torch.__version__}
     if commit := _git_commit():
         tags["git_commit"] = commit

@@ -77,7 +77,16 @@ def train(
     NaN, rose above ``DIVERGENCE_FACTOR`` times its start (training stops there), or ended
     above where it started (each step overshoots: lr is past the stable edge).
     """
-    result = _fit(config, train_set, val_set, on_epoch)
+    return finish(_fit(config, train_set, val_set, on_epoch))
+
+
+def diverging(loss: float, start: float) -> bool:
+    """The per-epoch half of the divergence rule: inf, NaN, or far above the start."""
+    return not math.isfinite(loss) or loss > DIVERGENCE_FACTOR * max(start, 1e-12)
+
+
+def finish(result: TrainResult) -> TrainResult:
+    """The end-of-training half: a curve that ends above its start diverged too."""
     curve = result.train_loss
     if not result.diverged and result.stopped_at is None and len(curve) > 1 and (
             curve[-1] > curve[0]):
@@ -121,7 +130,7 @@ def _fit(config, train_set, val_set, on_epoch) -> TrainResult:
         if record(0, objective(model(x), y, config.loss)):
             return result
     for epoch in range(1, config.epochs + 1):
-        for xb, yb in _batches(x, y, config):
+        for xb, yb in batches(x, y, config):
             step.update(*step.forward(xb, yb))
         with torch.no_grad():
             if record(epoch, objective(model(x), y, config.loss)):
@@ -145,9 +154,8 @@ def _recorder(result: TrainResult, model, config: TrainConfig, val, on_epoch):
             result.parameter_path.append(
                 [v for p in model.parameters() for v in p.detach().flatten().tolist()]
             )
-        start = result.train_loss[0]
-        if (not math.isfinite(value) or (val_value is not None and not math.isfinite(val_value))
-                or value > DIVERGENCE_FACTOR * max(start, 1e-12)):
+        if diverging(value, result.train_loss[0]) or (
+                val_value is not None and not math.isfinite(val_value)):
             result.diverged_at = epoch
             return True
         if on_epoch is not None and on_epoch(epoch, value, val_value):
@@ -184,7 +192,7 @@ class IndexBatches(Sampler):
         return math.ceil(self.n_rows / self.batch_size)
 
 
-def _batches(x: torch.Tensor, y: torch.Tensor, config: TrainConfig):
+def batches(x: torch.Tensor, y: torch.Tensor, config: TrainConfig):
     """``TensorDataset`` + ``DataLoader`` over the tensors already on the device."""
     sampler = IndexBatches(x.shape[0], config.batch_size or x.shape[0], config.shuffle, x.device)
     return DataLoader(TensorDataset(x, y), sampler=sampler, batch_size=None)

@@ -1,4 +1,4 @@
-"""One sweep trial: train with Optuna's lr and epochs, tracked as a child run of the sweep.
+"""Sweep trials: trained together in batches, each tracked as a child run of the sweep.
 
 The trial's MLflow run is created with the parent's id explicitly (so nesting holds in any
 process) and ends with a status mirroring the trial: COMPLETE -> FINISHED, PRUNED -> KILLED,
@@ -8,13 +8,14 @@ its user attribute ``mlflow_run_id``, and the process that runs it as ``worker``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from pipeline import config as configs
-from pipeline import data, interrupts, tracking
+from pipeline import data, engine, interrupts, tracking
 from pipeline import study as studies
 from pipeline import train as training
 from pipeline.config import Experiment
@@ -37,6 +38,7 @@ class TrialContext:
     parent_run_id: str
     study_name: str
     log_models: str
+    batch: int = 1  # trials trained together
 
     @property
     def report_every(self) -> int:
@@ -52,12 +54,36 @@ def objective_value(result: training.TrainResult, exp: Experiment,
     return value / val_set.targets.size if exp.train.loss == "sum" else value
 
 
-def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float:
-    """Optuna's objective: the trial's value, or ``TrialPruned`` when pruned or diverged."""
-    lr = trial.suggest_float("lr", *ctx.lr, log=True)
-    epochs = trial.suggest_int("epochs", *ctx.epochs)
+def run_batch(study: optuna.Study, asked: list[optuna.Trial], ctx: TrialContext,
+              on_told: Callable[[optuna.Study, FrozenTrial], None] | None = None) -> None:
+    """Train the asked trials together (:func:`engine.train_many`) and tell Optuna each one.
+
+    Each trial gets its MLflow run first; a pruned or diverged trial leaves the batch at its
+    epoch. On Ctrl-C or SIGTERM every run of the batch ends KILLED and its trial FAIL.
+    """
+    lrs = [trial.suggest_float("lr", *ctx.lr, log=True) for trial in asked]
+    epochs = [trial.suggest_int("epochs", *ctx.epochs) for trial in asked]
+    train_set, val_set = data.split(ctx.dataset, ctx.exp.val_fraction, ctx.exp.seed)
+    run_ids = [_open_run(trial, ctx, lr, count)
+               for trial, lr, count in zip(asked, lrs, epochs, strict=True)]
+    watch = _Watch(asked, ctx.report_every)
+    try:
+        results = engine.train_many(ctx.exp.train, train_set, val_set, lrs, epochs,
+                                    on_epoch=watch)
+    except BaseException as err:
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        for trial, run_id in zip(asked, run_ids, strict=True):
+            tracking.close_run(run_id, status, tags={"optuna_state": TrialState.FAIL.name})
+            study.tell(trial, state=TrialState.FAIL)
+        raise
+    for k, (trial, run_id, result) in enumerate(zip(asked, run_ids, results, strict=True)):
+        frozen = _tell(study, trial, run_id, result, watch.pruned[k], ctx, train_set, val_set)
+        if on_told is not None:
+            on_told(study, frozen)
+
+
+def _open_run(trial: optuna.Trial, ctx: TrialContext, lr: float, epochs: int) -> str:
     exp = configs.with_train(ctx.exp, lr=lr, epochs=epochs)
-    train_set, val_set = data.split(ctx.dataset, exp.val_fraction, exp.seed)
     trial.set_user_attr(studies.WORKER_ATTR, studies.worker_identity(trial.number))
     run_id = tracking.open_child(
         ctx.experiment_id, ctx.parent_run_id,
@@ -67,52 +93,46 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float:
               "optuna_trial": str(trial.number)},
     )
     trial.set_user_attr("mlflow_run_id", run_id)
-    watch = _Watch(trial, ctx.report_every)
-    state, result, tags, metrics = TrialState.FAIL, None, {}, {}
-    status = None
-    try:
-        result = training.train(exp.train, train_set, val_set, on_epoch=watch)
-        tags["diverged"] = str(result.diverged).lower()
-        trial.set_user_attr("diverged", result.diverged)
-        if result.diverged or watch.pruned:
-            state = TrialState.PRUNED
-            raise optuna.TrialPruned(f"diverged at epoch {result.diverged_at}"
-                                     if result.diverged else "pruned by the pruner")
-        value = objective_value(result, exp, val_set)
-        metrics["objective"] = value
-        if ctx.log_models == "all":
-            with tracking.resumed(run_id):
-                tags["model_uri"] = tracking.log_model(
-                    result.model.to_module(), train_set, exp.train.dtype)
-        state = TrialState.COMPLETE
-        return value
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        curves = {}
-        if result is not None:
-            curves["train_loss"] = result.train_loss
-            if result.val_loss:
-                curves["val_loss"] = result.val_loss
-        tracking.close_run(run_id, status or RUN_STATUS[state], curves, metrics,
-                           {**tags, "optuna_state": state.name})
+    return run_id
+
+
+def _tell(study, trial, run_id: str, result: training.TrainResult, pruned: bool,
+          ctx: TrialContext, train_set: Dataset, val_set: Dataset | None) -> FrozenTrial:
+    """Close the trial's run with its curves, then tell Optuna how it ended."""
+    trial.set_user_attr("diverged", result.diverged)
+    curves = {"train_loss": result.train_loss}
+    if result.val_loss:
+        curves["val_loss"] = result.val_loss
+    tags = {"diverged": str(result.diverged).lower()}
+    if result.diverged or pruned:
+        tracking.close_run(run_id, RUN_STATUS[TrialState.PRUNED], curves, {},
+                           {**tags, "optuna_state": TrialState.PRUNED.name})
+        return study.tell(trial, state=TrialState.PRUNED)
+    value = objective_value(result, ctx.exp, val_set)
+    if ctx.log_models == "all":
+        with tracking.resumed(run_id):
+            tags["model_uri"] = tracking.log_model(result.model.to_module(), train_set,
+                                                   ctx.exp.train.dtype)
+    tracking.close_run(run_id, RUN_STATUS[TrialState.COMPLETE], curves, {"objective": value},
+                       {**tags, "optuna_state": TrialState.COMPLETE.name})
+    return study.tell(trial, value)
 
 
 class _Watch:
-    """Per-epoch hook: stops on Ctrl-C or SIGTERM, reports to the pruner every few epochs."""
+    """Per-epoch hook of a batch: stops on Ctrl-C or SIGTERM, reports to the pruner."""
 
-    def __init__(self, trial: optuna.Trial, report_every: int) -> None:
-        self.trial, self.report_every = trial, report_every
-        self.pruned = False
+    def __init__(self, asked: list[optuna.Trial], report_every: int) -> None:
+        self.asked, self.report_every = asked, report_every
+        self.pruned = [False] * len(asked)
 
-    def __call__(self, epoch: int, train_loss: float, val_loss: float | None) -> bool:
+    def __call__(self, k: int, epoch: int, train_loss: float, val_loss: float | None) -> bool:
         interrupts.check()
         if epoch == 0 or epoch % self.report_every:
             return False
-        self.trial.report(val_loss if val_loss is not None else train_loss, epoch)
-        if self.trial.should_prune():
-            self.pruned = True
+        trial = self.asked[k]
+        trial.report(val_loss if val_loss is not None else train_loss, epoch)
+        if trial.should_prune():
+            self.pruned[k] = True
             return True
         return False
 

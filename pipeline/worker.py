@@ -58,7 +58,7 @@ def context(spec: studies.Spec, study_name: str) -> trials.TrialContext:
     return trials.TrialContext(
         exp=exp, dataset=tracking.read_dataset(spec.data_uri), lr=spec.lr, epochs=spec.epochs,
         experiment_id=spec.experiment_id, parent_run_id=spec.parent_run_id,
-        study_name=study_name, log_models=spec.log_models)
+        study_name=study_name, log_models=spec.log_models, batch=spec.batch)
 
 
 def run(storage_url: str, study_name: str, tracking_uri: str | None = None, offset: int = 0,
@@ -88,13 +88,26 @@ def loop(study: optuna.Study, storage, ctx: trials.TrialContext, total: int,
         if deadline is not None and time.monotonic() > deadline:
             break
         studies.recover_dead_trials(study, storage, trials.close_dead_trial_run)
-        try:
-            study.optimize(lambda trial: trials.run_trial(trial, ctx), n_trials=1,
-                           callbacks=[callback], gc_after_trial=False)
-            ran += 1
-        except studies.BudgetReached:
+        asked = ask(study, storage, min(ctx.batch, total - studies.finished(study)))
+        if not asked:
             pause(POLL_S)  # the rest of the total is running elsewhere
+            continue
+        with studies.heartbeats(study, storage, asked):
+            trials.run_batch(study, asked, ctx, on_told=callback)
+        ran += len(asked)
     return Outcome(ran, studies.finished(study), total)
+
+
+def ask(study: optuna.Study, storage, count: int) -> list[optuna.Trial]:
+    """Up to ``count`` new trials (queued retries first), as many as the total allows."""
+    asked = []
+    try:
+        while len(asked) < count:
+            asked.append(study.ask())
+            studies.beat(study, storage, asked[-1])  # a heartbeat from the first moment
+    except studies.BudgetReached:
+        pass
+    return asked
 
 
 def pause(seconds: float) -> None:

@@ -1,0 +1,116 @@
+"""Many trials as one program: each trial's curve is the curve `pipeline train` gives alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline import config, data, engine, theory
+from pipeline.train import train
+
+# (experiment, overrides, lr factors of the stable edge, epochs): every kind of model and loop.
+CASES = {
+    "manual, full batch, mean": ("crop_yields_manual", [], (0.05, 0.3, 0.9), (40, 100, 70)),
+    "builtin, shuffled batches of 5": ("crop_yields_builtin", [], (0.05, 0.3, 0.6),
+                                       (30, 60, 45)),
+    "manual ReLU, sum, float64": ("relu_line", [], (0.1, 0.5, 0.9), (149, 60, 100)),
+    "manual, no bias": ("slope_only", [], (0.1, 0.5, 0.9), (4, 10, 7)),
+    "builtin, full batch": ("line_2x_plus_1", [], (0.1, 0.5, 0.9), (100, 50, 80)),
+    "builtin, batches and a validation split": (
+        "synthetic", ["data.n_rows=600"], (0.02, 0.1, 0.3), (8, 15, 12)),
+    "manual, unshuffled batches, sum": (
+        "synthetic", ["model=manual", "loss=sum", "shuffle=false", "batch_size=128",
+                      "data.n_rows=500"], (0.001, 0.004, 0.008), (6, 9, 12)),
+    "builtin ReLU, shuffled": ("synthetic", ["activation=relu", "data.n_rows=300"],
+                               (0.05, 0.1, 0.2), (5, 10, 8)),
+}
+
+
+def prepared(name: str, overrides: list[str]):
+    exp = config.load(name, overrides)
+    dataset = data.build(exp.data, exp.seed)
+    train_set, val_set = data.split(dataset, exp.val_fraction, exp.seed)
+    edge = theory.learning_rates(train_set, exp.train.has_bias, exp.train.loss)["lr_max_stable"]
+    return exp, train_set, val_set, edge
+
+
+def alone(exp, train_set, val_set, lr: float, epochs: int):
+    return train(config.with_train(exp, lr=lr, epochs=epochs).train, train_set, val_set)
+
+
+def tolerance(exp) -> float:
+    return 1e-9 if exp.train.dtype == "float64" else 2e-4
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_each_trial_matches_training_it_alone(case):
+    name, overrides, factors, epochs = CASES[case]
+    exp, train_set, val_set, edge = prepared(name, overrides)
+    lrs = [f * edge for f in factors]
+    together = engine.train_many(exp.train, train_set, val_set, lrs, epochs, program="loop")
+    for lr, count, result in zip(lrs, epochs, together, strict=True):
+        single = alone(exp, train_set, val_set, lr, count)
+        assert len(result.train_loss) == len(single.train_loss) == count + 1
+        np.testing.assert_allclose(result.train_loss, single.train_loss, rtol=tolerance(exp))
+        np.testing.assert_allclose(result.val_loss, single.val_loss, rtol=tolerance(exp))
+        assert result.diverged == single.diverged
+
+
+FULL_BATCH = ["line_fit_15pts", "crop_yields_manual", "line_2x_plus_1", "slope_only"]
+
+
+@pytest.mark.parametrize("name", [*FULL_BATCH, "synthetic"])
+def test_sufficient_statistics_give_the_loops_curves(name):
+    overrides = ["batch_size=null", "data.n_rows=3000", "data.n_features=6"] * (
+        name == "synthetic")
+    exp, train_set, val_set, edge = prepared(name, overrides)
+    assert engine.exact_from_statistics(exp.train, train_set.n_rows)
+    lrs, epochs = [0.1 * edge, 0.5 * edge, 0.95 * edge], [20, 35, 50]
+    from_statistics = engine.train_many(exp.train, train_set, val_set, lrs, epochs,
+                                        program="statistics")
+    looped = engine.train_many(exp.train, train_set, val_set, lrs, epochs, program="loop")
+    for lr, count, result, loop in zip(lrs, epochs, from_statistics, looped, strict=True):
+        single = alone(exp, train_set, val_set, lr, count)
+        np.testing.assert_allclose(result.train_loss, single.train_loss, rtol=2e-4)
+        np.testing.assert_allclose(result.val_loss, single.val_loss, rtol=2e-4)
+        np.testing.assert_allclose(result.train_loss, loop.train_loss, rtol=2e-4)
+
+
+def test_tutorial_000_numbers_from_statistics():
+    exp, train_set, _, _ = prepared("line_fit_15pts", [])
+    [result] = engine.train_many(exp.train, train_set, None, [exp.train.lr], [exp.train.epochs])
+    assert result.train_loss[0] == pytest.approx(104.9967, rel=1e-6)
+    assert result.train_loss[10] == pytest.approx(0.20337, rel=1e-4)
+
+
+def test_statistics_are_used_only_where_exact():
+    relu = config.load("relu_line").train
+    batches = config.load("crop_yields_builtin").train
+    full = config.load("crop_yields_manual").train
+    assert not engine.exact_from_statistics(relu, 40)
+    assert not engine.exact_from_statistics(batches, 15)
+    assert engine.exact_from_statistics(full, 5)
+
+
+def test_a_diverging_trial_stops_alone_and_the_others_go_on():
+    exp, train_set, _, edge = prepared("slope_only", [])
+    lrs, epochs = [0.5 * edge, 30 * edge, 0.9 * edge], [50, 50, 50]
+    results = engine.train_many(exp.train, train_set, None, lrs, epochs)
+    single = alone(exp, train_set, None, lrs[1], 50)
+    assert results[1].diverged and results[1].diverged_at == single.diverged_at < 50
+    assert not results[0].diverged and len(results[0].train_loss) == 51
+    assert not results[2].diverged and len(results[2].train_loss) == 51
+
+
+def test_the_callback_stops_one_trial():
+    exp, train_set, _, edge = prepared("crop_yields_manual", [])
+    seen = []
+
+    def stop_the_second_at_5(trial, epoch, train_loss, val_loss):
+        seen.append((trial, epoch))
+        return trial == 1 and epoch == 5
+
+    results = engine.train_many(exp.train, train_set, None, [0.1 * edge, 0.2 * edge],
+                                [10, 10], on_epoch=stop_the_second_at_5)
+    assert results[1].stopped_at == 5 and len(results[1].train_loss) == 6
+    assert len(results[0].train_loss) == 11 and (0, 10) in seen and (1, 6) not in seen
