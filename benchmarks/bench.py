@@ -5,7 +5,11 @@ Measures, on whatever machine runs it:
 - training throughput (rows × epochs per second) of both models, full batch and mini-batch,
   on a synthetic set of --rows rows, and the peak memory of the process;
 - the cost of logging a curve to the tracking store: one batch against one call per epoch;
-- logging a model with explicit pip requirements.
+- logging a model with explicit pip requirements;
+- trials trained together against one at a time, and a sufficient-statistics sweep against one
+  pass over the data;
+- the project's 100-trial sweep against the naive peer (benchmarks/naive_peer.py), tracked and
+  untracked, with and without per-trial models, side by side in one run.
 """
 
 from __future__ import annotations
@@ -122,17 +126,88 @@ def many_trials(rows: int, trials: int = 100, epochs: int = 1000) -> dict:
     return results
 
 
+SWEEP_ARGS = ["-e", "crop_yields_builtin", "--lr-range", "1e-7", "1e-4", "--epochs-range",
+              "10", "200", "--pruner", "none"]
+
+
+def untracked_sweep(trials: int) -> None:
+    """The project's sweep without MLflow: Optuna in memory, trials trained in batches."""
+    import optuna
+
+    from pipeline import config, data, engine
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    exp = config.load("crop_yields_builtin")
+    dataset = data.build(exp.data, exp.seed)
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0, constant_liar=True))
+    while len(study.trials) < trials:
+        asked = [study.ask() for _ in range(min(8, trials - len(study.trials)))]
+        lrs = [t.suggest_float("lr", 1e-7, 1e-4, log=True) for t in asked]
+        epochs = [t.suggest_int("epochs", 10, 200) for t in asked]
+        for trial, result in zip(asked, engine.train_many(exp.train, dataset, None, lrs, epochs),
+                                 strict=True):
+            study.tell(trial, result.train_loss[-1])
+
+
+def versus_naive_peer(trials: int, model_trials: int) -> dict:
+    """Wall time of whole commands, start-up included, side by side in one run."""
+    peer = [sys.executable, str(Path(__file__).with_name("naive_peer.py"))]
+    ours = [sys.executable, "-m", "pipeline", "sweep", *SWEEP_ARGS]
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        def wall(command, name) -> float:
+            seconds = timed(lambda: subprocess.run(command, check=True, capture_output=True,
+                                                   cwd=folder))
+            results[f"{name} (s)"] = round(seconds, 2)
+            return seconds
+
+        store = f"sqlite:///{folder}/peer.db"
+        peer_tracked = wall([*peer, "--trials", str(trials), "--tracking-uri", store],
+                            f"naive peer, {trials} trials, tracked")
+        peer_untracked = wall([*peer, "--trials", str(trials), "--untracked"],
+                              f"naive peer, {trials} trials, untracked")
+        peer_models = wall([*peer, "--trials", str(model_trials), "--log-models",
+                            "--tracking-uri", store],
+                           f"naive peer, {model_trials} trials with models")
+        ours_tracked = wall([*ours, "--n-trials", str(trials), "--tracking-uri",
+                             f"sqlite:///{folder}/ours.db", "--storage", f"{folder}/a.journal"],
+                            f"pipeline sweep, {trials} trials, tracked")
+        ours_untracked = wall([sys.executable, __file__, "--untracked-sweep", str(trials)],
+                              f"pipeline engine, {trials} trials, untracked")
+        ours_models = wall([*ours, "--n-trials", str(trials), "--log-models", "all",
+                            "--tracking-uri", f"sqlite:///{folder}/models.db",
+                            "--storage", f"{folder}/b.journal"],
+                           f"pipeline sweep, {trials} trials with models")
+    # The peer's model logging is too slow to run in full: its per-trial cost, scaled.
+    per_model = (peer_models - peer_tracked * model_trials / trials) / model_trials
+    peer_models_full = peer_tracked + per_model * trials
+    results[f"naive peer, {trials} trials with models, scaled (s)"] = round(peer_models_full, 1)
+    results["speed-up over the peer, tracked"] = round(peer_tracked / ours_tracked, 2)
+    results["speed-up over the peer, with models"] = round(peer_models_full / ours_models, 2)
+    results["ours tracked / untracked"] = round(ours_tracked / ours_untracked, 2)
+    results["peer tracked / untracked"] = round(peer_tracked / peer_untracked, 2)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--curve", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    parser.add_argument("--trials", type=int, default=100)
+    parser.add_argument("--model-trials", type=int, default=5,
+                        help="trials of the naive peer that log a model (slow: scaled up)")
+    parser.add_argument("--untracked-sweep", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.untracked_sweep is not None:
+        untracked_sweep(args.untracked_sweep)
+        return
 
     results = {"rows": args.rows, "epochs": args.epochs}
     for part in (cli_startup, lambda: training(args.rows, args.epochs),
-                 lambda: tracking_costs(args.curve), lambda: many_trials(args.rows)):
+                 lambda: tracking_costs(args.curve), lambda: many_trials(args.rows),
+                 lambda: versus_naive_peer(args.trials, args.model_trials)):
         results.update(part())
     width = max(map(len, results))
     for key, value in results.items():
@@ -140,6 +215,10 @@ def main() -> None:
     args.out.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (args.out / f"bench-{stamp}.json").write_text(json.dumps(results, indent=2))
+    table = ["| measure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in results.items())]
+    (args.out / f"bench-{stamp}.md").write_text("\n".join(table) + "\n")
+    with open(args.out / f"bench-{stamp}.csv", "w") as out:
+        out.write("measure,value\n" + "".join(f'"{k}",{v}\n' for k, v in results.items()))
 
 
 if __name__ == "__main__":

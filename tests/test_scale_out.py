@@ -57,10 +57,12 @@ def test_workers_on_postgres_and_a_tracking_server(tmp_path, postgres_server):
         assert PASSWORD not in " ".join(said)
         # The printed command, with the password from PGPASSWORD instead of the URL.
         storage_without_password = postgres_server.url("scale_out", password=False)
+        # The first worker stands for another machine: only its heartbeats can tell it died.
         workers = [
             _start([sys.executable, "-m", "pipeline", "worker", "--storage",
                     storage_without_password, "--study", command[command.index("--study") + 1]],
-                   tmp_path / f"worker{i}", PGPASSWORD=PASSWORD)
+                   tmp_path / f"worker{i}", PGPASSWORD=PASSWORD,
+                   PIPELINE_WORKER_HOST="elsewhere" if i == 0 else "")
             for i in range(WORKERS)
         ]
         victim = workers[0][0]
@@ -86,6 +88,7 @@ def test_workers_on_postgres_and_a_tracking_server(tmp_path, postgres_server):
         # The victim's trials (its whole batch) failed, and each was retried once, same params.
         killed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
         assert killed and {t.user_attrs["worker"]["pid"] for t in killed} == {victim.pid}
+        assert {t.user_attrs["worker"]["host"] for t in killed} == {"elsewhere"}
         retried_as = {}
         for dead in killed:
             retries = [t for t in trials if t.system_attrs.get("failed_trial") == dead.number]
