@@ -138,13 +138,18 @@ def _have_trials_run(study, storage, ctx, settings: SweepSettings, tracking_uri:
     echo(f"sweep {study.study_name}: {missing} of {settings.n_trials} trials to run "
          f"(lr in [{ctx.lr[0]:.3g}, {ctx.lr[1]:.3g}], epochs in "
          f"[{ctx.epochs[0]}, {ctx.epochs[1]}]) on {settings.workers or 'remote'} worker(s)")
-    if settings.workers == 0:
+    workers, cores = settings.workers, os.cpu_count() or 1
+    if workers > cores:
+        echo(f"--workers {workers} is more than this machine's {cores} cores: running {cores}, "
+             "as more would only take turns on them")
+        workers = cores
+    if workers == 0:
         echo("start workers on any machine with:\n  " + worker_command(settings, study))
         _wait_for_total(study, storage, settings.n_trials, settings.timeout)
-    elif settings.workers == 1:  # the worker loop, in this process
+    elif workers == 1:  # the worker loop, in this process
         worker.loop(study, storage, ctx, settings.n_trials, settings.timeout, echo)
     else:
-        _local_workers(study, settings, tracking_uri)
+        _local_workers(study, settings, workers, tracking_uri)
 
 
 def _wait_for_total(study, storage, total: int, timeout: float | None) -> None:
@@ -165,15 +170,16 @@ def worker_command(settings: SweepSettings, study: optuna.Study) -> str:
             f"--study {shlex.quote(study.study_name)}")
 
 
-def _local_workers(study: optuna.Study, settings: SweepSettings, tracking_uri: str) -> None:
+def _local_workers(study: optuna.Study, settings: SweepSettings, workers: int,
+                   tracking_uri: str) -> None:
     """K spawned processes running the worker loop; Ctrl-C here stops them with SIGTERM."""
     spawn = multiprocessing.get_context("spawn")
-    threads = max(1, (os.cpu_count() or 1) // settings.workers)
+    threads = max(1, (os.cpu_count() or 1) // workers)
     processes = [
         spawn.Process(target=worker.spawned,
                       args=(settings.storage, study.study_name, tracking_uri, index + 1,
                             settings.timeout, threads))
-        for index in range(settings.workers)
+        for index in range(workers)
     ]
     for process in processes:
         process.start()
