@@ -16,7 +16,7 @@ import click
 
 from pipeline import config as configs
 from pipeline import redact
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -34,7 +34,7 @@ class Group(click.Group):
             from mlflow.exceptions import MlflowException
 
             if isinstance(err, MlflowException):
-                message = redact.mask((err.message or type(err).__name__).strip().splitlines()[0])
+                message = redact.mask(first_line(err))
                 raise UserError(f"tracking store error: {message}") from None
             raise
 

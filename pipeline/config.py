@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 
 EXPERIMENTS_ENV = "PIPELINE_EXPERIMENTS_DIR"
 INIT_NAMES = ("torch", "randn", "rand", "zeros")
@@ -445,7 +445,7 @@ def read_raw(name_or_path: str) -> tuple[str, dict[str, Any]]:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: not valid YAML ({first_line(err)})") from None
     if raw is None:  # an empty file: build() then names the first missing key
         raw = {}
     if not isinstance(raw, dict):

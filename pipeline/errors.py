@@ -11,3 +11,10 @@ class UserError(click.ClickException):
 
 class DivergedError(UserError):
     """Training produced an infinite or NaN loss; the run is recorded as diverged."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (MLflow's ``.message`` where it has one), which is
+    all a user needs to read; the error's type name when the message is empty."""
+    message = str(getattr(err, "message", None) or err).strip()
+    return message.splitlines()[0] if message else type(err).__name__

@@ -14,7 +14,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 
 CHAMPION = "champion"
 
@@ -136,7 +136,7 @@ def promote(name: str, version: str, alias: str = CHAMPION, reason: str = "") ->
     try:
         client.set_registered_model_alias(name, alias, version)
     except MlflowException as err:
-        raise RegistryError(f"alias {alias!r} refused: {err.message.splitlines()[0]}") from None
+        raise RegistryError(f"alias {alias!r} refused: {first_line(err)}") from None
     record = {
         "by": getpass.getuser(),
         "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from pipeline import data, model_format
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 
 PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 PREDICT_CHUNK_ROWS = 1 << 16
@@ -154,11 +154,6 @@ def _names_of(meta) -> tuple[tuple[str, ...], tuple[str, ...]]:
     n_features = inputs[0].shape[-1] if inputs else None
     features = tuple(metadata.get("feature_names") or _names("x", n_features))
     return features, tuple(metadata.get("target_names") or ())
-
-
-def first_line(err: BaseException) -> str:
-    message = getattr(err, "message", None) or str(err) or type(err).__name__
-    return message.strip().splitlines()[0]
 
 
 def _names(prefix: str, count: int | None) -> tuple[str, ...]:

@@ -31,7 +31,7 @@ from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrial
 from optuna.trial import FrozenTrial, TrialState
 
 from pipeline import redact
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 IN_BUDGET = (*FINISHED, TrialState.RUNNING, TrialState.WAITING)
@@ -137,7 +137,7 @@ def open_storage(url: str, total: int | None = None, on_dead: OnDead | None = No
             raise SweepError(f"cannot open journal storage {url}: {err.strerror}") from None
         except Exception as err:  # replaying the log failed: a line Optuna did not write
             raise SweepError(f"journal storage {url} cannot be read (damaged?): "
-                             f"{_first_line(err)}") from None
+                             f"{first_line(err)}") from None
         storage.lock_name = str(Path(url).resolve())
     else:
         storage = _open_rdb(url, on_dead)
@@ -160,20 +160,16 @@ def _open_rdb(url: str, on_dead: OnDead | None) -> RDBStudyStorage:
                 grace_period=GRACE_S, heartbeat_stale_trial_callback=_StaleTrial(on_dead),
             )
     except Exception as err:  # SQLAlchemy raises many types for a bad or unreachable database
-        reason = _first_line(err)
+        reason = first_line(err)
         if "DB access module" in reason or isinstance(err, ImportError):
             reason = ("its database driver is not installed (postgresql:// needs psycopg 3: "
                       "pip install 'psycopg[binary]'; mysql:// needs PyMySQL)")
-        elif "too many clients" in reason or "remaining connection slots" in reason:
+        elif any(refusal in reason for refusal in (
+                "too many clients", "too many connections", "remaining connection slots")):
             reason = ("the database refuses more connections; raise its max_connections "
                       "or run fewer workers")
         raise SweepError(f"cannot open storage {redact.mask(url)}: "
                          f"{redact.mask(reason)[:200]}") from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 # --- what a worker needs ------------------------------------------------------------------------
@@ -261,7 +257,7 @@ def load(storage, study_name: str, sampler: str = "tpe", pruner: str = "median",
                 load_if_exists=True,
             )
     except (ValueError, RuntimeError) as err:
-        raise SweepError(f"study {study_name!r} cannot be read: {_first_line(err)}") from None
+        raise SweepError(f"study {study_name!r} cannot be read: {first_line(err)}") from None
 
 
 def counts(study: optuna.Study) -> dict[str, int]:

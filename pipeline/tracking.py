@@ -30,7 +30,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import redact
 from pipeline.data import Dataset
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 
 HEALTH_TIMEOUT_S = 5
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -128,12 +128,6 @@ def store_lock(uri: str) -> Iterator[None]:
     digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
     with filelock.FileLock(Path(tempfile.gettempdir()) / f"pipeline-store-{digest}.lock"):
         yield
-
-
-def first_line(err: BaseException) -> str:
-    """The first line of an error's message, which is all a user needs to read."""
-    message = getattr(err, "message", None) or str(err) or type(err).__name__
-    return str(message).strip().splitlines()[0] if str(message).strip() else type(err).__name__
 
 
 def experiment_name(experiment: str) -> str:
@@ -407,7 +401,7 @@ def read_dataset(uri: str) -> Dataset:
     try:
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
     except (MlflowException, OSError) as err:
-        message = getattr(err, "message", str(err)).splitlines()[0]
+        message = first_line(err)
         raise TrackingError(f"cannot fetch dataset {uri}: {message}") from None
     return data.read(Path(local))
 

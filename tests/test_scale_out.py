@@ -57,15 +57,16 @@ def test_workers_on_postgres_and_a_tracking_server(tmp_path, postgres_server):
         assert PASSWORD not in " ".join(said)
         # The printed command, with the password from PGPASSWORD instead of the URL.
         storage_without_password = postgres_server.url("scale_out", password=False)
+        study_name = command[command.index("--study") + 1]
+
+        def worker(i: int, host: str = ""):
+            return _start([sys.executable, "-m", "pipeline", "worker", "--storage",
+                           storage_without_password, "--study", study_name],
+                          tmp_path / f"worker{i}", PGPASSWORD=PASSWORD, PIPELINE_WORKER_HOST=host)
+
         # The first worker stands for another machine: only its heartbeats can tell it died.
-        workers = [
-            _start([sys.executable, "-m", "pipeline", "worker", "--storage",
-                    storage_without_password, "--study", command[command.index("--study") + 1]],
-                   tmp_path / f"worker{i}", PGPASSWORD=PASSWORD,
-                   PIPELINE_WORKER_HOST="elsewhere" if i == 0 else "")
-            for i in range(WORKERS)
-        ]
-        victim = workers[0][0]
+        # It is killed in the middle of its first trials, then the seven others start.
+        victim = worker(0, host="elsewhere")[0]
         study = optuna.load_study(study_name="line_fit_15pts", storage=storage)
 
         def victim_in_a_trial() -> bool:
@@ -76,6 +77,8 @@ def test_workers_on_postgres_and_a_tracking_server(tmp_path, postgres_server):
 
         _wait_for(victim_in_a_trial, 180, "the first worker to start a trial")
         victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=30)
+        workers = [(victim, []), *(worker(i) for i in range(1, WORKERS))]
         assert coordinator.wait(timeout=300) == 0, "".join(said[-20:])
         outcomes = [process.wait(timeout=60) for process, _ in workers[1:]]
         assert outcomes == [0] * (WORKERS - 1), [lines[-3:] for _, lines in workers]
@@ -138,3 +141,16 @@ def test_workers_on_postgres_and_a_tracking_server(tmp_path, postgres_server):
             env=subprocess_env(MLFLOW_TRACKING_URI=server.url))
         assert loaded.returncode == 0, loaded.stderr[-2000:]
         assert '"y":{"0":' in loaded.stdout
+
+
+def test_a_database_that_refuses_connections_says_so(workdir, postgres_server):
+    postgres_server.sql("create role limited login password 'limited-pw' connection limit 0")
+    storage = f"postgresql://limited:limited-pw@127.0.0.1:{postgres_server.port}/optuna"
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "sweep", "-e", "line_fit_15pts", "--n-trials", "2",
+         "--storage", storage], cwd=workdir, capture_output=True, text=True, timeout=120,
+        env=subprocess_env())
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert "the database refuses more connections" in lines[0]
+    assert "limited:***@" in lines[0] and "limited-pw" not in result.stderr + result.stdout
