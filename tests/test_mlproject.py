@@ -9,7 +9,8 @@ import mlflow
 import pandas as pd
 import pytest
 
-from tests.conftest import BIN, REPO, free_port, subprocess_env, wait_until_answering
+from tests import servers
+from tests.conftest import BIN, REPO, free_port, subprocess_env
 
 
 def test_mlflow_run_main_entry_point(workdir):
@@ -37,24 +38,10 @@ def test_mlflow_run_main_entry_point(workdir):
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on a free loopback port: one worker, artifacts proxied to a
-    folder of its own. Yields its URL and that folder."""
-    folder = tmp_path_factory.mktemp("server")
-    port = free_port()
-    server = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-         "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"],
-        cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env=subprocess_env(),
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_answering(f"{url}/health", 90)
-        yield url, folder / "artifacts"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    """A real `mlflow server` (tests/servers.py) shared by this module: its URL and the
+    folder its proxied artifacts go to."""
+    with servers.mlflow_server(tmp_path_factory.mktemp("server")) as server:
+        yield server.url, server.artifacts
 
 
 def test_pipeline_against_a_real_tracking_server(workdir, mlflow_server):
