@@ -89,6 +89,12 @@ class JournalStudyStorage(_Budget, JournalStorage):
 
 
 class RDBStudyStorage(_Budget, RDBStorage):
+    stale_trials: Callable[[optuna.Study, FrozenTrial], None] | None = None
+
+    def get_heartbeat_stale_trial_callback(self):
+        # Set by recover_dead_trials for the time it holds the lock (see there).
+        return self.stale_trials
+
     def _create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None):
         # Optuna wraps every RDBStorage in a cache that calls this method rather than the
         # public create_new_trial, so the total is kept here.
@@ -126,7 +132,7 @@ def file_lock(name: str) -> Iterator[None]:
         yield
 
 
-def open_storage(url: str, total: int | None = None, on_dead: OnDead | None = None):
+def open_storage(url: str, total: int | None = None):
     """A journal file for a path, a relational database for a URL; at most ``total`` trials."""
     if "://" not in url:
         from optuna.storages.journal import JournalFileBackend
@@ -140,13 +146,13 @@ def open_storage(url: str, total: int | None = None, on_dead: OnDead | None = No
                              f"{first_line(err)}") from None
         storage.lock_name = str(Path(url).resolve())
     else:
-        storage = _open_rdb(url, on_dead)
+        storage = _open_rdb(url)
         storage.lock_name = url
     storage.total = total
     return storage
 
 
-def _open_rdb(url: str, on_dead: OnDead | None) -> RDBStudyStorage:
+def _open_rdb(url: str) -> RDBStudyStorage:
     engine_kwargs = {"pool_pre_ping": True}
     if url.startswith("postgresql"):
         # One process holds a few connections (trials, heartbeats); keep each pool small so
@@ -157,7 +163,7 @@ def _open_rdb(url: str, on_dead: OnDead | None) -> RDBStudyStorage:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return RDBStudyStorage(
                 url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
-                grace_period=GRACE_S, heartbeat_stale_trial_callback=_StaleTrial(on_dead),
+                grace_period=GRACE_S,
             )
     except Exception as err:  # SQLAlchemy raises many types for a bad or unreachable database
         reason = first_line(err)
@@ -340,34 +346,46 @@ def _gone_from_this_host(identity: dict | None) -> bool:
 
 def recover_dead_trials(study: optuna.Study, storage, on_dead: OnDead | None = None) -> int:
     """Fail the RUNNING trials whose process is gone from this host and queue them again;
-    on a relational storage, also those whose heartbeat stopped (on any host)."""
-    recovered = 0
+    on a relational storage, also those whose heartbeat stopped (on any host).
+
+    Failing a trial and queueing its retry happen under the lock that guards trial creation:
+    between the two the study holds one trial fewer, and a worker asking then would take the
+    dead trial's place as well as its retry, one trial over the total.
+    """
+    retried = _StaleTrial()
     now = datetime.datetime.now()
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        identity = trial.user_attrs.get(WORKER_ATTR)
-        # A trial never claimed was created by a process killed in the same instant.
-        orphan = identity is None and trial.datetime_start is not None and (
-            (now - trial.datetime_start).total_seconds() > ORPHAN_S)
-        if orphan or (identity and identity.get("trial") == trial.number
-                      and _gone_from_this_host(identity)):
+    with storage.lock(study._study_id):
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            identity = trial.user_attrs.get(WORKER_ATTR)
+            # A trial never claimed was created by a process killed in the same instant.
+            orphan = identity is None and trial.datetime_start is not None and (
+                (now - trial.datetime_start).total_seconds() > ORPHAN_S)
+            if orphan or (identity and identity.get("trial") == trial.number
+                          and _gone_from_this_host(identity)):
+                try:
+                    study.tell(trial.number, state=TrialState.FAIL)
+                except (RuntimeError, ValueError):
+                    continue  # another process on this host failed it first
+                retried(study, study.trials[trial.number])
+        if isinstance(storage, RDBStorage):
+            storage.stale_trials = retried  # called back by fail_stale_trials
             try:
-                study.tell(trial.number, state=TrialState.FAIL)
-            except (RuntimeError, ValueError):
-                continue  # another process on this host failed it first
-            _StaleTrial(on_dead)(study, study.trials[trial.number])
-            recovered += 1
-    if isinstance(storage, RDBStorage):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
-    return recovered
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    optuna.storages.fail_stale_trials(study)
+            finally:
+                storage.stale_trials = None
+    for trial, retried_as in retried.done:  # outside the lock: this writes to MLflow
+        if on_dead is not None:
+            on_dead(study, trial, retried_as)
+    return len(retried.done)
 
 
 class _StaleTrial:
-    """Optuna's retry of a dead trial, then ``on_dead`` told which trial number retries it."""
+    """Optuna's retry of a dead trial, remembering which trial number retries it."""
 
-    def __init__(self, on_dead: OnDead | None) -> None:
-        self.on_dead = on_dead
+    def __init__(self) -> None:
+        self.done: list[tuple[FrozenTrial, int | None]] = []
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         with warnings.catch_warnings():
@@ -377,5 +395,4 @@ class _StaleTrial:
                 (t.number for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
                  if RetryHeartbeatStaleTrialCallback.retry_history(t)[-1:] == [trial.number]),
                 None)
-        if self.on_dead is not None:
-            self.on_dead(study, trial, retried_as)
+        self.done.append((trial, retried_as))

@@ -68,8 +68,7 @@ def run(exp: Experiment, settings: SweepSettings, experiment_id: str, tracking_u
     train_set, _ = data.split(dataset, exp.val_fraction, exp.seed)
     rates = theory.learning_rates(train_set, exp.train.has_bias, exp.train.loss)
     lr, epochs = search_space(exp, settings, rates)
-    storage = studies.open_storage(settings.storage, settings.n_trials,
-                                   on_dead=trials.close_dead_trial_run)
+    storage = studies.open_storage(settings.storage, settings.n_trials)
     with interrupts.deferred():
         with storage.lock(SETUP_LOCK):  # one process creates the study and the parent run
             study = studies.load(storage, study_name, settings.sampler, settings.pruner,

@@ -41,7 +41,7 @@ def join(storage_url: str, study_name: str, offset: int = 0, wait_s: float = CON
     deadline = time.monotonic() + wait_s
     while True:  # the database may still be starting, or the coordinator setting the study up
         try:
-            storage = studies.open_storage(storage_url, on_dead=trials.close_dead_trial_run)
+            storage = studies.open_storage(storage_url)
             spec = studies.read_spec(studies.load(storage, study_name))
             break
         except studies.SweepError:
