@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from pipeline import config as configs
@@ -77,7 +78,17 @@ def run_batch(study: optuna.Study, asked: list[optuna.Trial], ctx: TrialContext,
             study.tell(trial, state=TrialState.FAIL)
         raise
     for k, (trial, run_id, result) in enumerate(zip(asked, run_ids, results, strict=True)):
-        frozen = _tell(study, trial, run_id, result, watch.pruned[k], ctx, train_set, val_set)
+        try:
+            frozen = _tell(study, trial, run_id, result, watch.pruned[k], ctx, train_set,
+                           val_set)
+        except (UpdateFinishedTrialError, ValueError):
+            if study._storage.get_trial(trial._trial_id).state != TrialState.FAIL:
+                raise
+            # Its heartbeat came too late: another process failed it as stale and queued a
+            # retry. Its run ends failed too, so that trials and runs stay one-to-one.
+            tracking.close_run(run_id, "FAILED", tags={"optuna_state": TrialState.FAIL.name,
+                                                       "stale": "true"})
+            continue
         if on_told is not None:
             on_told(study, frozen)
 
@@ -130,7 +141,10 @@ class _Watch:
         if epoch == 0 or epoch % self.report_every:
             return False
         trial = self.asked[k]
-        trial.report(val_loss if val_loss is not None else train_loss, epoch)
+        try:
+            trial.report(val_loss if val_loss is not None else train_loss, epoch)
+        except UpdateFinishedTrialError:
+            return True  # failed as stale by another process (see run_batch): stop training it
         if trial.should_prune():
             self.pruned[k] = True
             return True
