@@ -23,12 +23,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from pipeline import models
 from pipeline.config import TrainConfig
 from pipeline.data import Dataset
-from pipeline.train import TrainResult, batches, diverging, finish, resolve_device
+from pipeline.train import DIVERGENCE_FACTOR, TrainResult, batches, finish, resolve_device
 
 # Called with (trial index, epoch, train_loss, val_loss); returning True stops that trial.
 TrialCallback = Callable[[int, int, float, "float | None"], bool]
@@ -42,8 +43,12 @@ def exact_from_statistics(config: TrainConfig, n_rows: int) -> bool:
 
 def train_many(config: TrainConfig, train_set: Dataset, val_set: Dataset | None,
                lrs: Sequence[float], epochs: Sequence[int],
-               on_epoch: TrialCallback | None = None, program: str = "auto") -> list[TrainResult]:
-    """Train one model per (lr, epochs) pair; their curves, as :func:`train.train` gives them."""
+               on_epoch: TrialCallback | None = None, program: str = "auto",
+               report_every: int = 1) -> list[TrainResult]:
+    """Train one model per (lr, epochs) pair; their curves, as :func:`train.train` gives them.
+
+    ``on_epoch`` is called for each trial still training at every ``report_every``-th epoch.
+    """
     if program == "auto":
         program = "statistics" if exact_from_statistics(config, train_set.n_rows) else "loop"
     device = resolve_device(config.device)
@@ -55,49 +60,105 @@ def train_many(config: TrainConfig, train_set: Dataset, val_set: Dataset | None,
     state = _Stacked(weight.to(device, dtype).expand(count, -1, -1).clone(),
                      None if bias is None else bias.to(device, dtype).expand(count, -1).clone(),
                      torch.tensor(lrs, dtype=dtype, device=device), config)
-    data = _Data.of(train_set, device, dtype, program, config)
-    val = None if val_set is None else _Data.of(val_set, device, dtype, program, config)
-    results = [TrainResult(model=None, device=device) for _ in range(count)]
-    limits = torch.tensor(list(epochs), device=device)
-    active = torch.ones(count, dtype=torch.bool, device=device)
-    active &= ~_record(results, 0, state, data, val, active, on_epoch)
-    for epoch in range(1, int(max(epochs)) + 1):
-        stepping = active & (limits >= epoch)
-        if not stepping.any():
-            break
-        data.descend(state, stepping, config)
-        active = stepping & ~_record(results, epoch, state, data, val, stepping, on_epoch)
-    for k, result in enumerate(results):
-        result.model = models.LinearRegressor(
+    watch = _Stops(torch.tensor(list(epochs), device=device), on_epoch, report_every,
+                   val_set is not None)
+    if program == "statistics":
+        _closed_form(state, train_set, val_set, config, watch)
+    else:
+        _loop(state, _Rows(train_set, device, dtype, config),
+              None if val_set is None else _Rows(val_set, device, dtype, config), config, watch)
+    results = []
+    for k, (train_curve, val_curve, diverged_at, stopped_at) in enumerate(watch.curves()):
+        model = models.LinearRegressor(
             state.weight[k].to(models.DTYPES[config.dtype]),
             None if state.bias is None else state.bias[k].to(models.DTYPES[config.dtype]),
             config.activation)
-    return [finish(result) for result in results]
+        results.append(finish(TrainResult(model=model, device=device, train_loss=train_curve,
+                                          val_loss=val_curve, diverged_at=diverged_at,
+                                          stopped_at=stopped_at)))
+    return results
 
 
-def _record(results, epoch, state, data, val, mask, on_epoch) -> torch.Tensor:
-    """Append the epoch's losses of the trials in ``mask``; which of them stop here."""
-    train_loss = data.losses(state).tolist()
-    val_loss = val.losses(state).tolist() if val is not None else None
-    stops = []
-    for k, result in enumerate(results):
-        if not mask[k]:
-            stops.append(False)
-            continue
-        value = train_loss[k]
-        result.train_loss.append(value)
-        if val_loss is not None:
-            result.val_loss.append(val_loss[k])
-        if diverging(value, result.train_loss[0]):
-            result.diverged_at = epoch
-            stops.append(True)
-        elif on_epoch is not None and on_epoch(k, epoch, value,
-                                                None if val_loss is None else val_loss[k]):
-            result.stopped_at = epoch
-            stops.append(True)
-        else:
-            stops.append(False)
-    return torch.tensor(stops, dtype=torch.bool, device=mask.device)
+def _loop(state: _Stacked, data: _Rows, val: _Rows | None, config: TrainConfig,
+          watch: _Stops) -> None:
+    """Descend epoch by epoch; trials leave the batch when they stop (on the device: the
+    host looks only at report epochs)."""
+    watch.observe(0, data.losses(state), None if val is None else val.losses(state))
+    for epoch in range(1, watch.last + 1):
+        if epoch % watch.report_every == 0 and not bool(watch.stepping.any()):
+            break
+        data.descend(state, watch.stepping_at(epoch), config)
+        watch.observe(epoch, data.losses(state), None if val is None else val.losses(state))
+
+
+class _Stops:
+    """The trials' curves, (epochs + 1, K) on the device, and where each one stops: its own
+    epoch count, divergence (:func:`train.diverging`, applied to whole rows), or the callback
+    (called at report epochs only)."""
+
+    def __init__(self, limits: torch.Tensor, on_epoch: TrialCallback | None, report_every: int,
+                 has_val: bool) -> None:
+        self.limits, self.on_epoch, self.report_every = limits, on_epoch, max(1, report_every)
+        self.last = int(limits.max()) if len(limits) else 0
+        count, device = len(limits), limits.device
+        self.train = torch.full((self.last + 1, count), float("nan"), dtype=torch.float64,
+                                device=device)
+        self.val = self.train.clone() if has_val else None
+        self.end = limits.clone()  # the last epoch of each curve
+        self.diverged = torch.zeros(count, dtype=torch.bool, device=device)
+        self.stopped = torch.zeros(count, dtype=torch.bool, device=device)
+        self.stepping = torch.ones(count, dtype=torch.bool, device=device)
+
+    def stepping_at(self, epoch: int) -> torch.Tensor:
+        return self.stepping & (self.limits >= epoch)
+
+    def observe(self, epoch: int, train: torch.Tensor, val: torch.Tensor | None) -> None:
+        """One epoch's losses of every trial (those of stopped trials are dropped)."""
+        self.observe_all(epoch, train[None], None if val is None else val[None])
+
+    def observe_all(self, first: int, train: torch.Tensor, val: torch.Tensor | None) -> None:
+        """Rows ``first, first + 1, ...`` of every trial's curves, as (epochs, K)."""
+        rows = torch.arange(first, first + len(train), device=train.device)[:, None]
+        live = (rows <= self.end) & ~self.diverged & ~self.stopped
+        self.train[first:first + len(train)] = torch.where(live, train.double(), float("nan"))
+        if val is not None:
+            self.val[first:first + len(train)] = torch.where(live, val.double(), float("nan"))
+        start = self.train[0].clamp(min=1e-12)
+        bad = live & (~torch.isfinite(train) | (train > DIVERGENCE_FACTOR * start))
+        hit = bad.any(0)  # no branch on it: the host waits for the device only at reports
+        at = rows.expand_as(bad).masked_fill(~bad, self.last + 1).amin(0)
+        self.end = torch.where(hit, at, self.end)
+        self.diverged |= hit
+        last = first + len(train) - 1
+        for epoch in range(_next_multiple(max(first, 1), self.report_every), last + 1,
+                           self.report_every):
+            self._report(epoch)
+        self.stepping = ~self.diverged & ~self.stopped & (self.end > last)
+
+    def _report(self, epoch: int) -> None:
+        if self.on_epoch is None:
+            return
+        # A trial that diverges at this epoch stops there without a report.
+        due = ~self.stopped & torch.where(self.diverged, self.end > epoch, self.end >= epoch)
+        train = self.train[epoch].tolist()
+        val = None if self.val is None else self.val[epoch].tolist()
+        for k in due.nonzero().flatten().tolist():
+            if self.on_epoch(k, epoch, train[k], None if val is None else val[k]):
+                self.stopped[k] = True
+                self.end[k] = epoch
+
+    def curves(self):
+        """Each trial's (train curve, val curve, diverged_at, stopped_at)."""
+        train = self.train.T.tolist()
+        val = None if self.val is None else self.val.T.tolist()
+        for k, end in enumerate(self.end.tolist()):
+            yield (train[k][:end + 1], [] if val is None else val[k][:end + 1],
+                   end if bool(self.diverged[k]) else None,
+                   end if bool(self.stopped[k]) else None)
+
+
+def _next_multiple(value: int, step: int) -> int:
+    return -(-value // step) * step
 
 
 class _Stacked:
@@ -120,15 +181,7 @@ class _Stacked:
             self.bias -= rate[:, None] * grad_bias
 
 
-class _Data:
-    @staticmethod
-    def of(dataset: Dataset, device, dtype, program: str, config: TrainConfig):
-        if program == "statistics":
-            return _Statistics(dataset, device, config)
-        return _Rows(dataset, device, dtype, config)
-
-
-class _Rows(_Data):
+class _Rows:
     """The rows themselves, on the device once; descent over full or mini-batches."""
 
     def __init__(self, dataset: Dataset, device, dtype, config: TrainConfig) -> None:
@@ -157,32 +210,98 @@ class _Rows(_Data):
             state.step(torch.einsum("Knk,nd->Kkd", d_pre, x), d_out.sum(1), mask)
 
 
-class _Statistics(_Data):
-    """X̃ᵀX̃, X̃ᵀY and YᵀY in float64: the loss and its gradient for any parameters."""
+def _on(array: np.ndarray, like):
+    """``array`` where ``like`` lives: itself for numpy, a copy on the device for a tensor."""
+    return array if isinstance(like, np.ndarray) else torch.as_tensor(array, device=like.device)
+
+
+class _Statistics:
+    """X̃ᵀX̃, X̃ᵀY and YᵀY in float64: the loss of any parameters. On the CPU they come from
+    one symmetric product of [X 1 Y] per block of rows (BLAS syrk, half a general product's
+    work), in one pass over the data."""
+
+    ROWS = 1 << 13  # rows cast to float64 at a time: the block stays in cache
 
     def __init__(self, dataset: Dataset, device, config: TrainConfig) -> None:
-        x = torch.as_tensor(dataset.features, dtype=torch.float64, device=device)
-        y = torch.as_tensor(dataset.targets, dtype=torch.float64, device=device)
+        features, targets = dataset.features, dataset.targets
+        (n, d), k = features.shape, targets.shape[1]
         self.has_bias = config.has_bias
-        if self.has_bias:
-            x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=device)], dim=1)
-        self.gram, self.cross, self.y_square = x.T @ x, x.T @ y, y.square().sum()
-        self.scale = 1.0 / y.numel() if config.loss == "mean" else 1.0
+        self.scale = 1.0 / targets.size if config.loss == "mean" else 1.0
+        moments = torch.zeros(d + 1 + k, d + 1 + k, dtype=torch.float64, device=device)
+        block = torch.empty(min(n, self.ROWS), d + 1 + k, dtype=torch.float64, device=device)
+        if device.type == "cpu":
+            moments, block = moments.numpy(), block.numpy()  # numpy's a.T @ a calls syrk
+        block[:, d] = 1.0
+        for start in range(0, n, self.ROWS):
+            rows = block[:min(self.ROWS, n - start)]
+            rows[:, :d] = _on(features[start:start + self.ROWS], block)
+            rows[:, d + 1:] = _on(targets[start:start + self.ROWS], block)
+            moments += rows.T @ rows
+        size = d + self.has_bias
+        moments = torch.as_tensor(moments, device=device)
+        self.gram = moments[:size, :size]
+        self.cross = moments[:size, d + 1:]
+        self.y_square = moments[d + 1:, d + 1:].trace()
 
-    def _theta(self, state: _Stacked) -> torch.Tensor:
+    def theta(self, state: _Stacked) -> torch.Tensor:
         """Parameters as (K, d+1, k): weight transposed, bias as the last row."""
         theta = state.weight.transpose(1, 2)
         return torch.cat([theta, state.bias[:, None, :]], dim=1) if self.has_bias else theta
 
-    def losses(self, state: _Stacked) -> torch.Tensor:
-        theta = self._theta(state)
-        quadratic = torch.einsum("Kik,ij,Kjk->K", theta, self.gram, theta)
-        linear = torch.einsum("Kik,ik->K", theta, self.cross)
-        return self.scale * (quadratic - 2 * linear + self.y_square)
-
-    def descend(self, state: _Stacked, mask, config: TrainConfig) -> None:
-        grad = 2 * self.scale * (torch.einsum("ij,Kjk->Kik", self.gram, self._theta(state))
-                                 - self.cross)
+    def set_theta(self, state: _Stacked, theta: torch.Tensor) -> None:
         d = state.weight.shape[2]
-        state.step(grad[:, :d, :].transpose(1, 2), grad[:, d, :] if self.has_bias else None,
-                   mask)
+        state.weight.copy_(theta[:, :d, :].transpose(1, 2))
+        if self.has_bias:
+            state.bias.copy_(theta[:, d, :])
+
+
+def _closed_form(state: _Stacked, train_set: Dataset, val_set: Dataset | None,
+                 config: TrainConfig, watch: _Stops) -> None:
+    """Full-batch descent on the squared error, every epoch of every trial at once.
+
+    In the eigenbasis of G = X̃ᵀX̃ (G = QΛQᵀ, z = Qᵀθ, c = QᵀX̃ᵀY) an update of the loop,
+    θ ← θ - 2s·lr·(Gθ - X̃ᵀY), moves each coordinate on its own: z_i ← z*_i + r_i·(z_i - z*_i)
+    with z*_i = c_i/λ_i and r_i = 1 - 2s·lr·λ_i. So after t epochs z_i = z*_i + r_iᵗ·e_i
+    (e = z0 - z*) and the loss is L* + s·Σ λ_i·e_i²·r_i²ᵗ: the loop's curve, in O(D·K) per
+    epoch after one eigendecomposition. Directions with λ_i = 0 (to rounding: collinear
+    columns) do not move.
+    """
+    device = state.lrs.device
+    stats = _Statistics(train_set, device, config)
+    lam, q = torch.linalg.eigh(stats.gram)
+    moving = lam > lam.max().clamp(min=0) * 1e-12
+    safe = torch.where(moving, lam, torch.ones_like(lam))
+    z0 = q.T @ stats.theta(state)[0]  # (D, k): every trial starts from the same parameters
+    c = q.T @ stats.cross
+    z_star = torch.where(moving[:, None], c / safe[:, None], z0)
+    e = torch.where(moving[:, None], z0 - z_star, torch.zeros_like(z0))
+    r = 1 - 2 * stats.scale * state.lrs[:, None] * lam[None, :]  # (K, D)
+    # The loss at z* + rᵗ∘e: constant + Σ_i λ_i·|e_i|²·r_i²ᵗ.
+    at_rest = stats.scale * ((lam[:, None] * z_star.square() - 2 * c * z_star).sum()
+                             + stats.y_square)
+    weight = stats.scale * lam * e.square().sum(1)  # (D,)
+    val = None
+    if val_set is not None:
+        v = _Statistics(val_set, device, config)
+        gram, cross = q.T @ v.gram @ q, q.T @ v.cross
+        val = (v.scale, gram, v.scale * (
+            (z_star * (gram @ z_star)).sum() - 2 * (cross * z_star).sum() + v.y_square),
+            2 * v.scale * (gram @ z_star - cross))
+
+    def losses(epochs: torch.Tensor):
+        powers = r[None] ** epochs.double()[:, None, None]  # (T, K, D)
+        train = at_rest + (powers.square() * weight).sum(-1)
+        if val is None:
+            return train, None
+        scale, gram, rest, slope = val
+        moved = powers[..., None] * e  # (T, K, D, k)
+        quadratic = torch.einsum("tKik,ij,tKjk->tK", moved, gram, moved)
+        return train, rest + (slope * moved).sum((-2, -1)) + scale * quadratic
+
+    size = len(lam) * z0.shape[1] * len(r)
+    chunk = max(1, (1 << 22) // max(1, size))  # epochs per block: ~32 MiB of (T, K, D, k)
+    for first in range(0, watch.last + 1, chunk):
+        watch.observe_all(first, *losses(torch.arange(
+            first, min(first + chunk, watch.last + 1), device=device)))
+    ends = r ** watch.end.double()[:, None]  # (K, D)
+    stats.set_theta(state, q @ (z_star + ends[..., None] * e))

@@ -67,10 +67,10 @@ def run_batch(study: optuna.Study, asked: list[optuna.Trial], ctx: TrialContext,
     train_set, val_set = data.split(ctx.dataset, ctx.exp.val_fraction, ctx.exp.seed)
     run_ids = [_open_run(trial, ctx, lr, count)
                for trial, lr, count in zip(asked, lrs, epochs, strict=True)]
-    watch = _Watch(asked, ctx.report_every)
+    watch = _Watch(asked)
     try:
         results = engine.train_many(ctx.exp.train, train_set, val_set, lrs, epochs,
-                                    on_epoch=watch)
+                                    on_epoch=watch, report_every=ctx.report_every)
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         for trial, run_id in zip(asked, run_ids, strict=True):
@@ -130,16 +130,14 @@ def _tell(study, trial, run_id: str, result: training.TrainResult, pruned: bool,
 
 
 class _Watch:
-    """Per-epoch hook of a batch: stops on Ctrl-C or SIGTERM, reports to the pruner."""
+    """Report-epoch hook of a batch: stops on Ctrl-C or SIGTERM, reports to the pruner."""
 
-    def __init__(self, asked: list[optuna.Trial], report_every: int) -> None:
-        self.asked, self.report_every = asked, report_every
+    def __init__(self, asked: list[optuna.Trial]) -> None:
+        self.asked = asked
         self.pruned = [False] * len(asked)
 
     def __call__(self, k: int, epoch: int, train_loss: float, val_loss: float | None) -> bool:
         interrupts.check()
-        if epoch == 0 or epoch % self.report_every:
-            return False
         trial = self.asked[k]
         try:
             trial.report(val_loss if val_loss is not None else train_loss, epoch)

@@ -30,20 +30,79 @@ def names_key(key: str) -> str:
 # --- the shipped experiments ---------------------------------------------------------------------
 
 
+# What each shipped experiment must say, as its tutorial wrote it (tutorials 000-004 in
+# experiments/*.yaml's comments): model kind, lr, epochs, batch size, loss, seed and data.
+SHIPPED = {
+    "crop_yields_builtin": dict(
+        model="builtin", lr=1e-5, epochs=100, batch_size=5, shuffle=True, loss="mean", seed=0,
+        weight_init="torch", bias_init="torch", activation="none", dtype="float32"),
+    "crop_yields_manual": dict(
+        model="manual", lr=1e-5, epochs=100, batch_size=None, shuffle=False, loss="mean", seed=0,
+        weight_init="randn", bias_init="randn", activation="none", dtype="float32"),
+    "line_2x_plus_1": dict(
+        model="builtin", lr=1e-2, epochs=100, batch_size=None, shuffle=False, loss="mean", seed=0,
+        weight_init="torch", bias_init="torch", activation="none", dtype="float32"),
+    "line_fit_15pts": dict(
+        model="manual", lr=1e-2, epochs=11, batch_size=None, shuffle=False, loss="mean", seed=20,
+        weight_init="randn", bias_init="zeros", activation="none", dtype="float32"),
+    "relu_line": dict(
+        model="manual", lr=1e-3, epochs=149, batch_size=None, shuffle=False, loss="sum", seed=0,
+        weight_init="rand", bias_init="rand", activation="relu", dtype="float64"),
+    "slope_only": dict(
+        model="manual", lr=0.1, epochs=4, batch_size=None, shuffle=False, loss="mean", seed=0,
+        weight_init=-10.0, bias_init="none", activation="none", dtype="float32"),
+    "synthetic": dict(
+        model="builtin", lr=0.1, epochs=50, batch_size=256, shuffle=True, loss="mean", seed=0,
+        weight_init="torch", bias_init="torch", activation="none", dtype="float32"),
+}
+
+# The data each recipe describes: source, then the fields that decide its size and truth.
+SHIPPED_DATA = {
+    "crop_yields_builtin": dict(source="table", repeat=3, rows=5,
+                                feature_names=("temp", "rainfall", "humidity"),
+                                target_names=("apples", "oranges")),
+    "crop_yields_manual": dict(source="table", repeat=1, rows=5,
+                               feature_names=("temp", "rainfall", "humidity"),
+                               target_names=("apples", "oranges")),
+    "line_2x_plus_1": dict(source="line", weight=2.0, bias=1.0, x_range=(0.0, 11.0, 1.0),
+                           noise=0.0),
+    "line_fit_15pts": dict(source="table", repeat=1, rows=15, feature_names=("x",),
+                           target_names=("y",)),
+    "relu_line": dict(source="line", weight=0.175, bias=0.4, x_divisor=100.0, noise=0.0,
+                      rows=40),
+    "slope_only": dict(source="line", weight=-3.0, bias=0.0, x_range=(-3.0, 3.0, 0.1),
+                       noise=0.1),
+    "synthetic": dict(source="synthetic", n_rows=2000, n_features=4, n_targets=2, noise=0.1),
+}
+
+
 def test_available_lists_every_yaml_file():
-    assert NAMES, "no experiment files found next to the tests"
-    assert list(config.available()) == NAMES
+    assert list(config.available()) == [
+        "crop_yields_builtin", "crop_yields_manual", "line_2x_plus_1", "line_fit_15pts",
+        "relu_line", "slope_only", "synthetic",
+    ]
+    assert config.available()["slope_only"] == EXPERIMENTS / "slope_only.yaml"
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_every_experiment_loads_and_validates(name):
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_every_experiment_loads_with_its_tutorials_values(name):
     experiment = config.load(name)
     assert experiment.name == name
     assert experiment.description
-    # build() validates already; validating again checks the stored dataclasses, not the raw YAML.
-    experiment.train.validate()
-    experiment.data.validate()
-    experiment.sweep.validate()
+    for key, value in SHIPPED[name].items():
+        assert getattr(experiment.train, key) == value, key
+    assert experiment.train.gradient == "autograd"
+    assert experiment.train.device == "auto"
+    assert experiment.val_fraction == (0.2 if name == "synthetic" else 0.0)
+    expected_data = dict(SHIPPED_DATA[name])
+    rows = expected_data.pop("rows", None)
+    for key, value in expected_data.items():
+        assert getattr(experiment.data, key) == value, f"data.{key}"
+    if rows is not None:
+        recipe = experiment.data
+        assert len(recipe.features if recipe.source == "table" else recipe.x) == rows
+    # Every shipped experiment gives `pipeline sweep` both ranges.
+    assert len(experiment.sweep.lr) == len(experiment.sweep.epochs) == 2
 
 
 def test_load_by_path_uses_the_file_stem():

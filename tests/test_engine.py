@@ -114,3 +114,27 @@ def test_the_callback_stops_one_trial():
                                 [10, 10], on_epoch=stop_the_second_at_5)
     assert results[1].stopped_at == 5 and len(results[1].train_loss) == 6
     assert len(results[0].train_loss) == 11 and (0, 10) in seen and (1, 6) not in seen
+
+
+def test_statistics_with_collinear_columns_and_divergence_match_the_loop():
+    """A repeated column makes X̃ᵀX̃ singular (a direction that never moves); lr past the
+    stable edge diverges at the same epoch in both programs."""
+    exp, train_set, val_set, edge = prepared(
+        "synthetic", ["batch_size=null", "data.n_rows=400", "data.n_features=3",
+                      "dtype=float64", "model=manual"])
+    features = np.hstack([train_set.features, train_set.features[:, :1]])
+    doubled = data.Dataset(features, train_set.targets, (*train_set.feature_names, "again"),
+                           train_set.target_names)
+    val = data.Dataset(np.hstack([val_set.features, val_set.features[:, :1]]), val_set.targets,
+                       doubled.feature_names, val_set.target_names)
+    edge = theory.learning_rates(doubled, True, "mean")["lr_max_stable"]
+    lrs, epochs = [0.2 * edge, 0.9 * edge, 1.5 * edge], [60, 60, 60]
+    closed = engine.train_many(exp.train, doubled, val, lrs, epochs, program="statistics")
+    looped = engine.train_many(exp.train, doubled, val, lrs, epochs, program="loop")
+    for result, loop in zip(closed, looped, strict=True):
+        assert result.diverged_at == loop.diverged_at
+        np.testing.assert_allclose(result.train_loss, loop.train_loss, rtol=1e-9)
+        np.testing.assert_allclose(result.val_loss, loop.val_loss, rtol=1e-9)
+        np.testing.assert_allclose(result.model.weight.detach(), loop.model.weight.detach(),
+                                   rtol=1e-7, atol=1e-9)
+    assert closed[2].diverged and not closed[1].diverged

@@ -126,16 +126,27 @@ def test_least_squares_copes_with_repeated_rows():
 
 @pytest.mark.parametrize("name", ["synthetic", "crop_yields_manual", "slope_only"])
 @pytest.mark.parametrize("draw", [0, 1, 2])
-def test_optimality_gap_is_never_negative(name, draw):
+def test_optimality_gap_is_the_distance_to_the_least_squares_optimum(name, draw):
+    # For any linear model θ the residual splits into the optimum's residual and X̃(θ - θ*),
+    # which are orthogonal: the gap is ‖X̃(θ - θ*)‖² / (n·k), never negative.
     dataset = built(name)
     rng = np.random.default_rng(draw)
     k, d = dataset.targets.shape[1], dataset.features.shape[1]
     weight, bias = rng.standard_normal((k, d)), rng.standard_normal(k)
     predictions = predict_linear(dataset.features, weight, bias)
     metrics = evaluate(predictions, dataset)
-    assert metrics["optimality_gap"] >= 0
-    assert metrics["optimality_gap"] == pytest.approx(metrics["mse"] - metrics["optimum_mse"])
-    assert metrics["mse"] == regression_metrics(predictions, dataset.targets)["mse"]
+
+    x = np.hstack([dataset.features, np.ones((dataset.n_rows, 1))])
+    optimum = np.linalg.lstsq(x, dataset.targets, rcond=None)[0]  # (d + 1, k)
+    optimum_mse = np.mean((x @ optimum - dataset.targets) ** 2)
+    theta = np.vstack([weight.T, bias])
+    distance = np.sum((x @ (theta - optimum)) ** 2) / dataset.targets.size
+    mse = np.mean((predictions - dataset.targets) ** 2)
+    assert metrics["mse"] == pytest.approx(mse, rel=1e-12)
+    assert metrics["optimum_mse"] == pytest.approx(optimum_mse, rel=1e-9, abs=1e-12)
+    assert metrics["optimality_gap"] == pytest.approx(mse - optimum_mse, rel=1e-9)
+    assert metrics["optimality_gap"] == pytest.approx(distance, rel=1e-7)
+    assert metrics["optimality_gap"] > 0  # a random draw is not the optimum
 
 
 @pytest.mark.parametrize("name", ["synthetic", "crop_yields_manual", "slope_only"])

@@ -1,0 +1,181 @@
+"""Comparing runs: one row per run, best first by a metric, runs without it last."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import compare, tracking
+from pipeline.errors import UserError
+
+EXPERIMENT = "compare_me"
+
+# name -> (stage, status, params, metrics). mse and r2 rank the three evaluate runs differently:
+# by mse (lowest first) b, a, c; by r2 (highest first) a, c, b. d is a train run with no mse.
+RUNS = {
+    "a": ("evaluate", "FINISHED", {"model": "manual", "lr": "0.01", "epochs": "10",
+                                   "batch_size": "None"},
+          {"mse": 0.5, "r2": 0.99, "mae": 0.4}),
+    "b": ("evaluate", "FINISHED", {"model": "builtin", "lr": "0.001", "epochs": "100",
+                                   "batch_size": "None"},
+          {"mse": 0.1, "r2": 0.6, "mae": 0.2}),
+    "c": ("evaluate", "FINISHED", {"model": "manual", "lr": "0.1", "epochs": "5",
+                                   "batch_size": "None"},
+          {"mse": 2.0, "r2": 0.8, "mae": 1.1}),
+    "d": ("train", "FAILED", {"model": "builtin", "lr": "1", "epochs": "3", "batch_size": "None"},
+          {"train_loss": 0.01}),
+}
+
+
+def make_runs(runs: dict, experiment: str = EXPERIMENT) -> None:
+    from mlflow.entities import Metric, Param
+
+    client = MlflowClient()
+    experiment_id = tracking.experiment_id(experiment)
+    for name, (stage, status, params, metrics) in runs.items():
+        run = client.create_run(experiment_id, run_name=name, tags={"stage": stage})
+        client.log_batch(
+            run.info.run_id,
+            metrics=[Metric(key, value, 0, 0) for key, value in metrics.items()],
+            params=[Param(key, value) for key, value in params.items()],
+        )
+        client.set_terminated(run.info.run_id, status)
+
+
+@pytest.fixture(scope="module")
+def compare_store(tmp_path_factory):
+    """One sqlite store for the module (creating one takes a second); each test that adds runs
+    adds them to an experiment of its own."""
+    folder = tmp_path_factory.mktemp("compare")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
+            patch.delenv(name, raising=False)
+        tracking.connect(f"sqlite:///{folder / 'mlflow.db'}")
+        make_runs(RUNS)
+        yield
+
+
+@pytest.fixture
+def runs(compare_store):
+    return tracking.runs_frame(EXPERIMENT)
+
+
+def test_lower_is_better_metric_sorts_ascending(runs):
+    table = compare.runs_table(runs, "mse")
+    assert table["run_name"].tolist() == ["b", "a", "c", "d"]
+    assert table["mse"].tolist()[:3] == [0.1, 0.5, 2.0]
+    assert math.isnan(table["mse"].iloc[3])
+
+
+def test_r2_sorts_highest_first(runs):
+    table = compare.runs_table(runs, "r2")
+    assert table["run_name"].tolist() == ["a", "c", "b", "d"]
+    assert table["r2"].tolist()[:3] == [0.99, 0.8, 0.6]
+
+
+def test_mae_sorts_ascending_too(runs):
+    assert compare.runs_table(runs, "mae")["run_name"].tolist() == ["b", "a", "c", "d"]
+
+
+def test_default_metric_is_mse_when_some_run_has_it(runs):
+    assert compare.default_metric(runs) == "mse"
+    assert compare.runs_table(runs)["run_name"].tolist() == ["b", "a", "c", "d"]
+
+
+@pytest.mark.parametrize(("top", "names"), [(1, ["b"]), (2, ["b", "a"]), (3, ["b", "a", "c"]),
+                                            (10, ["b", "a", "c", "d"])])
+def test_top_keeps_the_best_runs(runs, top, names):
+    table = compare.runs_table(runs, "mse", top)
+    assert len(table) == len(names)
+    assert table["run_name"].tolist() == names
+
+
+def test_top_applies_after_sorting_by_r2(runs):
+    assert compare.runs_table(runs, "r2", 2)["run_name"].tolist() == ["a", "c"]
+
+
+def test_a_metric_only_one_run_has_puts_the_others_last(runs):
+    table = compare.runs_table(runs, "train_loss")
+    assert table["run_name"].iloc[0] == "d"
+    assert table["train_loss"].iloc[0] == 0.01
+    assert sorted(table["run_name"].iloc[1:]) == ["a", "b", "c"]
+    assert table["train_loss"].iloc[1:].isna().all()
+
+
+def test_rows_carry_stage_status_params_and_metrics(runs):
+    table = compare.runs_table(runs, "mse").set_index("run_name")
+    assert table.loc["b", "stage"] == "evaluate"
+    assert table.loc["d", "stage"] == "train"
+    assert table.loc["d", "status"] == "FAILED"
+    assert table.loc["a", "status"] == "FINISHED"
+    # Numeric params become numbers; a param that is never a number stays text.
+    assert table.loc["b", "lr"] == 0.001
+    assert table.loc["c", "epochs"] == 5
+    assert table.loc["a", "model"] == "manual"
+    assert table.loc["a", "batch_size"] == "None"
+    assert table.loc["c", "mae"] == 1.1
+    # Metrics no run logged get no column; every run id is listed once.
+    assert not {"rmse", "objective", "val_loss", "optimality_gap"} & set(table.columns)
+    assert table["run_id"].nunique() == 4
+
+
+def test_a_metric_outside_the_known_list_sorts_too(compare_store):
+    make_runs({name: ("evaluate", "FINISHED", {}, {"weight_error": value})
+               for name, value in (("far", 3.0), ("near", 0.5), ("middle", 1.0))}, "errors")
+    table = compare.runs_table(tracking.runs_frame("errors"), "weight_error")
+    assert table["run_name"].tolist() == ["near", "middle", "far"]
+    assert table["weight_error"].tolist() == [0.5, 1.0, 3.0]
+
+
+def test_sweep_trials_default_to_objective(compare_store):
+    make_runs({f"trial {i}": ("trial", "FINISHED", {"lr": str(lr)}, {"objective": value})
+               for i, (lr, value) in enumerate([(0.1, 0.3), (0.01, 0.2), (0.001, 0.9)])},
+              "sweep")
+    runs = tracking.runs_frame("sweep")
+    assert compare.default_metric(runs) == "objective"
+    table = compare.runs_table(runs)
+    assert table["run_name"].tolist() == ["trial 1", "trial 0", "trial 2"]
+    assert table["lr"].tolist() == [0.01, 0.1, 0.001]
+
+
+def test_train_runs_default_to_train_loss(compare_store):
+    make_runs({"slow": ("train", "FINISHED", {}, {"train_loss": 4.0}),
+               "fast": ("train", "FINISHED", {}, {"train_loss": 0.25})}, "training")
+    runs = tracking.runs_frame("training")
+    assert compare.default_metric(runs) == "train_loss"
+    assert compare.runs_table(runs)["run_name"].tolist() == ["fast", "slow"]
+
+
+def test_a_metric_no_run_has_lists_the_metrics_there_are(runs):
+    with pytest.raises(UserError) as info:
+        compare.runs_table(runs, "rmse")
+    assert info.value.message == (
+        "no run has metric 'rmse' (metrics here: mae, mse, r2, train_loss)")
+
+
+def test_an_experiment_without_runs_has_no_metrics(compare_store):
+    tracking.experiment_id("empty")
+    with pytest.raises(UserError, match=r"no run has metric 'mse' \(metrics here: none\)"):
+        compare.runs_table(tracking.runs_frame("empty"))
+
+
+def test_render_csv_lists_the_rows_in_order(runs):
+    text = compare.render(compare.runs_table(runs, "r2", 3), "csv")
+    lines = text.splitlines()
+    assert len(lines) == 4
+    header = lines[0].split(",")
+    assert header[:3] == ["run_name", "stage", "status"]
+    assert [line.split(",")[0] for line in lines[1:]] == ["a", "c", "b"]
+    r2 = header.index("r2")
+    assert [float(line.split(",")[r2]) for line in lines[1:]] == [0.99, 0.8, 0.6]
+
+
+def test_render_markdown_and_table_keep_the_order(runs):
+    table = compare.runs_table(runs, "mse")
+    for fmt in ("markdown", "table"):
+        text = compare.render(table, fmt)
+        positions = [text.index(f" {name} ") for name in ("b", "a", "c", "d")]
+        assert positions == sorted(positions), (fmt, text)
