@@ -234,16 +234,12 @@ def log_curves(run_id: str, curves: dict[str, list[float]]) -> None:
 # --- runs opened by id, safe in worker processes (no active-run stack involved) -----------------
 
 
-def open_child(experiment: str, parent_run_id: str, name: str, params: dict[str, Any],
-               tags: dict[str, str]) -> str:
-    """Create a run under ``parent_run_id`` explicitly and log its params; return its id."""
-    client = MlflowClient()
-    run = client.create_run(
+def open_child(experiment: str, parent_run_id: str, name: str, tags: dict[str, str]) -> str:
+    """Create a run under ``parent_run_id`` explicitly (one store call); return its id. Its
+    params, like its curves, come with :func:`close_run`."""
+    run = MlflowClient().create_run(
         experiment, run_name=name,
         tags={**environment_tags(), **tags, "mlflow.parentRunId": parent_run_id},
-    )
-    client.log_batch(
-        run.info.run_id, params=[Param(k, _param_value(v)) for k, v in params.items()]
     )
     return run.info.run_id
 
@@ -257,12 +253,15 @@ def find_child(experiment: str, parent_run_id: str, tags: dict[str, str]) -> str
 
 
 def close_run(run_id: str, status: str, curves: dict[str, list[float]] | None = None,
-              metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None) -> None:
-    """Log curves, final metrics and tags in one batch, then end the run with ``status``."""
+              metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None,
+              params: dict[str, Any] | None = None) -> None:
+    """Log params, curves, final metrics and tags in one batch, then end the run with
+    ``status``: two store calls, whatever the length of the curves."""
     client = MlflowClient()
     client.log_batch(
         run_id,
         metrics=_curve_metrics(curves or {}, metrics),
+        params=[Param(k, _param_value(v)) for k, v in (params or {}).items()],
         tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
     )
     client.set_terminated(run_id, status)
@@ -432,11 +431,14 @@ def pip_requirements() -> list[str]:
     return [f"torch=={torch_version}", f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}"]
 
 
-def log_model(module: torch.nn.Module, dataset: Dataset, dtype: str) -> str:
+def log_model(module: torch.nn.Module, dataset: Dataset, dtype: str,
+              validate: bool = True) -> str:
     """Log ``module`` as an MLflow model of the active run; return its ``models:/`` URI.
 
     The model takes the dataset's features by name (see :mod:`pipeline.model_format`); a few of
     its rows, cast to the model's dtype, are the input example the program is exported with.
+    ``validate=False`` skips MLflow's check that the saved model answers its example (it loads
+    the model back: half the cost), for the many models of one sweep, all built alike.
     """
     from mlflow.models import Model
 
@@ -451,5 +453,6 @@ def log_model(module: torch.nn.Module, dataset: Dataset, dtype: str) -> str:
         feature_names=dataset.feature_names,
         target_names=dataset.target_names,
         pip_requirements=pip_requirements(),
+        validate_serving_input=validate,
     )
     return info.model_uri

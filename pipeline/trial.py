@@ -67,14 +67,15 @@ def run_batch(study: optuna.Study, asked: list[optuna.Trial], ctx: TrialContext,
     train_set, val_set = data.split(ctx.dataset, ctx.exp.val_fraction, ctx.exp.seed)
     run_ids = [_open_run(trial, ctx, lr, count)
                for trial, lr, count in zip(asked, lrs, epochs, strict=True)]
-    watch = _Watch(asked)
+    watch = _Watch(asked, report=not isinstance(study.pruner, optuna.pruners.NopPruner))
     try:
         results = engine.train_many(ctx.exp.train, train_set, val_set, lrs, epochs,
                                     on_epoch=watch, report_every=ctx.report_every)
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         for trial, run_id in zip(asked, run_ids, strict=True):
-            tracking.close_run(run_id, status, tags={"optuna_state": TrialState.FAIL.name})
+            tracking.close_run(run_id, status, tags={"optuna_state": TrialState.FAIL.name},
+                               params=trial_params(ctx, trial))
             study.tell(trial, state=TrialState.FAIL)
         raise
     for k, (trial, run_id, result) in enumerate(zip(asked, run_ids, results, strict=True)):
@@ -87,19 +88,20 @@ def run_batch(study: optuna.Study, asked: list[optuna.Trial], ctx: TrialContext,
             # Its heartbeat came too late: another process failed it as stale and queued a
             # retry. Its run ends failed too, so that trials and runs stay one-to-one.
             tracking.close_run(run_id, "FAILED", tags={"optuna_state": TrialState.FAIL.name,
-                                                       "stale": "true"})
+                                                       "stale": "true"},
+                               params=trial_params(ctx, trial))
             continue
         if on_told is not None:
             on_told(study, frozen)
 
 
 def _open_run(trial: optuna.Trial, ctx: TrialContext, lr: float, epochs: int) -> str:
-    exp = configs.with_train(ctx.exp, lr=lr, epochs=epochs)
-    trial.set_user_attr(studies.WORKER_ATTR, studies.worker_identity(trial.number))
+    if trial.user_attrs.get(studies.WORKER_ATTR, {}).get("trial") != trial.number:
+        # A retry carries the dead trial's record: claim it for this process.
+        trial.set_user_attr(studies.WORKER_ATTR, studies.worker_identity(trial.number))
     run_id = tracking.open_child(
         ctx.experiment_id, ctx.parent_run_id,
-        f"trial {trial.number}: {configs.run_name(exp.train)}",
-        params={**exp.params(), "trial_number": trial.number},
+        f"t{trial.number} lr={lr:.2g} ep={epochs}",  # fits the MLflow UI's name column
         tags={"stage": "trial", "optuna_study": ctx.study_name,
               "optuna_trial": str(trial.number)},
     )
@@ -107,37 +109,47 @@ def _open_run(trial: optuna.Trial, ctx: TrialContext, lr: float, epochs: int) ->
     return run_id
 
 
+def trial_params(ctx: TrialContext, trial: optuna.Trial | FrozenTrial) -> dict:
+    """The run params of a trial: its experiment's, with the trial's lr and epochs."""
+    exp = configs.with_train(ctx.exp, **trial.params)
+    return {**exp.params(), "trial_number": trial.number}
+
+
 def _tell(study, trial, run_id: str, result: training.TrainResult, pruned: bool,
           ctx: TrialContext, train_set: Dataset, val_set: Dataset | None) -> FrozenTrial:
-    """Close the trial's run with its curves, then tell Optuna how it ended."""
-    trial.set_user_attr("diverged", result.diverged)
+    """Close the trial's run with its params and curves, then tell Optuna how it ended."""
+    if result.diverged:
+        trial.set_user_attr("diverged", True)
     curves = {"train_loss": result.train_loss}
     if result.val_loss:
         curves["val_loss"] = result.val_loss
     tags = {"diverged": str(result.diverged).lower()}
+    params = trial_params(ctx, trial)
     if result.diverged or pruned:
         tracking.close_run(run_id, RUN_STATUS[TrialState.PRUNED], curves, {},
-                           {**tags, "optuna_state": TrialState.PRUNED.name})
+                           {**tags, "optuna_state": TrialState.PRUNED.name}, params)
         return study.tell(trial, state=TrialState.PRUNED)
     value = objective_value(result, ctx.exp, val_set)
     if ctx.log_models == "all":
         with tracking.resumed(run_id):
             tags["model_uri"] = tracking.log_model(result.model.to_module(), train_set,
-                                                   ctx.exp.train.dtype)
+                                                   ctx.exp.train.dtype, validate=False)
     tracking.close_run(run_id, RUN_STATUS[TrialState.COMPLETE], curves, {"objective": value},
-                       {**tags, "optuna_state": TrialState.COMPLETE.name})
+                       {**tags, "optuna_state": TrialState.COMPLETE.name}, params)
     return study.tell(trial, value)
 
 
 class _Watch:
     """Report-epoch hook of a batch: stops on Ctrl-C or SIGTERM, reports to the pruner."""
 
-    def __init__(self, asked: list[optuna.Trial]) -> None:
-        self.asked = asked
+    def __init__(self, asked: list[optuna.Trial], report: bool) -> None:
+        self.asked, self.report = asked, report  # no pruner: the curves go to MLflow only
         self.pruned = [False] * len(asked)
 
     def __call__(self, k: int, epoch: int, train_loss: float, val_loss: float | None) -> bool:
         interrupts.check()
+        if not self.report:
+            return False
         trial = self.asked[k]
         try:
             trial.report(val_loss if val_loss is not None else train_loss, epoch)
@@ -164,4 +176,5 @@ def close_dead_trial_run(study: optuna.Study, trial: FrozenTrial,
     tags = {"optuna_state": TrialState.FAIL.name, "worker_died": "true"}
     if retried_as is not None:
         tags["retried_as"] = str(retried_as)
-    tracking.close_run(run_id, "FAILED", tags=tags)
+    tracking.close_run(run_id, "FAILED", tags=tags,
+                       params={**trial.params, "trial_number": trial.number})

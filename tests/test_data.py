@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -454,7 +455,19 @@ def test_read_of_a_folder_without_schema_is_a_data_error(tmp_path):
 
 def test_content_key_is_stable_for_the_same_recipe():
     recipe = experiment("synthetic").data
-    assert data.content_key(recipe, 0) == data.content_key(experiment("synthetic").data, 0)
+    key = data.content_key(recipe, 0)
+    assert len(key) == 64 and int(key, 16) >= 0  # a sha256 hex digest
+    # The same content written out by hand, not read from the file, names the same entry.
+    by_hand = SyntheticData(n_rows=2000, n_features=4, n_targets=2, noise=0.1, weight_scale=1.0)
+    assert by_hand == recipe
+    assert data.content_key(by_hand, 0) == key
+    # Any change to the recipe or the seed names another entry, and changing back restores it.
+    for changed in (dataclasses.replace(by_hand, n_rows=1999),
+                    dataclasses.replace(by_hand, noise=0.0),
+                    dataclasses.replace(by_hand, weight_scale=2.0)):
+        assert data.content_key(changed, 0) != key
+    assert data.content_key(by_hand, 1) != key
+    assert data.content_key(dataclasses.replace(by_hand, noise=0.1), 0) == key
 
 
 @pytest.mark.parametrize(

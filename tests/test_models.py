@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from pipeline import config, models
 from pipeline.config import TrainConfig
+from pipeline.data import Dataset
 from pipeline.models import BuiltinLinear, ManualLinear
+from pipeline.train import train
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -175,11 +179,95 @@ def test_builtin_parameters_are_weight_and_bias(activation):
     assert model.bias.shape == (2,)
 
 
+# Hand-checked: rows of x·Wᵀ are [5, -2.5] and [-2, -1.5]; the bias is [0.25, -1].
+EXPORT_WEIGHT = [[1.0, -1.0, 2.0], [0.5, 0.0, -1.0]]
+EXPORT_BIAS = [0.25, -1.0]
+EXPORT_X = [[1.0, 2.0, 3.0], [-2.0, 1.0, 0.5]]
+EXPORT_EXPECTED = {
+    "none": [[5.25, -3.5], [-1.75, -2.5]],
+    "relu": [[5.25, -1.0], [0.25, -1.0]],  # clamp(x·Wᵀ) first: [5, 0] and [0, 0]
+}
+
+
 @pytest.mark.parametrize("activation", ["none", "relu"])
 def test_manual_export_computes_the_same(activation):
-    torch.manual_seed(1)
-    model = models.build(3, 2, settings(model="manual", activation=activation))
+    model = ManualLinear(torch.tensor(EXPORT_WEIGHT), torch.tensor(EXPORT_BIAS), activation)
     module = model.to_module()
     assert isinstance(module, nn.Module)
-    x = torch.randn(5, 3)
-    assert torch.equal(module(x).detach(), model(x).detach())
+    x = torch.tensor(EXPORT_X)
+    expected = torch.tensor(EXPORT_EXPECTED[activation])
+    assert torch.equal(module(x).detach(), expected)
+    assert torch.equal(model(x).detach(), expected)
+    assert sorted(name for name, _ in module.named_parameters()) == ["bias", "weight"]
+    # The export holds copies: training the manual model further leaves it unchanged.
+    with torch.no_grad():
+        model.weight += 1.0
+    assert torch.equal(module(x).detach(), expected)
+
+
+def test_export_without_bias_has_no_bias_parameter():
+    model = ManualLinear(torch.tensor(EXPORT_WEIGHT), None)
+    module = model.to_module()
+    assert [name for name, _ in module.named_parameters()] == ["weight"]
+    assert torch.equal(module(torch.tensor(EXPORT_X)).detach(),
+                       torch.tensor([[5.0, -2.5], [-2.0, -1.5]]))
+
+
+@pytest.mark.parametrize("kind", ["manual", "builtin"])
+@pytest.mark.parametrize(("activation", "expected"), [("none", [[2.0], [-2.5], [0.0]]),
+                                                      ("relu", [[2.0], [-1.0], [0.0]])])
+def test_built_models_predict_hand_computed_values(kind, activation, expected):
+    # weight 0.5 everywhere, bias -1: x·w = 0.5·(x0 + x1) = [3, -1.5, 1], then ReLU, then -1.
+    model = models.build(2, 1, settings(model=kind, activation=activation, weight_init=0.5,
+                                        bias_init=-1.0))
+    x = torch.tensor([[2.0, 4.0], [-1.0, -2.0], [1.0, 1.0]])
+    assert torch.equal(model(x).detach(), torch.tensor(expected))
+
+
+@pytest.mark.parametrize("kind", ["manual", "builtin"])
+def test_seeded_models_predict_from_the_drawn_parameters(kind):
+    # crop_yields_manual draws w = randn(2, 3) then b = randn(2) after manual_seed(0); a model
+    # of either kind built from that recipe predicts x·wᵀ + b with those numbers.
+    torch.manual_seed(0)
+    weight, bias = torch.randn(2, 3).double().numpy(), torch.randn(2).double().numpy()
+    torch.manual_seed(0)
+    model = models.build(3, 2, dataclasses.replace(train_config("crop_yields_manual"),
+                                                   model=kind, dtype="float64"))
+    x = np.array([[73.0, 67.0, 43.0], [91.0, 88.0, 64.0]])
+    predicted = model(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(predicted, x @ weight.T + bias, rtol=1e-12)
+
+
+# --- the analytic gradient ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss", ["mean", "sum"])
+@pytest.mark.parametrize("activation", ["none", "relu"])
+@pytest.mark.parametrize("n_targets", [1, 2])
+def test_analytic_gradient_of_weight_and_bias_matches_autograd(loss, activation, n_targets):
+    # One full-batch step at lr 1 moves each parameter by minus its gradient: the analytic
+    # step's move must be autograd's gradient of the same loss at the starting point.
+    generator = torch.Generator().manual_seed(n_targets)
+    x = torch.randn(7, 3, dtype=torch.float64, generator=generator)
+    y = torch.randn(7, n_targets, dtype=torch.float64, generator=generator)
+    config_ = settings(model="manual", gradient="analytic", activation=activation, loss=loss,
+                       lr=1.0, epochs=1, weight_init="randn", bias_init="randn", dtype="float64",
+                       seed=3, device="cpu")
+    torch.manual_seed(3)
+    weight0, bias0 = models.init_parameters(3, n_targets, config_)
+    w = weight0.clone().requires_grad_()
+    b = bias0.clone().requires_grad_()
+    out = x @ w.T
+    out = (out.clamp(min=0) if activation == "relu" else out) + b
+    squared = (out - y) ** 2
+    (squared.mean() if loss == "mean" else squared.sum()).backward()
+    assert (x @ weight0.T).abs().min() > 1e-6  # no row sits on the ReLU's kink
+
+    dataset = Dataset(x.numpy(), y.numpy(), ("a", "b", "c"),
+                      tuple(f"y{i}" for i in range(n_targets)))
+    result = train(config_, dataset)
+    moved_weight = weight0 - result.model.weight.detach()
+    moved_bias = bias0 - result.model.bias.detach()
+    torch.testing.assert_close(moved_bias, b.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(moved_weight, w.grad, rtol=1e-12, atol=1e-12)
+    assert b.grad.abs().min() > 1e-3  # a gradient of zero would make the check vacuous

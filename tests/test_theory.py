@@ -128,7 +128,8 @@ CASES = [
     pytest.param("line_fit_15pts", True, id="line_fit_15pts"),
     pytest.param("crop_yields_manual", True, id="crop_yields_manual"),
     pytest.param("slope_only", False, id="slope_only-no_bias"),
-    pytest.param("synthetic", True, id="synthetic-3targets"),
+    pytest.param("synthetic", True, id="synthetic-2targets"),
+    pytest.param("synthetic", False, id="synthetic-2targets-no_bias"),
 ]
 
 
