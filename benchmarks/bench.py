@@ -4,6 +4,8 @@ Measures, on whatever machine runs it:
 - CLI start-up (`pipeline --help`), which must not import torch or mlflow;
 - training throughput (rows × epochs per second) of both models, full batch and mini-batch,
   on a synthetic set of --rows rows, and the peak memory of the process;
+- a full-batch epoch against the memory roofline (two reads of X at the measured bandwidth);
+- `pipeline run` broken down by phase (imports, store, training, model export);
 - the cost of logging a curve to the tracking store: one batch against one call per epoch;
 - logging a model with explicit pip requirements;
 - trials trained together against one at a time, and a sufficient-statistics sweep against one
@@ -60,6 +62,77 @@ def training(rows: int, epochs: int) -> dict:
         results[f"{name}: s/epoch"] = round(seconds / epochs, 4)
     results["peak memory (MiB)"] = round(
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return results
+
+
+def roofline(rows: int, epochs: int) -> dict:
+    """A full-batch epoch against the memory roofline: two streaming reads of X (the least an
+    epoch of gradient descent reads: once forward, once for the gradient), in the same run."""
+    import torch
+
+    from pipeline import config, data
+    from pipeline.train import resolve_device, train
+
+    results = {}
+    device = resolve_device("auto")
+    exp = config.load("synthetic", [f"data.n_rows={rows}", "data.n_features=32",
+                                    "data.n_targets=1", "val_fraction=0"])
+    dataset = data.build(exp.data, exp.seed)
+    x = torch.as_tensor(dataset.features, dtype=torch.float32, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    one_read = timed(lambda: (x.sum(), sync()), repeat=5)
+    results[f"read {rows}x32 float32 once (s)"] = round(one_read, 4)
+    results["memory bandwidth (GB/s)"] = round(x.numel() * 4 / one_read / 1e9, 1)
+    for model in ("manual", "builtin"):
+        case = config.load("synthetic", [
+            f"data.n_rows={rows}", "data.n_features=32", "data.n_targets=1", "val_fraction=0",
+            f"model={model}", "batch_size=null", "shuffle=false", f"epochs={epochs}", "lr=0.01"])
+        # The difference of two lengths leaves out what does not repeat (data to the device).
+        seconds = timed(lambda case=case: train(case.train, dataset), repeat=2)
+        first = timed(lambda case=case: train(config.with_train(case, epochs=1).train, dataset),
+                      repeat=2)
+        per_epoch = (seconds - first) / (epochs - 1)
+        results[f"{model} full-batch epoch (s)"] = round(per_epoch, 4)
+        results[f"{model} epoch / roofline"] = round(per_epoch / (2 * one_read), 2)
+    return results
+
+
+def run_phases(experiment: str = "crop_yields_builtin") -> dict:
+    """`pipeline run` broken down: imports, store, training, model export, the rest."""
+    import numpy as np
+
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        total = timed(lambda: subprocess.run(
+            [sys.executable, "-m", "pipeline", "run", "-e", experiment, "--tracking-uri",
+             f"sqlite:///{folder}/run.db"], check=True, capture_output=True, cwd=folder))
+        bare = timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True),
+                     repeat=3)
+        imports = timed(lambda: subprocess.run(
+            [sys.executable, "-c", "import torch, mlflow, pipeline.workflow"], check=True),
+            repeat=2) - bare
+        from pipeline import config, data, tracking
+        from pipeline.train import train
+
+        def store():
+            tracking.connect(f"sqlite:///{folder}/{time.monotonic_ns()}.db")
+            return tracking.experiment_id(experiment)
+
+        seconds_store = timed(store)
+        exp = config.load(experiment)
+        dataset = data.build(exp.data, exp.seed)
+        seconds_train = timed(lambda: train(exp.train, dataset), repeat=3)
+        model = train(exp.train, dataset).model.to_module()
+        with tracking.run(store(), "export"):
+            seconds_model = timed(lambda: tracking.log_model(
+                model, dataset, exp.train.dtype), repeat=2)
+    phases = {"imports": imports, "store (fresh sqlite)": seconds_store,
+              "training": seconds_train, "model export": seconds_model}
+    results[f"pipeline run -e {experiment} (s)"] = round(total, 2)
+    for name, seconds in phases.items():
+        results[f"  {name} (s)"] = round(seconds, 3)
+    results["  the rest: python, three stage runs, dataset, evaluation (s)"] = round(
+        total - float(np.sum(list(phases.values()))) - bare, 2)
     return results
 
 
@@ -206,6 +279,7 @@ def main() -> None:
 
     results = {"rows": args.rows, "epochs": args.epochs}
     for part in (cli_startup, lambda: training(args.rows, args.epochs),
+                 lambda: roofline(args.rows, 20), run_phases,
                  lambda: tracking_costs(args.curve), lambda: many_trials(args.rows),
                  lambda: versus_naive_peer(args.trials, args.model_trials)):
         results.update(part())
