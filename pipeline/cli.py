@@ -79,7 +79,7 @@ def _connect(experiment, tracking_uri: str) -> str:
     from pipeline import tracking
 
     tracking.connect(tracking_uri)
-    return tracking.experiment_id(experiment.name)
+    return tracking.experiment_id(experiment.name, experiment.description)
 
 
 @cli.command()
@@ -272,8 +272,10 @@ def _print_sweep(summary, tracking_uri: str, experiment_name: str) -> None:
     click.echo(f"study {summary.study_name}: {summary.n_trials} trials ({states}); "
                f"{summary.new_trials} new; parent run {summary.parent_run_id}")
     rates = summary.rates
+    rows = "training" if rates["optimum_objective"] == rates["optimum_loss"] else "validation"
     click.echo(f"theory: largest stable lr {rates['lr_max_stable']:.4g}, best constant lr "
-               f"{rates['lr_best_constant']:.4g}, optimum loss {rates['optimum_loss']:.6g}")
+               f"{rates['lr_best_constant']:.4g}, lowest possible objective "
+               f"{rates['optimum_objective']:.6g} (least squares on the {rows} rows)")
     if summary.best_value is None:
         click.echo("no trial completed, so no model was registered")
         return
@@ -376,13 +378,17 @@ def promote(name: str, version: str, alias: str, reason: str, tracking_uri: str)
               help="Experiment whose runs to compare.")
 @click.option("--metric", type=str, default=None,
               help="Sort by this metric (r2: highest first; others: lowest first). "
-                   "Default: mse, else objective (sweeps), else train_loss.")
+                   "Default: each run by its own score (trials and sweeps: objective, "
+                   "evaluations: mse, training runs: val_loss, else train_loss).")
 @click.option("--top", type=click.IntRange(min=1), default=None, help="Show the best N runs.")
+@click.option("--stage", type=click.Choice(["generate", "train", "evaluate", "pipeline",
+                                            "sweep", "trial"]), default=None,
+              help="Only runs of this stage.")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "markdown"]),
               default="table", show_default=True, help="Output format.")
 @tracking_option
-def compare(experiment_name: str, metric: str | None, top: int | None, fmt: str,
-            tracking_uri: str) -> None:
+def compare(experiment_name: str, metric: str | None, top: int | None, stage: str | None,
+            fmt: str, tracking_uri: str) -> None:
     """Compare an experiment's runs: model, lr, epochs and final metrics, best first."""
     from pipeline import compare as comparing
     from pipeline import tracking
@@ -391,7 +397,7 @@ def compare(experiment_name: str, metric: str | None, top: int | None, fmt: str,
     path = Path(experiment_name)
     name = path.stem if path.suffix in (".yaml", ".yml") else experiment_name
     _connect_store(tracking_uri)
-    table = comparing.runs_table(tracking.runs_frame(name), metric, top)
+    table = comparing.runs_table(tracking.runs_frame(name), metric, top, stage)
     click.echo(comparing.render(table, fmt), nl=fmt != "csv")
 
 

@@ -1,4 +1,4 @@
-"""Compare the runs of an experiment side by side: one row per run, sorted by a metric.
+"""Compare the runs of an experiment side by side: one row per run, best first.
 
 Pure pandas on the DataFrame that ``mlflow.search_runs`` returns.
 """
@@ -14,47 +14,69 @@ METRICS = ["mse", "rmse", "mae", "r2", "optimality_gap", "objective", "train_los
 PARAMS = ["model", "lr", "epochs", "batch_size"]
 
 
-DEFAULT_METRICS = ("mse", "objective", "train_loss")  # evaluate runs, sweep trials, train runs
+# Each kind of run scored by its own measure, all lower-is-better errors: a sweep trial (and the
+# sweep's parent) by its objective, an evaluation (and the pipeline around it) by its mse, a
+# training run by its last validation loss, else its last training loss.
+SCORES = ("objective", "mse", "val_loss", "train_loss")
+STAGES = ("generate", "train", "evaluate", "pipeline", "sweep", "trial")
 
 
-def default_metric(runs: pd.DataFrame) -> str:
-    """The first of mse, objective, train_loss that some run has."""
-    for metric in DEFAULT_METRICS:
+def score(runs: pd.DataFrame) -> pd.Series:
+    """Each run's own score: the first of :data:`SCORES` it has."""
+    result = pd.Series(float("nan"), index=runs.index, dtype=float)
+    for metric in SCORES:
         column = f"metrics.{metric}"
-        if column in runs.columns and runs[column].notna().any():
-            return metric
-    return DEFAULT_METRICS[0]
+        if column in runs.columns:
+            result = result.fillna(pd.to_numeric(runs[column], errors="coerce"))
+    return result
 
 
-def runs_table(runs: pd.DataFrame, metric: str | None = None,
-               top: int | None = None) -> pd.DataFrame:
-    """One row per run, best ``metric`` first (runs without it last), with run name, stage,
-    model, lr, epochs and final metrics."""
-    metric = metric or default_metric(runs)
-    column = f"metrics.{metric}"
-    if runs.empty or column not in runs.columns or runs[column].isna().all():
-        known = sorted(c.removeprefix("metrics.") for c in runs.columns
-                       if c.startswith("metrics.") and runs[c].notna().any())
-        listing = ", ".join(known) or "none"
-        raise UserError(f"no run has metric {metric!r} (metrics here: {listing})")
-    scored = runs
+def runs_table(runs: pd.DataFrame, metric: str | None = None, top: int | None = None,
+               stage: str | None = None) -> pd.DataFrame:
+    """One row per run, best first, with run name, stage, model, lr, epochs and final metrics.
+
+    Without ``metric``, each run is ranked by its own score (:data:`SCORES`), so the best
+    trial, the best evaluation and the best training run all sort among each other; with it,
+    by that metric (``r2`` highest first, others lowest), runs without it last.
+    """
+    if stage is not None:
+        present = sorted(set(runs.get("tags.stage", pd.Series(dtype=str)).dropna()))
+        runs = runs[runs.get("tags.stage") == stage] if "tags.stage" in runs else runs.iloc[:0]
+        if runs.empty:
+            raise UserError(f"no {stage} runs here (stages present: "
+                            f"{', '.join(present) or 'none'})")
+    if metric is None:
+        order = score(runs)
+        if runs.empty or order.isna().all():
+            raise UserError("no run has a score yet (objective, mse, val_loss or train_loss)")
+    else:
+        column = f"metrics.{metric}"
+        if runs.empty or column not in runs.columns or runs[column].isna().all():
+            known = sorted(c.removeprefix("metrics.") for c in runs.columns
+                           if c.startswith("metrics.") and runs[c].notna().any())
+            listing = ", ".join(known) or "none"
+            raise UserError(f"no run has metric {metric!r} (metrics here: {listing})")
+        order = runs[column]
     table = pd.DataFrame({
-        "run_name": scored.get("tags.mlflow.runName"),
-        "stage": scored.get("tags.stage"),
-        "status": scored["status"],
+        "run_name": runs.get("tags.mlflow.runName"),
+        "stage": runs.get("tags.stage"),
+        "status": runs["status"],
     })
     for name in PARAMS:
-        if f"params.{name}" in scored.columns:
-            values = scored[f"params.{name}"]
+        if f"params.{name}" in runs.columns:
+            values = runs[f"params.{name}"]
             numeric = pd.to_numeric(values, errors="coerce")
             table[name] = values if numeric.isna().all() else numeric
+    if metric is None:
+        table["score"] = order
     for name in METRICS:
-        if f"metrics.{name}" in scored.columns and scored[f"metrics.{name}"].notna().any():
-            table[name] = scored[f"metrics.{name}"]
-    table["run_id"] = scored["run_id"]
-    if metric not in table.columns:
-        table[metric] = scored[column]
-    table = table.sort_values(metric, ascending=metric not in HIGHER_IS_BETTER,
+        if f"metrics.{name}" in runs.columns and runs[f"metrics.{name}"].notna().any():
+            table[name] = runs[f"metrics.{name}"]
+    table["run_id"] = runs["run_id"]
+    key = "score" if metric is None else metric
+    if key not in table.columns:
+        table[key] = order
+    table = table.sort_values(key, ascending=key not in HIGHER_IS_BETTER,
                               na_position="last", ignore_index=True, kind="stable")
     return table.head(top) if top else table
 

@@ -26,19 +26,13 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from pipeline import models
+from pipeline import models, theory
 from pipeline.config import TrainConfig
 from pipeline.data import Dataset
 from pipeline.train import DIVERGENCE_FACTOR, TrainResult, batches, finish, resolve_device
 
 # Called with (trial index, epoch, train_loss, val_loss); returning True stops that trial.
 TrialCallback = Callable[[int, int, float, "float | None"], bool]
-
-
-def exact_from_statistics(config: TrainConfig, n_rows: int) -> bool:
-    """Whether the ``statistics`` program computes what the loop does."""
-    full_batch = config.batch_size is None or config.batch_size >= n_rows
-    return full_batch and config.activation == "none"
 
 
 def train_many(config: TrainConfig, train_set: Dataset, val_set: Dataset | None,
@@ -50,7 +44,7 @@ def train_many(config: TrainConfig, train_set: Dataset, val_set: Dataset | None,
     ``on_epoch`` is called for each trial still training at every ``report_every``-th epoch.
     """
     if program == "auto":
-        program = "statistics" if exact_from_statistics(config, train_set.n_rows) else "loop"
+        program = "statistics" if theory.exact_for(config, train_set.n_rows) else "loop"
     device = resolve_device(config.device)
     dtype = torch.float64 if program == "statistics" else models.DTYPES[config.dtype]
     torch.manual_seed(config.seed)

@@ -65,9 +65,17 @@ def run(exp: Experiment, settings: SweepSettings, experiment_id: str, tracking_u
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study_name = settings.study_name or exp.name
     dataset = data.build(exp.data, exp.seed)
-    train_set, _ = data.split(dataset, exp.val_fraction, exp.seed)
+    train_set, val_set = data.split(dataset, exp.val_fraction, exp.seed)
     rates = theory.learning_rates(train_set, exp.train.has_bias, exp.train.loss)
+    # The floor of the objective, on the rows the objective is measured on.
+    rates["optimum_objective"] = rates["optimum_loss"] if val_set is None else (
+        theory.optimum_loss(val_set, exp.train.has_bias, "mean"))
     lr, epochs = search_space(exp, settings, rates)
+    for note in theory.range_notes(lr, rates):
+        echo(note)
+    if val_set is None:
+        echo("note: no validation split (val_fraction: 0), so the objective is the final "
+             "training loss, which more epochs only ever lower; set val_fraction to weigh them")
     storage = studies.open_storage(settings.storage, settings.n_trials)
     with interrupts.deferred():
         with storage.lock(SETUP_LOCK):  # one process creates the study and the parent run
@@ -105,7 +113,8 @@ def _set_up(study: optuna.Study, exp: Experiment, settings: SweepSettings, datas
     parent_run_id, new_parent = tracking.open_parent(
         experiment_id, f"sweep {study.study_name}",
         {"stage": "sweep", "optuna_study": study.study_name,
-         "optuna_storage": redact.mask(settings.storage), "data_key": data_key},
+         "optuna_storage": redact.mask(settings.storage), "data_key": data_key,
+         tracking.NOTE: _description(exp, settings, space, rates)},
         run_id=old and old["parent_run_id"],
     )
     settings_now = _parent_params(exp, settings, space)
@@ -125,6 +134,19 @@ def _set_up(study: optuna.Study, exp: Experiment, settings: SweepSettings, datas
         seed=settings.seed, batch=settings.batch)
     study.set_user_attr(studies.SPEC_ATTR, spec.to_attr())
     return spec
+
+
+def _description(exp: Experiment, settings: SweepSettings, space, rates) -> str:
+    (lr_low, lr_high), (epochs_low, epochs_high) = space
+    objective = ("validation MSE" if exp.val_fraction else
+                 "final training loss (no validation split: more epochs only ever lower it)")
+    return (f"Optuna sweep ({settings.sampler} sampler, {settings.pruner} pruner) of lr in "
+            f"[{lr_low:.3g}, {lr_high:.3g}] (log scale) and epochs in [{epochs_low}, "
+            f"{epochs_high}] over `{exp.name}`: {exp.description}\n\nObjective: {objective}. "
+            f"Theory: largest stable lr {rates['lr_max_stable']:.4g}, best constant lr "
+            f"{rates['lr_best_constant']:.4g}, lowest possible objective "
+            f"{rates['optimum_objective']:.6g}. Trials are the child runs; plots/ holds "
+            "their curves and Optuna's plots.")
 
 
 def _have_trials_run(study, storage, ctx, settings: SweepSettings, tracking_uri: str,

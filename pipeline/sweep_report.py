@@ -50,7 +50,8 @@ def summarise(study: optuna.Study, exp: configs.Experiment, ctx, rates: dict[str
     summary = dataclasses.replace(summary, best_value=best.value, best_params=best.params)
     tracking.log_to_run(
         ctx.parent_run_id,
-        metrics={"best_value": best.value, "best_lr": best.params["lr"],
+        # objective too, so that the parent sorts with its trials in the UI and in compare.
+        metrics={"objective": best.value, "best_value": best.value, "best_lr": best.params["lr"],
                  "best_epochs": best.params["epochs"],
                  "best_lr_over_lr_best_constant": best.params["lr"] / rates["lr_best_constant"]},
         tags={"best_trial": str(best.number),

@@ -30,17 +30,44 @@ def learning_rates(dataset: Dataset, fit_bias: bool, reduction: str) -> dict[str
     scale = 2.0 / (n * k) if reduction == "mean" else 2.0
     eigenvalues = np.linalg.eigvalsh(scale * (x.T @ x))
     lambda_max = float(eigenvalues[-1])
+    # A direction of zero curvature (collinear columns) never moves, whatever the rate: the
+    # rate that is best for the others comes from the smallest curvature that is not zero.
+    curved = eigenvalues[eigenvalues > lambda_max * 1e-12]
     lambda_min = float(max(eigenvalues[0], 0.0))
-    weight, bias = least_squares(dataset.features, dataset.targets, fit_bias)
-    squared = (predict_linear(dataset.features, weight, bias) - dataset.targets) ** 2
-    optimum = float(squared.mean() if reduction == "mean" else squared.sum())
+    lambda_curved = float(curved[0]) if len(curved) else 0.0
+    optimum = optimum_loss(dataset, fit_bias, reduction)
     return {
         "hessian_lambda_min": lambda_min,
         "hessian_lambda_max": lambda_max,
         "lr_max_stable": 2.0 / lambda_max,
-        "lr_best_constant": 2.0 / (lambda_min + lambda_max),
+        "lr_best_constant": 2.0 / (lambda_curved + lambda_max),
         "optimum_loss": optimum,
     }
+
+
+def optimum_loss(dataset: Dataset, fit_bias: bool, reduction: str) -> float:
+    """The lowest loss any linear model reaches on these rows: least squares on them."""
+    weight, bias = least_squares(dataset.features, dataset.targets, fit_bias)
+    squared = (predict_linear(dataset.features, weight, bias) - dataset.targets) ** 2
+    return float(squared.mean() if reduction == "mean" else squared.sum())
+
+
+def range_notes(lr: tuple[float, float], rates: dict[str, float]) -> list[str]:
+    """What a sweep's lr range leaves out that theory says matters."""
+    best, edge = rates["lr_best_constant"], rates["lr_max_stable"]
+    if lr[0] <= best <= lr[1]:
+        return []
+    where = "above" if best > lr[1] else "below"
+    return [f"warning: theory's best constant lr {best:.4g} lies {where} the lr range "
+            f"[{lr[0]:.3g}, {lr[1]:.3g}] (largest stable lr {edge:.4g}); the best lr found "
+            "will sit at the range's edge: widen it with --lr-range"]
+
+
+def exact_for(config, n_rows: int) -> bool:
+    """Whether these numbers are exact for ``config`` (full-batch descent, no ReLU) rather than
+    a guide; also where sweeps may run the closed form (:mod:`pipeline.engine`)."""
+    full_batch = config.batch_size is None or config.batch_size >= n_rows
+    return full_batch and config.activation == "none"
 
 
 def default_lr_range(rates: dict[str, float]) -> tuple[float, float]:

@@ -36,6 +36,9 @@ HEALTH_TIMEOUT_S = 5
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 
+NOTE = "mlflow.note.content"  # what the UI shows as an experiment's or a run's description
+
+
 class TrackingError(UserError):
     """The tracking store cannot be reached or refuses a request."""
 
@@ -134,42 +137,53 @@ def experiment_name(experiment: str) -> str:
     return MlflowClient().get_experiment(experiment).name
 
 
-def experiment_id(name: str) -> str:
-    """The MLflow experiment named after the config, created on first use.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI's training view
+
+
+def experiment_id(name: str, description: str = "") -> str:
+    """The MLflow experiment named after the config, created on first use with the config's
+    description as its note, marked for the UI's model-training view (not the GenAI one).
 
     Under ``mlflow run`` the run already exists (``MLFLOW_RUN_ID``) in the experiment chosen
     there, and everything this process logs joins that experiment.
     """
     client = MlflowClient()
+    tags = {**EXPERIMENT_KIND, **({NOTE: description} if description else {})}
     try:
         if run_id := os.environ.get("MLFLOW_RUN_ID"):
-            return client.get_run(run_id).info.experiment_id
-        found = client.get_experiment_by_name(name)
-        if found is not None:
-            if found.lifecycle_stage == "deleted":
-                client.restore_experiment(found.experiment_id)
-            return found.experiment_id
-        try:
-            return client.create_experiment(name)
-        except MlflowException:
-            if found := client.get_experiment_by_name(name):  # another process made it first
-                return found.experiment_id
-            raise
+            found = client.get_experiment(client.get_run(run_id).info.experiment_id)
+        else:
+            found = client.get_experiment_by_name(name)
+        if found is None:
+            try:
+                return client.create_experiment(name, tags=tags)
+            except MlflowException:
+                found = client.get_experiment_by_name(name)  # another process made it first
+                if found is None:
+                    raise
+        if found.lifecycle_stage == "deleted":
+            client.restore_experiment(found.experiment_id)
+        for key, value in tags.items():  # an experiment made elsewhere, or before these tags
+            if key not in found.tags:
+                client.set_experiment_tag(found.experiment_id, key, value)
+        return found.experiment_id
     except MlflowException as err:
         raise TrackingError(f"tracking store refused experiment {name!r}: {err.message}") from None
 
 
 @contextlib.contextmanager
 def run(
-    experiment: str, name: str, parent_run_id: str | None = None, tags: dict | None = None
+    experiment: str, name: str, parent_run_id: str | None = None, tags: dict | None = None,
+    description: str = "",
 ) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run that ends FINISHED, FAILED on any error, or KILLED on interrupt."""
+    """An MLflow run that ends FINISHED, FAILED on any error, or KILLED on interrupt;
+    ``description`` is the note the UI shows on the run's page."""
     active = mlflow.start_run(
         experiment_id=experiment,
         run_name=name,
         parent_run_id=parent_run_id,
         nested=parent_run_id is not None,
-        tags={**environment_tags(), **(tags or {})},
+        tags={**environment_tags(), **(tags or {}), **({NOTE: description} if description else {})},
     )
     try:
         yield active

@@ -103,7 +103,9 @@ def _open_run(trial: optuna.Trial, ctx: TrialContext, lr: float, epochs: int) ->
         ctx.experiment_id, ctx.parent_run_id,
         f"t{trial.number} lr={lr:.2g} ep={epochs}",  # fits the MLflow UI's name column
         tags={"stage": "trial", "optuna_study": ctx.study_name,
-              "optuna_trial": str(trial.number)},
+              "optuna_trial": str(trial.number),
+              tracking.NOTE: f"Trial {trial.number} of Optuna study `{ctx.study_name}`: "
+                             f"lr={lr:.4g}, {epochs} epochs; the rest as the sweep's parent."},
     )
     trial.set_user_attr("mlflow_run_id", run_id)
     return run_id

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pipeline import data, evaluate, plots, serving, tracking
+from pipeline import data, evaluate, plots, serving, theory, tracking
 from pipeline import train as training
 from pipeline.config import Experiment, run_name
 from pipeline.data import Dataset
@@ -62,8 +62,10 @@ def generate(exp: Experiment, experiment: str, parent_run_id: str | None = None,
     dataset = prepared.dataset
     shape = f"{dataset.n_rows}×{dataset.features.shape[1]}→{dataset.targets.shape[1]}"
     tags = {"stage": "generate", "data_key": prepared.key}
-    with tracking.run(experiment, f"generate {exp.data.source} {shape}", parent_run_id,
-                      tags) as active:
+    with tracking.run(experiment, f"generate {exp.data.source} {shape}", parent_run_id, tags,
+                      f"The dataset of `{exp.name}` ({exp.data.source}): {dataset.n_rows} rows, "
+                      f"features {', '.join(dataset.feature_names)} → targets "
+                      f"{', '.join(dataset.target_names)}.") as active:
         tracking.log_params(
             {k: v for k, v in exp.params().items() if k.startswith("data.") or k == "seed"}
         )
@@ -81,7 +83,8 @@ def train(exp: Experiment, dataset: Dataset, experiment: str,
     device = training.resolve_device(config.device)
     train_set, val_set = data.split(dataset, exp.val_fraction, exp.seed)
     tags = {"stage": "train", "device": str(device), **({"data_uri": data_uri} if data_uri else {})}
-    with tracking.run(experiment, run_name(config), parent_run_id, tags) as active:
+    with tracking.run(experiment, run_name(config), parent_run_id, tags,
+                      describe_training(exp)) as active:
         run_id = active.info.run_id
         tracking.log_params(exp.params())
         tracking.log_dataset(train_set, exp.name, data_uri, context="training")
@@ -106,9 +109,13 @@ def train(exp: Experiment, dataset: Dataset, experiment: str,
             epoch = result.diverged_at
             loss = result.train_loss[-1]
             tracking.set_tags({"diverged": "true", "diverged_at_epoch": str(epoch)})
+            edge = theory.learning_rates(train_set, config.has_bias, config.loss)["lr_max_stable"]
+            guide = "" if theory.exact_for(config, train_set.n_rows) else (
+                ", exact for full batches, a guide here")
             raise DivergedError(
-                f"training diverged at epoch {epoch}: train_loss became {loss} "
-                f"with lr={config.lr:g}; try a smaller lr (run {run_id} marked FAILED)"
+                f"training diverged at epoch {epoch}: train_loss became {loss:.6g} "
+                f"with lr={config.lr:g}; the largest stable lr for this data is {edge:.4g} "
+                f"(theory{guide}): try --set lr={edge / 2:.2g} (run {run_id} marked FAILED)"
             )
         tracking.set_tags({"diverged": "false"})
         model_uri = tracking.log_model(result.model.to_module(), train_set, config.dtype)
@@ -117,6 +124,18 @@ def train(exp: Experiment, dataset: Dataset, experiment: str,
         f"{result.train_loss[-1]:.6g}; model {model_uri}"
     )
     return Trained(run_id, model_uri, result)
+
+
+def describe_training(exp: Experiment) -> str:
+    """One sentence on how a run trains, for the run's description in the UI."""
+    config = exp.train
+    batches = ("full batch" if config.batch_size is None else
+               f"batches of {config.batch_size}{', shuffled' if config.shuffle else ''}")
+    held_out = f", {exp.val_fraction:.0%} of rows held out" if exp.val_fraction else ""
+    kind = ("torch.nn, torch.optim" if config.model == "builtin"
+            else "raw tensors, hand-written descent")
+    return (f"{config.model} model ({kind}), lr={config.lr:g}, {config.epochs} epochs, "
+            f"{batches}, {config.loss} squared error{held_out}.")
 
 
 def _single_weight(result: training.TrainResult) -> bool:
@@ -135,7 +154,9 @@ def evaluate_model(exp: Experiment, dataset: Dataset, model_uri: str, experiment
     train_set, val_set = data.split(dataset, exp.val_fraction, exp.seed)
     eval_set, split_name = (val_set, "validation") if val_set is not None else (train_set, "train")
     tags = {"stage": "evaluate", "model_uri": model_uri, "eval_split": split_name}
-    with tracking.run(experiment, f"evaluate {run_name(exp.train)}", parent_run_id, tags):
+    with tracking.run(experiment, f"evaluate {run_name(exp.train)}", parent_run_id, tags,
+                      f"Scores model {model_uri} on the {split_name} rows of `{exp.name}`: "
+                      "mse, rmse, mae, r2, and the gap to the least-squares optimum."):
         tracking.log_params(exp.params())
         predictions = model.predict(eval_set.features)
         metrics = evaluate.evaluate(predictions, eval_set, fit_bias=exp.train.has_bias)
@@ -159,7 +180,9 @@ def run_all(exp: Experiment, experiment: str, echo: Echo = print) -> dict[str, f
     training.resolve_device(exp.train.device)  # fail before any run opens
     prepared = prepare_data(exp, experiment)
     with tracking.run(experiment, f"{exp.name}: {run_name(exp.train)}",
-                      tags={"stage": "pipeline"}) as parent:
+                      tags={"stage": "pipeline"},
+                      description=f"{exp.description}\n\ngenerate → train → evaluate: "
+                                  f"{describe_training(exp)}") as parent:
         parent_id = parent.info.run_id
         tracking.log_params(exp.params())
         data_ref = generate(exp, experiment, parent_id, prepared, echo)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -267,6 +268,10 @@ def test_unreachable_tracking_server(workdir):
 def test_divergence_is_recorded_not_crashed(workdir):
     result = pipeline(workdir, "run", "-e", "slope_only", "--set", "lr=10 epochs=500")
     assert_one_line_failure(result, "diverged at epoch")
+    # The message names the stable edge theory gives for slope_only's rows (2/λ_max ≈ 0.333).
+    edge = float(re.search(r"largest stable lr for this data is ([0-9.e-]+)",
+                           result.stderr).group(1))
+    assert edge == pytest.approx(0.3331, rel=1e-3)
     statuses = run_statuses(workdir / "mlflow.db")
     assert "RUNNING" not in statuses and statuses.count("FAILED") == 2  # train and parent
     runs = runs_of(f"sqlite:///{workdir / 'mlflow.db'}", "slope_only")

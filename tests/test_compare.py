@@ -80,9 +80,28 @@ def test_mae_sorts_ascending_too(runs):
     assert compare.runs_table(runs, "mae")["run_name"].tolist() == ["b", "a", "c", "d"]
 
 
-def test_default_metric_is_mse_when_some_run_has_it(runs):
-    assert compare.default_metric(runs) == "mse"
-    assert compare.runs_table(runs)["run_name"].tolist() == ["b", "a", "c", "d"]
+def test_by_default_each_run_is_scored_by_its_own_measure(runs):
+    # a, b, c are evaluations (mse 0.5, 0.1, 2.0); d is a training run (train_loss 0.01).
+    table = compare.runs_table(runs)
+    assert table["run_name"].tolist() == ["d", "b", "a", "c"]
+    assert table["score"].tolist() == [0.01, 0.1, 0.5, 2.0]
+
+
+def test_the_best_trial_sorts_among_evaluations_and_stage_filters(compare_store):
+    make_runs({"t0": ("trial", "FINISHED", {}, {"objective": 0.3}),
+               "t1": ("trial", "FINISHED", {}, {"objective": 0.05}),
+               "sweep": ("sweep", "FINISHED", {}, {"objective": 0.05, "best_value": 0.05}),
+               "evaluate": ("evaluate", "FINISHED", {}, {"mse": 0.2}),
+               "train": ("train", "FINISHED", {}, {"train_loss": 0.02, "val_loss": 0.4})},
+              "mixed")
+    runs = tracking.runs_frame("mixed")
+    # The sweep's parent carries its best trial's objective: they tie at the top.
+    assert sorted(compare.runs_table(runs, top=2)["run_name"]) == ["sweep", "t1"]
+    assert compare.runs_table(runs)["run_name"].tolist()[2:] == ["evaluate", "t0", "train"]
+    assert compare.runs_table(runs, stage="trial")["run_name"].tolist() == ["t1", "t0"]
+    with pytest.raises(UserError, match=r"no generate runs here \(stages present: evaluate, "
+                                        r"sweep, train, trial\)"):
+        compare.runs_table(runs, stage="generate")
 
 
 @pytest.mark.parametrize(("top", "names"), [(1, ["b"]), (2, ["b", "a"]), (3, ["b", "a", "c"]),
@@ -135,7 +154,6 @@ def test_sweep_trials_default_to_objective(compare_store):
                for i, (lr, value) in enumerate([(0.1, 0.3), (0.01, 0.2), (0.001, 0.9)])},
               "sweep")
     runs = tracking.runs_frame("sweep")
-    assert compare.default_metric(runs) == "objective"
     table = compare.runs_table(runs)
     assert table["run_name"].tolist() == ["trial 1", "trial 0", "trial 2"]
     assert table["lr"].tolist() == [0.01, 0.1, 0.001]
@@ -145,7 +163,6 @@ def test_train_runs_default_to_train_loss(compare_store):
     make_runs({"slow": ("train", "FINISHED", {}, {"train_loss": 4.0}),
                "fast": ("train", "FINISHED", {}, {"train_loss": 0.25})}, "training")
     runs = tracking.runs_frame("training")
-    assert compare.default_metric(runs) == "train_loss"
     assert compare.runs_table(runs)["run_name"].tolist() == ["fast", "slow"]
 
 
@@ -159,6 +176,8 @@ def test_a_metric_no_run_has_lists_the_metrics_there_are(runs):
 def test_an_experiment_without_runs_has_no_metrics(compare_store):
     tracking.experiment_id("empty")
     with pytest.raises(UserError, match=r"no run has metric 'mse' \(metrics here: none\)"):
+        compare.runs_table(tracking.runs_frame("empty"), "mse")
+    with pytest.raises(UserError, match="no run has a score yet"):
         compare.runs_table(tracking.runs_frame("empty"))
 
 

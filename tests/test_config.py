@@ -396,7 +396,7 @@ def test_params_flattens_training_and_data_keys():
         "data.n_targets": 2,
         "data.noise": 0.1,
         "data.weight_scale": 1.0,
-        "sweep.lr": (1e-3, 0.5),
+        "sweep.lr": (1e-3, 2.0),
         "sweep.epochs": (5, 100),
     }
     assert {key: params[key] for key in expected} == expected

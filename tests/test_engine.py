@@ -64,7 +64,7 @@ def test_sufficient_statistics_give_the_loops_curves(name):
     overrides = ["batch_size=null", "data.n_rows=3000", "data.n_features=6"] * (
         name == "synthetic")
     exp, train_set, val_set, edge = prepared(name, overrides)
-    assert engine.exact_from_statistics(exp.train, train_set.n_rows)
+    assert theory.exact_for(exp.train, train_set.n_rows)
     lrs, epochs = [0.1 * edge, 0.5 * edge, 0.95 * edge], [20, 35, 50]
     from_statistics = engine.train_many(exp.train, train_set, val_set, lrs, epochs,
                                         program="statistics")
@@ -87,9 +87,9 @@ def test_statistics_are_used_only_where_exact():
     relu = config.load("relu_line").train
     batches = config.load("crop_yields_builtin").train
     full = config.load("crop_yields_manual").train
-    assert not engine.exact_from_statistics(relu, 40)
-    assert not engine.exact_from_statistics(batches, 15)
-    assert engine.exact_from_statistics(full, 5)
+    assert not theory.exact_for(relu, 40)
+    assert not theory.exact_for(batches, 15)
+    assert theory.exact_for(full, 5)
 
 
 def test_a_diverging_trial_stops_alone_and_the_others_go_on():

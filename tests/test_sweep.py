@@ -75,8 +75,12 @@ def test_sweep_resume_and_extend(store):
     best = study.best_trial
     assert parent.data.metrics["best_value"] == pytest.approx(best.value)
     assert parent.data.metrics["best_lr"] == pytest.approx(best.params["lr"])
-    assert {"lr_max_stable", "lr_best_constant", "optimum_loss"} <= set(parent.data.metrics)
-    assert parent.data.metrics["optimum_loss"] <= best.value
+    assert {"lr_max_stable", "lr_best_constant", "optimum_loss",
+            "optimum_objective"} <= set(parent.data.metrics)
+    assert parent.data.metrics["optimum_objective"] <= best.value
+    # The parent sorts with its trials (objective), and the UI shows its description.
+    assert parent.data.metrics["objective"] == pytest.approx(best.value)
+    assert "Optuna sweep" in parent.data.tags["mlflow.note.content"]
     artifacts = {a.path for a in MlflowClient(store).list_artifacts(parent.info.run_id)}
     assert "trials.csv" in artifacts
     plots = {a.path for a in MlflowClient(store).list_artifacts(parent.info.run_id, "plots")}
@@ -240,6 +244,22 @@ def test_default_lr_range_comes_from_theory():
     lr, epochs = search_space(exp, SweepSettings(n_trials=1), rates)
     assert lr == pytest.approx((rates["lr_max_stable"] / 1000, rates["lr_max_stable"]))
     assert epochs == tuple(exp.sweep.epochs)
+
+
+@pytest.mark.parametrize("name", config.available())
+def test_every_shipped_range_holds_theorys_best_rate(name):
+    exp = config.load(name)
+    train_set, _ = data.split(data.build(exp.data, exp.seed), exp.val_fraction, exp.seed)
+    rates = theory.learning_rates(train_set, exp.train.has_bias, exp.train.loss)
+    low, high = exp.sweep.lr
+    assert low <= rates["lr_best_constant"] <= high
+    assert theory.range_notes(exp.sweep.lr, rates) == []
+
+
+def test_a_range_without_the_best_rate_is_named_in_a_warning():
+    rates = {"lr_best_constant": 1.117e-4, "lr_max_stable": 1.117e-4}
+    [note] = theory.range_notes((1e-7, 1e-4), rates)
+    assert "best constant lr 0.0001117 lies above the lr range [1e-07, 0.0001]" in note
 
 
 def test_champion_moves_only_to_a_better_model(store):

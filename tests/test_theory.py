@@ -204,10 +204,6 @@ def test_default_lr_range_spans_three_decades_below_the_edge():
 # --- known problems -------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "theory.learning_rates: with a flat direction (λ_min = 0, e.g. a constant feature beside the "
-    "bias) lr_best_constant = 2/(0 + λ_max) equals lr_max_stable, where descent oscillates "
-    "without converging; the best rate should use the smallest non-zero eigenvalue"))
 def test_best_rate_converges_when_a_direction_is_flat():
     # x is 2 on every row: x and the bias column are parallel; eigenvalues 0 and 10 (mean).
     flat = dataset([[2.0], [2.0], [2.0]], [[1.0], [2.0], [3.0]])
