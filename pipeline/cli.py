@@ -105,10 +105,13 @@ def generate(experiment, tracking_uri: str) -> None:
     Prints the dataset's URI (runs:/<run id>/dataset) for `pipeline train --data`.
     Identical inputs reuse the earlier run's data instead of generating again.
     """
-    from pipeline import workflow
+    from pipeline import data, workflow
 
+    built = data.check(experiment.data, experiment.seed)  # before any experiment is made
     experiment_id = _connect(experiment, tracking_uri)
-    ref = workflow.generate(experiment, experiment_id, echo=click.echo)
+    ref = workflow.generate(experiment, experiment_id,
+                            prepared=workflow.prepare_data(experiment, experiment_id, built),
+                            echo=click.echo)
     click.echo(ref.uri)
 
 
@@ -124,13 +127,16 @@ def train(experiment, tracking_uri: str, device: str | None, data_uri: str | Non
     Prints the logged model's URI for `pipeline evaluate --model`.
     """
     from pipeline import data, tracking, workflow
+    from pipeline import train as training
 
     experiment = _with_device(experiment, device)
-    experiment_id = _connect(experiment, tracking_uri)
+    training.resolve_device(experiment.train.device)
+    _connect_store(tracking_uri)
     if data_uri:
         dataset = tracking.read_dataset(data_uri)
     else:
         dataset = data.build(experiment.data, experiment.seed)
+    experiment_id = _connect(experiment, tracking_uri)  # the input is good: now it may exist
     trained = workflow.train(experiment, dataset, experiment_id, data_uri=data_uri,
                              echo=click.echo)
     click.echo(trained.model_uri)
@@ -144,14 +150,19 @@ def train(experiment, tracking_uri: str, device: str | None, data_uri: str | Non
               help="Dataset from `pipeline generate`. Default: build it from the config.")
 def evaluate(experiment, tracking_uri: str, model_uri: str, data_uri: str | None) -> None:
     """Score a model: MSE, RMSE, MAE, R², and the gap to the least-squares optimum."""
-    from pipeline import data, tracking, workflow
+    from pipeline import data, serving, tracking, workflow
 
-    experiment_id = _connect(experiment, tracking_uri)
+    _connect_store(tracking_uri)
     if data_uri:
         dataset = tracking.read_dataset(data_uri)
     else:
         dataset = data.build(experiment.data, experiment.seed)
-    workflow.evaluate_model(experiment, dataset, model_uri, experiment_id, echo=click.echo)
+    serving.check_uri(model_uri)
+    model = serving.load(model_uri)
+    workflow.check_fits(experiment, dataset, model, model_uri)
+    experiment_id = _connect(experiment, tracking_uri)  # the input is good: now it may exist
+    workflow.evaluate_model(experiment, dataset, model_uri, experiment_id, echo=click.echo,
+                            model=model)
 
 
 @cli.command()
@@ -159,13 +170,14 @@ def evaluate(experiment, tracking_uri: str, model_uri: str, data_uri: str | None
 @device_option
 def run(experiment, tracking_uri: str, device: str | None) -> None:
     """Run generate, train and evaluate as child runs of one parent run."""
-    from pipeline import workflow
+    from pipeline import data, tracking, workflow
+    from pipeline import train as training
 
     experiment = _with_device(experiment, device)
-    experiment_id = _connect(experiment, tracking_uri)
-    from pipeline import tracking
-
-    workflow.run_all(experiment, experiment_id, echo=click.echo)
+    training.resolve_device(experiment.train.device)
+    built = data.check(experiment.data, experiment.seed)
+    experiment_id = _connect(experiment, tracking_uri)  # the input is good: now it may exist
+    workflow.run_all(experiment, experiment_id, built, echo=click.echo)
     shown = redact.mask(tracking_uri)
     click.echo(
         f"done: experiment '{tracking.experiment_name(experiment_id)}' in {shown}; "
@@ -222,12 +234,13 @@ def sweep(experiment, tracking_uri: str, device: str | None, n_trials: int,
     from pipeline import interrupts, tracking
     from pipeline import sweep as sweeps
 
-    experiment_id = _connect(experiment, tracking_uri)
+    _connect_store(tracking_uri)
     try:
-        summary = sweeps.run(experiment, settings, experiment_id, tracking_uri, echo=click.echo)
+        summary = sweeps.run(experiment, settings, tracking_uri, echo=click.echo)
     except interrupts.Interrupted as stop:
         _stopped(stop)
-    _print_sweep(summary, redact.mask(tracking_uri), tracking.experiment_name(experiment_id))
+    _print_sweep(summary, redact.mask(tracking_uri),
+                 tracking.experiment_name(summary.experiment_id))
 
 
 def _stopped(stop) -> None:

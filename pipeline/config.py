@@ -452,6 +452,11 @@ def read_raw(name_or_path: str) -> tuple[str, dict[str, Any]]:
         raise ConfigError(
             f"{path}: the file must hold a mapping of keys to values, got {_kind(raw)}"
         )
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("csv"), str):
+        # A CSV named in a config file lives beside it, wherever the command runs from
+        # (one given with --set data.csv=... is taken from the current folder).
+        data["csv"] = str((path.parent / Path(data["csv"]).expanduser()).absolute())
     return path.stem, raw
 
 

@@ -62,6 +62,14 @@ class Dataset:
         return {"weight": self.true_weight.tolist(), "bias": self.true_bias.tolist()}
 
 
+def check(config: DataConfig, seed: int) -> Dataset | None:
+    """Find what is wrong with a recipe before anything is tracked: the memory it needs, a CSV
+    that cannot be read or lacks columns, a recipe with no rows. Returns the dataset where
+    that meant building it (all but synthetic data, which is drawn later, or found cached)."""
+    _check_fits_in_memory(config)
+    return None if isinstance(config, SyntheticData) else build(config, seed)
+
+
 def build(config: DataConfig, seed: int) -> Dataset:
     """Make the dataset a recipe describes; noise and random weights draw from ``seed``."""
     _check_fits_in_memory(config)
@@ -216,7 +224,7 @@ def read_frame(path: str | Path):
     """A CSV or Parquet file as a DataFrame; in a CSV only an empty cell counts as missing."""
     import pandas as pd
 
-    path = Path(path)
+    path = Path(path).absolute()  # errors say exactly where they looked
     _check_readable(path)
     try:
         if path.suffix == ".parquet":
@@ -321,7 +329,7 @@ def content_key(config: DataConfig, seed: int) -> str:
         digest.update(str(seed).encode())
     digest.update(inspect.getsource(inspect.getmodule(content_key)).encode())
     if isinstance(config, CsvData):
-        path = Path(config.csv)
+        path = Path(config.csv).absolute()
         _check_readable(path)
         try:
             digest.update(path.read_bytes())

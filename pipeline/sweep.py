@@ -54,7 +54,7 @@ def config_digest(exp: Experiment) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def run(exp: Experiment, settings: SweepSettings, experiment_id: str, tracking_uri: str,
+def run(exp: Experiment, settings: SweepSettings, tracking_uri: str,
         echo: Echo = print) -> sweep_report.Summary:
     """Set up or resume the study, have its missing trials run, then summarise once.
 
@@ -77,6 +77,7 @@ def run(exp: Experiment, settings: SweepSettings, experiment_id: str, tracking_u
         echo("note: no validation split (val_fraction: 0), so the objective is the final "
              "training loss, which more epochs only ever lower; set val_fraction to weigh them")
     storage = studies.open_storage(settings.storage, settings.n_trials)
+    experiment_id = tracking.experiment_id(exp.name, exp.description)  # the input is good
     with interrupts.deferred():
         with storage.lock(SETUP_LOCK):  # one process creates the study and the parent run
             study = studies.load(storage, study_name, settings.sampler, settings.pruner,

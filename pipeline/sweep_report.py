@@ -24,6 +24,7 @@ from pipeline import train as training
 @dataclass(frozen=True)
 class Summary:
     study_name: str
+    experiment_id: str
     parent_run_id: str
     n_trials: int
     new_trials: int
@@ -41,8 +42,8 @@ def summarise(study: optuna.Study, exp: configs.Experiment, ctx, rates: dict[str
               new_trials: int) -> Summary:
     """Trials table, plots, best params on the parent run; the best model registered."""
     states = studies.counts(study)
-    summary = Summary(study.study_name, ctx.parent_run_id, sum(states.values()), new_trials,
-                      states, None, {}, rates)
+    summary = Summary(study.study_name, ctx.experiment_id, ctx.parent_run_id,
+                      sum(states.values()), new_trials, states, None, {}, rates)
     log_study(study, ctx.parent_run_id)
     if not states.get(TrialState.COMPLETE.name):
         return summary
@@ -75,8 +76,8 @@ def already_summarised(study: optuna.Study, exp: configs.Experiment, ctx,
                        rates: dict[str, float]) -> Summary:
     """What :func:`summarise` reported when the study last reached this total."""
     states = studies.counts(study)
-    summary = Summary(study.study_name, ctx.parent_run_id, sum(states.values()), 0, states,
-                      None, {}, rates)
+    summary = Summary(study.study_name, ctx.experiment_id, ctx.parent_run_id,
+                      sum(states.values()), 0, states, None, {}, rates)
     if not states.get(TrialState.COMPLETE.name):
         return summary
     best = study.best_trial

@@ -40,15 +40,16 @@ class PreparedData:
     cached_run_id: str | None
 
 
-def prepare_data(exp: Experiment, experiment: str) -> PreparedData:
-    """Find cached data with the same content key, or build it; opens no run.
+def prepare_data(exp: Experiment, experiment: str, built: Dataset | None = None) -> PreparedData:
+    """Find cached data with the same content key, else take ``built`` or build it; opens no
+    run.
 
     Bad data (a missing or malformed CSV) fails here, before any run exists.
     """
     key = data.content_key(exp.data, exp.seed)
     if cached := tracking.find_cached_dataset(experiment, key):
         return PreparedData(key, None, cached)
-    return PreparedData(key, data.build(exp.data, exp.seed), None)
+    return PreparedData(key, built or data.build(exp.data, exp.seed), None)
 
 
 def generate(exp: Experiment, experiment: str, parent_run_id: str | None = None,
@@ -143,14 +144,11 @@ def _single_weight(result: training.TrainResult) -> bool:
 
 
 def evaluate_model(exp: Experiment, dataset: Dataset, model_uri: str, experiment: str,
-                   parent_run_id: str | None = None, echo: Echo = print) -> dict[str, float]:
+                   parent_run_id: str | None = None, echo: Echo = print,
+                   model: serving.LoadedModel | None = None) -> dict[str, float]:
     """Score a logged model on the evaluation split (validation rows, else the training rows)."""
-    model = serving.load(model_uri)
-    if len(model.feature_names) != dataset.features.shape[1]:
-        raise serving.ModelError(
-            f"model {model_uri} takes {len(model.feature_names)} features "
-            f"({', '.join(model.feature_names)}) but {exp.name}'s data has "
-            f"{dataset.features.shape[1]}; was it trained on another experiment?")
+    model = model or serving.load(model_uri)
+    check_fits(exp, dataset, model, model_uri)
     train_set, val_set = data.split(dataset, exp.val_fraction, exp.seed)
     eval_set, split_name = (val_set, "validation") if val_set is not None else (train_set, "train")
     tags = {"stage": "evaluate", "model_uri": model_uri, "eval_split": split_name}
@@ -175,10 +173,22 @@ def evaluate_model(exp: Experiment, dataset: Dataset, model_uri: str, experiment
     return metrics
 
 
-def run_all(exp: Experiment, experiment: str, echo: Echo = print) -> dict[str, float]:
-    """generate → train → evaluate as child runs of one parent run."""
+def check_fits(exp: Experiment, dataset: Dataset, model: serving.LoadedModel,
+               model_uri: str) -> None:
+    """A model scores an experiment's data only if it takes the same features."""
+    if len(model.feature_names) != dataset.features.shape[1]:
+        raise serving.ModelError(
+            f"model {model_uri} takes {len(model.feature_names)} features "
+            f"({', '.join(model.feature_names)}) but {exp.name}'s data has "
+            f"{dataset.features.shape[1]}; was it trained on another experiment?")
+
+
+def run_all(exp: Experiment, experiment: str, built: Dataset | None = None,
+            echo: Echo = print) -> dict[str, float]:
+    """generate → train → evaluate as child runs of one parent run (``built``: the dataset
+    :func:`data.check` built, if it did)."""
     training.resolve_device(exp.train.device)  # fail before any run opens
-    prepared = prepare_data(exp, experiment)
+    prepared = prepare_data(exp, experiment, built)
     with tracking.run(experiment, f"{exp.name}: {run_name(exp.train)}",
                       tags={"stage": "pipeline"},
                       description=f"{exp.description}\n\ngenerate → train → evaluate: "

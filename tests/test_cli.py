@@ -286,3 +286,57 @@ def test_help_is_quick_to_import():
     code = "import sys, pipeline.cli; print(any(m in sys.modules for m in ('torch', 'mlflow')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.stdout.strip() == "False"
+
+
+def experiment_names(db_path: Path) -> list[str]:
+    import sqlite3
+
+    if not db_path.exists():
+        return []
+    with sqlite3.connect(db_path) as connection:
+        try:
+            return sorted(row[0] for row in connection.execute("select name from experiments"))
+        except sqlite3.OperationalError:
+            return []
+
+
+def own_data(folder: Path, csv_name: str = "apples.csv") -> Path:
+    """An experiment file in ``folder`` naming a CSV beside it by a relative path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [[73, 67, 43, 56], [91, 88, 64, 81], [87, 134, 58, 119], [102, 43, 37, 22],
+            [69, 96, 70, 103]]
+    (folder / "apples.csv").write_text(
+        "temp,rainfall,humidity,apples\n" + "".join(",".join(map(str, r)) + "\n" for r in rows))
+    config = folder / "apples.yaml"
+    config.write_text(f"description: apples from a CSV beside this file\nlr: 1.0e-5\n"
+                      f"epochs: 20\ndata:\n  csv: {csv_name}\n"
+                      "  features: [temp, rainfall, humidity]\n  targets: [apples]\n")
+    return config
+
+
+def test_a_csv_named_in_a_config_is_found_beside_it(workdir):
+    config = own_data(workdir / "elsewhere" / "configs")
+    result = pipeline(workdir, "run", "-e", str(config.relative_to(workdir)))
+    assert result.returncode == 0, result.stderr
+    assert experiment_names(workdir / "mlflow.db") == ["Default", "apples"]
+    runs = runs_of(f"sqlite:///{workdir / 'mlflow.db'}", "apples")
+    assert runs["train"][0].data.params["data.csv"] == str(config.parent / "apples.csv")
+
+
+@pytest.mark.parametrize("case", ["missing csv", "no cuda", "bad storage", "unknown model"])
+def test_a_failing_command_leaves_no_experiment_behind(workdir, case):
+    config = own_data(workdir / "configs", "nowhere.csv" if case == "missing csv" else "apples.csv")
+    args = {
+        "missing csv": ["run", "-e", str(config)],
+        "no cuda": ["run", "-e", str(config), "--device", "cuda"],
+        "bad storage": ["sweep", "-e", str(config), "--n-trials", "2", "--storage",
+                        str(config / "under-a-file.journal")],
+        "unknown model": ["evaluate", "-e", str(config), "--model", "models:/nothing@champion"],
+    }[case]
+    if torch.cuda.is_available() and case == "no cuda":
+        pytest.skip("this machine has a GPU")
+    result = pipeline(workdir, *args)
+    assert_one_line_failure(result)
+    if case == "missing csv":  # the error says exactly where it looked
+        assert str(workdir / "configs" / "nowhere.csv") in result.stderr
+    assert experiment_names(workdir / "mlflow.db") in ([], ["Default"])
