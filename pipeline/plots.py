@@ -15,17 +15,115 @@ import numpy as np  # noqa: E402
 MAX_SCATTER_POINTS = 5000
 
 
-def loss_curve(train_loss: list[float], val_loss: list[float], title: str):
+def loss_curve(train_loss: list[float], val_loss: list[float], title: str,
+               optimum: float | None = None):
+    """Both curves against the epoch; log y when they span two decades; the least-squares
+    optimum (the lowest training loss any linear model reaches) as a line."""
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(range(len(train_loss)), train_loss, marker="." if len(train_loss) < 60 else None,
             label="train_loss")
     if val_loss:
         ax.plot(range(len(val_loss)), val_loss, label="val_loss")
     finite = [v for v in [*train_loss, *val_loss] if np.isfinite(v)]
-    if finite and min(finite) > 0 and max(finite) / min(finite) > 100:
-        ax.set_yscale("log")
+    if optimum is not None and np.isfinite(optimum):
+        ax.axhline(optimum, color="grey", linestyle=":", label=f"optimum {optimum:.4g}")
+        finite.append(optimum)
+    _log_y_if_wide(ax, finite)
     ax.set(xlabel="epoch", ylabel="loss", title=title)
     ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def _log_y_if_wide(ax, values) -> None:
+    values = [v for v in values if np.isfinite(v)]
+    if values and min(values) > 0 and max(values) / min(values) > 100:
+        ax.set_yscale("log")
+
+
+# --- a sweep's trials, on its parent run --------------------------------------------------------
+
+
+def trials_overlay(curves: dict[int, list[float]], diverged: set[int], best: int | None,
+                   title: str, metric: str, optimum: float | None = None):
+    """Every trial's curve of the objective's loss, log y: the best one bold, diverged ones
+    red and dashed (cut where they left finite numbers)."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    values = []
+    for number, curve in curves.items():
+        curve = np.asarray(curve, dtype=float)
+        shown = curve[np.isfinite(curve)]
+        if number == best or not shown.size:
+            continue
+        values.extend(shown)
+        if number in diverged:
+            ax.plot(shown, color="C3", linestyle="--", linewidth=0.8, alpha=0.7)
+        else:
+            ax.plot(shown, color="grey", linewidth=0.7, alpha=0.5)
+    if best is not None and best in curves:
+        ax.plot(curves[best], color="C0", linewidth=2.2, label=f"best: trial {best}")
+        values.extend(v for v in curves[best] if np.isfinite(v))
+    ax.plot([], [], color="grey", label="other trials")
+    if diverged:
+        ax.plot([], [], color="C3", linestyle="--", label="diverged")
+    if optimum is not None and np.isfinite(optimum):
+        ax.axhline(optimum, color="black", linestyle=":", label=f"lowest possible {optimum:.4g}")
+        values.append(optimum)
+    positive = [v for v in values if v > 0]
+    if positive:
+        ax.set_yscale("log")
+        ax.set_ylim(min(positive) * 0.8, min(max(positive), 1e6 * min(positive)) * 1.5)
+    ax.set(xlabel="epoch", ylabel=metric, title=title)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def trials_scatter(trials: list[dict], rates: dict[str, float], title: str):
+    """lr against the objective, and lr against epochs coloured by it: every trial, pruned
+    (grey ×) and diverged (red ×, along the top) included; theory's rates as lines."""
+    from matplotlib.colors import LogNorm
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
+    done = [t for t in trials if t["state"] == "COMPLETE" and np.isfinite(t["value"])]
+    pruned = [t for t in trials if t["state"] == "PRUNED" and not t["diverged"]]
+    lost = [t for t in trials if t["diverged"]]
+    values = [t["value"] for t in done] + [t["value"] for t in pruned
+                                           if t["value"] is not None and np.isfinite(t["value"])]
+    top = max(values) * 2 if values else 1.0
+    norm = None
+    if done and min(t["value"] for t in done) > 0:
+        low, high = min(t["value"] for t in done), max(t["value"] for t in done)
+        norm = LogNorm(low, high if high > low else low * 1.01)
+    colours = [t["value"] for t in done]
+    left.scatter([t["lr"] for t in done], colours, c="C0", s=18, label="complete")
+    shown = [t for t in pruned if t["value"] is not None and np.isfinite(t["value"])]
+    left.scatter([t["lr"] for t in shown], [t["value"] for t in shown], marker="x",
+                 color="grey", s=18, label="pruned (last value)")
+    left.scatter([t["lr"] for t in lost], [top] * len(lost), marker="x", color="C3", s=24,
+                 label="diverged")
+    left.set(xscale="log", xlabel="lr", ylabel="objective")
+    _log_y_if_wide(left, [*values, top])
+    points = right.scatter([t["lr"] for t in done], [t["epochs"] for t in done], c=colours,
+                           norm=norm, cmap="viridis_r", s=24)
+    right.scatter([t["lr"] for t in pruned], [t["epochs"] for t in pruned], marker="x",
+                  color="grey", s=18)
+    right.scatter([t["lr"] for t in lost], [t["epochs"] for t in lost], marker="x",
+                  color="C3", s=24)
+    if done:
+        best = min(done, key=lambda t: t["value"])
+        for ax, y in ((left, best["value"]), (right, best["epochs"])):
+            ax.scatter([best["lr"]], [y], marker="*", s=220, color="gold", edgecolor="black",
+                       zorder=5, label="best" if ax is left else None)
+        fig.colorbar(points, ax=right, label="objective (lower is better)")
+    right.set(xscale="log", xlabel="lr", ylabel="epochs")
+    for ax in (left, right):
+        ax.axvline(rates["lr_max_stable"], color="C3", linestyle="--",
+                   label="largest stable lr" if ax is left else None)
+        ax.axvline(rates["lr_best_constant"], color="C2", linestyle=":",
+                   label="best constant lr" if ax is left else None)
+    left.legend(fontsize=8, loc="best")
+    fig.suptitle(title)
     fig.tight_layout()
     return fig
 
@@ -72,9 +170,14 @@ def loss_surface(features: np.ndarray, targets: np.ndarray, path: list[list[floa
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(grid, loss(grid), label="loss(w)")
     ax.plot(finite, loss(finite), "o-", color="C3", label="gradient descent")
-    for step, w in enumerate(finite):
+    ax.scatter([centre], loss(np.array([centre])), marker="*", s=200, color="gold",
+               edgecolor="black", zorder=5, label=f"minimum, w = {centre:.4g}")
+    # A few step numbers, alternately above and below the path, so that none overlap.
+    every = max(1, len(finite) // 8)
+    for step in sorted({*range(0, len(finite), every), len(finite) - 1}):
+        w = finite[step]
         ax.annotate(str(step), (w, loss(np.array([w]))[0]), textcoords="offset points",
-                    xytext=(4, 4), fontsize=8)
+                    xytext=(4, 6 if step % (2 * every) == 0 else -12), fontsize=8)
     ax.set(xlabel="w", ylabel="loss", title=title)
     ax.legend()
     fig.tight_layout()

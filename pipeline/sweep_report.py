@@ -12,11 +12,12 @@ import json
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import optuna
 from optuna.trial import TrialState
 
 from pipeline import config as configs
-from pipeline import data, registry, tracking
+from pipeline import data, registry, theory, tracking
 from pipeline import study as studies
 from pipeline import train as training
 
@@ -44,7 +45,10 @@ def summarise(study: optuna.Study, exp: configs.Experiment, ctx, rates: dict[str
     states = studies.counts(study)
     summary = Summary(study.study_name, ctx.experiment_id, ctx.parent_run_id,
                       sum(states.values()), new_trials, states, None, {}, rates)
-    log_study(study, ctx.parent_run_id)
+    train_set, val_set = data.split(ctx.dataset, exp.val_fraction, exp.seed)
+    rows = val_set if val_set is not None else train_set
+    log_study(study, ctx.parent_run_id, rates, "val_loss" if val_set is not None else "train_loss",
+              theory.optimum_loss(rows, exp.train.has_bias, exp.train.loss))
     if not states.get(TrialState.COMPLETE.name):
         return summary
     best = study.best_trial
@@ -61,14 +65,13 @@ def summarise(study: optuna.Study, exp: configs.Experiment, ctx, rates: dict[str
     )
     return dataclasses.replace(summary, **register_best(best, exp, ctx))
 
-PLOTS = {
+# Optuna's own plots, titled; the trials' curves and lr plots are pipeline.plots' (they show
+# pruned and diverged trials and theory's rates, which Optuna's leave out).
+OPTUNA_PLOTS = {
     "optimization_history": lambda study: optuna.visualization.matplotlib
     .plot_optimization_history(study),
-    "contour_lr_epochs": lambda study: optuna.visualization.matplotlib
-    .plot_contour(study, params=["lr", "epochs"]),
     "param_importances": lambda study: optuna.visualization.matplotlib
     .plot_param_importances(study),
-    "slice": lambda study: optuna.visualization.matplotlib.plot_slice(study),
 }
 
 
@@ -89,32 +92,58 @@ def already_summarised(study: optuna.Study, exp: configs.Experiment, ctx,
         champion_version=holder[0] if holder else None)
 
 
-def log_study(study: optuna.Study, parent_run_id: str) -> None:
-    """The trials table as CSV and Optuna's plots as images, on the parent run."""
+def log_study(study: optuna.Study, parent_run_id: str, rates: dict[str, float],
+              metric: str, optimum: float | None) -> None:
+    """The trials table as CSV and the sweep's plots as images, on the parent run: every
+    trial's ``metric`` curve together, lr against the objective and epochs, and Optuna's
+    history and importances."""
     import warnings
 
-    tracking.log_text(parent_run_id, study.trials_dataframe().to_csv(index=False), "trials.csv")
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if len(complete) < 2:
+    from pipeline import plots
+
+    columns = ("number", "value", "datetime_start", "datetime_complete", "duration", "params",
+               "user_attrs", "state")  # not system_attrs: Optuna's own bookkeeping
+    tracking.log_text(parent_run_id, study.trials_dataframe(attrs=columns).to_csv(index=False),
+                      "trials.csv")
+    ended = study.get_trials(deepcopy=False, states=studies.FINISHED)
+    if len(ended) < 2:
         return  # the plots need at least two finished trials to say anything
+    complete = [t for t in ended if t.state == TrialState.COMPLETE]
+    best = study.best_trial.number if complete else None
+    title = f"study {study.study_name}"
+    diverged = {t.number for t in ended if t.user_attrs.get("diverged")}
+    curves = tracking.metric_histories(
+        {t.number: t.user_attrs["mlflow_run_id"] for t in ended
+         if "mlflow_run_id" in t.user_attrs}, metric)
+    tracking.log_figure_to(parent_run_id, plots.trials_overlay(
+        curves, diverged, best, f"{title}: {metric} of {len(curves)} trials", metric, optimum),
+        "plots/trials_loss_curves.png")
+    tracking.log_figure_to(parent_run_id, plots.trials_scatter(
+        [{"number": t.number, "lr": t.params["lr"], "epochs": t.params["epochs"],
+          "value": float("nan") if t.value is None else t.value, "state": t.state.name,
+          "diverged": t.number in diverged} for t in ended],
+        rates, f"{title}: lr, epochs and the objective"), "plots/trials_lr_epochs.png")
+    if len(complete) < 2:
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
-        for name, draw in PLOTS.items():
+        for name, draw in OPTUNA_PLOTS.items():
             try:
                 axes = draw(study)
             except (ValueError, RuntimeError):
                 continue  # e.g. importances when every trial has the same value
             figure = _figure_of(axes)
+            first = np.asarray(axes, dtype=object).flat[0]
+            first.set_title(f"{title}: {first.get_title() or name.replace('_', ' ')}")
+            if name == "optimization_history":
+                plots._log_y_if_wide(first, [t.value for t in complete])
             figure.set_size_inches(8, 6)
             figure.tight_layout()
             tracking.log_figure_to(parent_run_id, figure, f"plots/{name}.png")
 
 
 def _figure_of(axes):
-    import numpy as np
-
-    first = np.asarray(axes, dtype=object).flat[0]
-    return first.figure
+    return np.asarray(axes, dtype=object).flat[0].figure
 
 
 def register_best(best: optuna.trial.FrozenTrial, exp: configs.Experiment, ctx) -> dict:

@@ -317,6 +317,17 @@ def log_to_run(run_id: str, params: dict[str, Any] | None = None,
     )
 
 
+def metric_histories(run_ids: dict[Any, str], key: str) -> dict[Any, list[float]]:
+    """The ``key`` curve (by step) of each run; one store call per run."""
+    client = MlflowClient()
+    curves = {}
+    for name, run_id in run_ids.items():
+        history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        if history:
+            curves[name] = [m.value for m in history]
+    return curves
+
+
 def log_text(run_id: str, text: str, path: str) -> None:
     MlflowClient().log_text(run_id, text, path)
 

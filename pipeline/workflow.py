@@ -97,7 +97,8 @@ def train(exp: Experiment, dataset: Dataset, experiment: str,
             curves["val_loss"] = result.val_loss
         tracking.log_curves(run_id, curves)
         tracking.log_figure(
-            plots.loss_curve(result.train_loss, result.val_loss, run_name(config)),
+            plots.loss_curve(result.train_loss, result.val_loss, run_name(config),
+                             theory.optimum_loss(train_set, config.has_bias, config.loss)),
             "plots/loss_curve.png",
         )
         if _single_weight(result) and dataset.features.shape[1] == 1:

@@ -84,10 +84,11 @@ def test_sweep_resume_and_extend(store):
     artifacts = {a.path for a in MlflowClient(store).list_artifacts(parent.info.run_id)}
     assert "trials.csv" in artifacts
     plots = {a.path for a in MlflowClient(store).list_artifacts(parent.info.run_id, "plots")}
-    assert {"plots/optimization_history.png", "plots/contour_lr_epochs.png",
-            "plots/slice.png"} <= plots
+    assert {"plots/optimization_history.png", "plots/trials_loss_curves.png",
+            "plots/trials_lr_epochs.png"} <= plots
     table = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/trials.csv")
     assert len(table.strip().splitlines()) == 21
+    assert "system_attrs" not in table.splitlines()[0]
 
     mlflow.set_tracking_uri(store)
     champion = MlflowClient(store).get_model_version_by_alias("crop_yields_builtin", "champion")
