@@ -12,15 +12,17 @@ ROWS ?= 1000000
 MODEL ?= models:/$(EXP)@champion
 TRACKING_URI ?= sqlite:///mlflow.db
 BACKEND ?= sqlite:///mlflow-server.db
+STORAGE ?= optuna.journal
+DASHBOARD_PORT ?= 8080
 
 
 .DEFAULT_GOAL := help
-.PHONY: help install run sweep ui server serve test lint bench clean
+.PHONY: help install run sweep ui dashboard server serve test lint bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 	@echo "  variables: EXP=$(EXP) TRIALS=$(TRIALS) WORKERS=$(WORKERS) TRACKING_URI=$(TRACKING_URI)"
-	@echo "             PORT=$(PORT) BACKEND=$(BACKEND)"
+	@echo "             PORT=$(PORT) BACKEND=$(BACKEND) STORAGE=$(STORAGE)"
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +44,9 @@ ui: install ## start the MLflow UI on 127.0.0.1 (PORT=5000) over TRACKING_URI
 	$(BIN)/mlflow ui --backend-store-uri $(TRACKING_URI) --host 127.0.0.1 --port $(PORT) \
 	  --workers 1
 
+dashboard: install ## optuna-dashboard over STORAGE (a sweep's journal or database URL) on 127.0.0.1
+	$(BIN)/optuna-dashboard '$(STORAGE)' --host 127.0.0.1 --port $(DASHBOARD_PORT)
+
 server: install ## tracking server on 127.0.0.1:PORT, store BACKEND, artifacts in mlartifacts/
 	$(BIN)/mlflow server --backend-store-uri '$(BACKEND)' --host 127.0.0.1 --port $(PORT) \
 	  --artifacts-destination $(CURDIR)/mlartifacts --workers 1
@@ -60,6 +65,8 @@ sweep: install ## Optuna sweep of lr and epochs for EXP (TRIALS=, WORKERS=)
 	  --tracking-uri $(TRACKING_URI)
 
 serve: install ## serve MODEL (default: EXP's champion) on 127.0.0.1:SERVE_PORT for REST calls
+	@$(BIN)/pipeline models --check "$(MODEL)" --tracking-uri '$(TRACKING_URI)' 2>/dev/null || \
+	  { echo "make serve: no model $(MODEL) in $(TRACKING_URI) yet; run 'make sweep EXP=$(EXP)' first" >&2; exit 1; }
 	PATH="$(CURDIR)/$(BIN):$$PATH" MLFLOW_TRACKING_URI=$(TRACKING_URI) \
 	  $(BIN)/mlflow models serve -m "$(MODEL)" \
 	  --env-manager local --host 127.0.0.1 --port $(SERVE_PORT)

@@ -347,18 +347,25 @@ def predict(model_uri: str, input_path: str, output_path: str | None, device: st
         frame.to_csv(output_path, index=False)
         click.echo(f"{len(frame)} predictions of {', '.join(frame.columns)} written to "
                    f"{output_path}", err=True)
-    else:
-        click.echo(frame.to_csv(index=False), nl=False)
+    else:  # for reading: float32 models carry about seven significant digits
+        click.echo(frame.to_csv(index=False, float_format="%.7g"), nl=False)
 
 
 @cli.command()
 @click.argument("name", required=False)
+@click.option("--check", "model_uri", type=str, default=None, metavar="MODEL_URI",
+              help="Only check that MODEL_URI names a model (exit status 0), e.g. "
+                   "models:/NAME@champion; `make serve` asks this first.")
 @tracking_option
-def models(name: str | None, tracking_uri: str) -> None:
+def models(name: str | None, model_uri: str | None, tracking_uri: str) -> None:
     """List registered models: versions, aliases, objective, lr, epochs, source run."""
-    from pipeline import registry
+    from pipeline import registry, serving
 
     _connect_store(tracking_uri)
+    if model_uri is not None:
+        serving.check_uri(model_uri)
+        serving.check_registered(model_uri)
+        return
     table = registry.versions_table(name)
     if table.empty:
         click.echo("no registered models yet: `pipeline sweep -e EXPERIMENT` registers one")

@@ -72,7 +72,7 @@ def check_uri(uri: str) -> None:
     raise ModelError(f"model URI {uri!r} does not parse; use {URI_FORMS} or a model folder")
 
 
-def _check_registered(uri: str) -> None:
+def check_registered(uri: str) -> None:
     """Name the missing part (model, alias or version) instead of MLflow's longer error."""
     match = _REGISTERED.match(uri)
     if not match:
@@ -108,7 +108,7 @@ def load(uri: str, device: torch.device | None = None, allow_pickle: bool = Fals
     from mlflow.models import Model
 
     check_uri(uri)
-    _check_registered(uri)
+    check_registered(uri)
     device = device or torch.device("cpu")
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))

@@ -89,7 +89,8 @@ def run(exp: Experiment, settings: SweepSettings, tracking_uri: str,
             studies.recover_dead_trials(study, storage, trials.close_dead_trial_run)
             before = studies.finished(study)
             ctx = worker.context(spec, study_name)
-            _have_trials_run(study, storage, ctx, settings, tracking_uri, echo)
+            with tracking.system_metrics(spec.parent_run_id):
+                _have_trials_run(study, storage, ctx, settings, tracking_uri, echo)
             summary = _finalise(study, storage, exp, ctx, rates,
                                 studies.finished(study) - before)
             status = "FINISHED"

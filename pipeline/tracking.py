@@ -317,6 +317,26 @@ def log_to_run(run_id: str, params: dict[str, Any] | None = None,
     )
 
 
+SYSTEM_METRICS_S = 2.0  # how often MLflow's monitor samples and logs the machine's load
+
+
+@contextlib.contextmanager
+def system_metrics(run_id: str) -> Iterator[None]:
+    """While the block runs, MLflow's monitor thread logs this machine's CPU, memory, disk,
+    network (and GPU, where there is one) to the run as ``system/*`` metrics, one batch every
+    :data:`SYSTEM_METRICS_S` seconds; continuing the steps of a resumed run."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_S,
+                                   resume_logging=True)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
 def metric_histories(run_ids: dict[Any, str], key: str) -> dict[Any, list[float]]:
     """The ``key`` curve (by step) of each run; one store call per run."""
     client = MlflowClient()

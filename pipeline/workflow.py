@@ -91,7 +91,8 @@ def train(exp: Experiment, dataset: Dataset, experiment: str,
         tracking.log_dataset(train_set, exp.name, data_uri, context="training")
         if val_set is not None:
             tracking.log_dataset(val_set, exp.name, data_uri, context="validation")
-        result = training.train(config, train_set, val_set)
+        with tracking.system_metrics(run_id):
+            result = training.train(config, train_set, val_set)
         curves = {"train_loss": result.train_loss}
         if result.val_loss:
             curves["val_loss"] = result.val_loss

@@ -340,3 +340,8 @@ def test_a_failing_command_leaves_no_experiment_behind(workdir, case):
     if case == "missing csv":  # the error says exactly where it looked
         assert str(workdir / "configs" / "nowhere.csv") in result.stderr
     assert experiment_names(workdir / "mlflow.db") in ([], ["Default"])
+
+
+def test_models_check_answers_in_one_line(workdir):
+    result = pipeline(workdir, "models", "--check", "models:/nothing@champion")
+    assert_one_line_failure(result, "no registered model named 'nothing'")

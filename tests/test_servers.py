@@ -124,3 +124,31 @@ def test_mlflow_server_that_exits_fails_at_once_quoting_its_log(tmp_path):
     with pytest.raises(pytest.fail.Exception, match=r"exited with code 1(.|\n)*unsupported URI"):
         with servers.mlflow_server(tmp_path, backend_uri="nosuchscheme://nowhere"):
             pass
+
+
+def test_make_dashboard_serves_a_sweeps_journal(tmp_path):
+    """`make dashboard` runs optuna-dashboard (installed by the dev extra) on 127.0.0.1."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import requests
+
+    from tests.conftest import free_port, wait_until_answering
+
+    journal = str(tmp_path / "optuna.journal")
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(journal))
+    study = optuna.create_study(study_name="line_fit_15pts", storage=storage)
+    study.optimize(lambda trial: trial.suggest_float("lr", 1e-3, 1e-1) ** 2, n_trials=3)
+    port = free_port()
+    dashboard = Path(sys.executable).with_name("optuna-dashboard")
+    process = subprocess.Popen([str(dashboard), journal, "--host", "127.0.0.1", "--port",
+                                str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until_answering(f"http://127.0.0.1:{port}/api/studies", 60, process)
+        studies = requests.get(f"http://127.0.0.1:{port}/api/studies", timeout=10).json()
+        [summary] = studies["study_summaries"]
+        assert summary["study_name"] == "line_fit_15pts"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -114,3 +114,26 @@ def test_four_first_runs_at_once_all_succeed(workdir):
     assert set(statuses) == {"FINISHED"}
     # Four parents, four trainings, four evaluations, and the generate runs (one or more).
     assert 13 <= len(statuses) <= 16
+
+
+def test_system_metrics_are_logged_while_the_block_runs(store):
+    import time
+
+    from mlflow import MlflowClient
+
+    from pipeline import tracking
+
+    tracking.connect(store)
+    experiment = tracking.experiment_id("machine", "a description")
+    with tracking.run(experiment, "busy") as active:
+        with tracking.system_metrics(active.info.run_id):
+            time.sleep(2 * tracking.SYSTEM_METRICS_S + 0.5)
+    client = MlflowClient()
+    run = client.get_run(active.info.run_id)
+    assert {"system/cpu_utilization_percentage",
+            "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+    assert len(client.get_metric_history(run.info.run_id,
+                                         "system/cpu_utilization_percentage")) >= 2
+    tags = client.get_experiment(experiment).tags
+    assert tags["mlflow.note.content"] == "a description"
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
