@@ -161,6 +161,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "float32"
     seed: int = 0
+    scale: str = "none"  # standard: features to zero mean, unit variance (training rows' stats)
 
     def validate(self) -> None:
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -178,6 +179,7 @@ class TrainConfig:
         _check_choice("loss", self.loss, ("mean", "sum"))
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
         _check_choice("dtype", self.dtype, ("float32", "float64"))
+        _check_choice("scale", self.scale, ("none", "standard"))
         _check_init("weight_init", self.weight_init)
         _check_init("bias_init", self.bias_init, allow_none=True)
         if self.gradient == "analytic" and self.model != "manual":

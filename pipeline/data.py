@@ -33,6 +33,27 @@ class DataError(UserError):
 
 
 @dataclass(frozen=True)
+class Scaler:
+    """Standard scaling: ``(x - mean) / std`` per feature, with the training rows' statistics
+    (a constant feature keeps std 1). A model trained on scaled rows is exported with it, so
+    that it takes raw units."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def fit(cls, features: np.ndarray) -> Scaler:
+        std = features.std(axis=0)
+        return cls(features.mean(axis=0), np.where(std > 0, std, 1.0))
+
+    def apply(self, features: np.ndarray) -> np.ndarray:
+        return (features - self.mean) / self.std
+
+    def undo(self, features: np.ndarray) -> np.ndarray:
+        return features * self.std + self.mean
+
+
+@dataclass(frozen=True)
 class Dataset:
     features: np.ndarray
     targets: np.ndarray
@@ -40,6 +61,7 @@ class Dataset:
     target_names: tuple[str, ...]
     true_weight: np.ndarray | None = None  # (k, d)
     true_bias: np.ndarray | None = None  # (k,)
+    scaler: Scaler | None = None  # set when ``features`` are scaled: raw = scaler.undo(...)
 
     @property
     def n_rows(self) -> int:
@@ -191,16 +213,29 @@ def _names(prefix: str, count: int) -> tuple[str, ...]:
     return (prefix,) if count == 1 else tuple(f"{prefix}{i}" for i in range(count))
 
 
-def split(dataset: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
-    """Hold out ``val_fraction`` of the rows (a seeded shuffle) for validation."""
+def split(dataset: Dataset, val_fraction: float, seed: int,
+          scale: str = "none") -> tuple[Dataset, Dataset | None]:
+    """Hold out ``val_fraction`` of the rows (a seeded shuffle) for validation; with
+    ``scale="standard"`` both parts are scaled by the training rows' statistics (what the
+    model trains on; evaluation reads raw rows, as the exported model does)."""
     if val_fraction <= 0:
-        return dataset, None
-    n = dataset.n_rows
-    n_val = max(1, round(n * val_fraction))
-    if n_val >= n:
-        raise DataError(f"val_fraction {val_fraction} leaves no training rows out of {n}")
-    order = np.random.default_rng(seed).permutation(n)
-    return dataset.rows(np.sort(order[n_val:])), dataset.rows(np.sort(order[:n_val]))
+        train_set, val_set = dataset, None
+    else:
+        n = dataset.n_rows
+        n_val = max(1, round(n * val_fraction))
+        if n_val >= n:
+            raise DataError(f"val_fraction {val_fraction} leaves no training rows out of {n}")
+        order = np.random.default_rng(seed).permutation(n)
+        train_set, val_set = dataset.rows(np.sort(order[n_val:])), dataset.rows(
+            np.sort(order[:n_val]))
+    if scale == "none":
+        return train_set, val_set
+    scaler = Scaler.fit(train_set.features)
+
+    def scaled(part: Dataset) -> Dataset:
+        return dataclasses.replace(part, features=scaler.apply(part.features), scaler=scaler)
+
+    return scaled(train_set), None if val_set is None else scaled(val_set)
 
 
 # --- files --------------------------------------------------------------------------------------

@@ -115,6 +115,20 @@ class LinearRegressor(nn.Module):
         return self
 
 
+class Standardized(nn.Module):
+    """A model trained on standard-scaled features, taking raw ones: ``model((x - mean) / std)``.
+    The statistics are buffers, so they travel inside the exported program."""
+
+    def __init__(self, model: nn.Module, mean, std, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=dtype))
+        self.register_buffer("std", torch.as_tensor(std, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
+
+
 class BuiltinLinear(nn.Module):
     """``nn.Linear``, with ReLU applied before the bias where the experiment asks for it."""
 

@@ -54,12 +54,17 @@ class LoadedModel:
         return np.concatenate(outputs) if outputs else np.empty((0, len(self.target_names)))
 
     def parameters(self) -> tuple[np.ndarray, np.ndarray | None]:
-        """Weight and bias of the linear model, whichever of the two kinds it is."""
-        state = {name.rsplit(".", 1)[-1]: value
+        """Weight and bias of the linear model, whichever of the two kinds it is, in the
+        units of the raw features (a model trained on scaled ones has its scaling folded in:
+        exact without a ReLU)."""
+        state = {name.rsplit(".", 1)[-1]: value.double().cpu().numpy()
                  for name, value in self.module.state_dict().items()}
-        weight = state["weight"].double().cpu().numpy()
+        weight = state["weight"]
         bias = state.get("bias", state.get("offset"))
-        return weight, None if bias is None else bias.double().cpu().numpy()
+        if "mean" in state and "std" in state:
+            weight = weight / state["std"]
+            bias = (0.0 if bias is None else bias) - weight @ state["mean"]
+        return weight, bias
 
 
 def check_uri(uri: str) -> None:

@@ -65,7 +65,7 @@ def run(exp: Experiment, settings: SweepSettings, tracking_uri: str,
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study_name = settings.study_name or exp.name
     dataset = data.build(exp.data, exp.seed)
-    train_set, val_set = data.split(dataset, exp.val_fraction, exp.seed)
+    train_set, val_set = data.split(dataset, exp.val_fraction, exp.seed, exp.train.scale)
     rates = theory.learning_rates(train_set, exp.train.has_bias, exp.train.loss)
     # The floor of the objective, on the rows the objective is measured on.
     rates["optimum_objective"] = rates["optimum_loss"] if val_set is None else (

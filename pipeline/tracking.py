@@ -487,14 +487,19 @@ def log_model(module: torch.nn.Module, dataset: Dataset, dtype: str,
     """
     from mlflow.models import Model
 
-    from pipeline import model_format
+    from pipeline import model_format, models
 
+    example = dataset.features[:model_format.EXAMPLE_ROWS]
+    if dataset.scaler is not None:  # trained on scaled rows: the logged model takes raw ones
+        module = models.Standardized(module, dataset.scaler.mean, dataset.scaler.std,
+                                     models.DTYPES[dtype])
+        example = dataset.scaler.undo(example)
     info = Model.log(
         artifact_path=None,
         name="model",
         flavor=model_format,
         module=module,
-        example=dataset.features[:model_format.EXAMPLE_ROWS].astype(dtype),
+        example=example.astype(dtype),
         feature_names=dataset.feature_names,
         target_names=dataset.target_names,
         pip_requirements=pip_requirements(),

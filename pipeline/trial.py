@@ -64,7 +64,8 @@ def run_batch(study: optuna.Study, asked: list[optuna.Trial], ctx: TrialContext,
     """
     lrs = [trial.suggest_float("lr", *ctx.lr, log=True) for trial in asked]
     epochs = [trial.suggest_int("epochs", *ctx.epochs) for trial in asked]
-    train_set, val_set = data.split(ctx.dataset, ctx.exp.val_fraction, ctx.exp.seed)
+    train_set, val_set = data.split(ctx.dataset, ctx.exp.val_fraction, ctx.exp.seed,
+                                    ctx.exp.train.scale)
     run_ids = [_open_run(trial, ctx, lr, count)
                for trial, lr, count in zip(asked, lrs, epochs, strict=True)]
     watch = _Watch(asked, report=not isinstance(study.pruner, optuna.pruners.NopPruner))

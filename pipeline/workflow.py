@@ -82,7 +82,7 @@ def train(exp: Experiment, dataset: Dataset, experiment: str,
     """Fit the model, log its curves, plots and the model itself."""
     config = exp.train
     device = training.resolve_device(config.device)
-    train_set, val_set = data.split(dataset, exp.val_fraction, exp.seed)
+    train_set, val_set = data.split(dataset, exp.val_fraction, exp.seed, config.scale)
     tags = {"stage": "train", "device": str(device), **({"data_uri": data_uri} if data_uri else {})}
     with tracking.run(experiment, run_name(config), parent_run_id, tags,
                       describe_training(exp)) as active:

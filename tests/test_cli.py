@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 import subprocess
 import sys
@@ -345,3 +346,33 @@ def test_a_failing_command_leaves_no_experiment_behind(workdir, case):
 def test_models_check_answers_in_one_line(workdir):
     result = pipeline(workdir, "models", "--check", "models:/nothing@champion")
     assert_one_line_failure(result, "no registered model named 'nothing'")
+
+
+def test_standard_scaling_trains_raw_data_at_a_plain_lr_and_predicts_raw_units(workdir):
+    """Unscaled columns (temperatures, rainfall) diverge at lr 0.1; scaled, they converge to
+    the least-squares fit, and the logged model still takes raw units by name."""
+    config = own_data(workdir / "data")
+    text = config.read_text().replace("lr: 1.0e-5", "lr: 0.1").replace("epochs: 20",
+                                                                        "epochs: 400")
+    config.write_text(text)
+    unscaled = pipeline(workdir, "run", "-e", str(config))
+    assert_one_line_failure(unscaled, "diverged", "largest stable lr")
+    config.write_text(text + "scale: standard\n")
+    result = pipeline(workdir, "run", "-e", str(config))
+    assert result.returncode == 0, result.stderr
+    runs = runs_of(f"sqlite:///{workdir / 'mlflow.db'}", "apples")
+    train_run = next(r for r in runs["train"] if r.info.status == "FINISHED")
+    assert train_run.data.params["scale"] == "standard"
+    frame = pd.read_csv(config.parent / "apples.csv")
+    x = np.hstack([frame[["temp", "rainfall", "humidity"]].to_numpy(float), np.ones((5, 1))])
+    solution = np.linalg.lstsq(x, frame[["apples"]].to_numpy(float), rcond=None)[0]
+    [evaluated] = [r.data.metrics for r in runs["evaluate"]]
+    assert evaluated["mse"] == pytest.approx(evaluated["optimum_mse"], rel=1e-3, abs=1e-3)
+    # Raw rows, columns in another order: the model scales them itself.
+    frame[["humidity", "temp", "rainfall"]].to_csv(workdir / "rows.csv", index=False)
+    [parent] = [r for r in runs["pipeline"] if r.info.status == "FINISHED"]
+    predicted = pipeline(workdir, "predict", "--model", parent.data.tags["model_uri"],
+                         "--input", "rows.csv")
+    assert predicted.returncode == 0, predicted.stderr
+    values = pd.read_csv(io.StringIO(predicted.stdout))["apples"].to_numpy()
+    np.testing.assert_allclose(values, (x @ solution)[:, 0], rtol=1e-3, atol=0.05)

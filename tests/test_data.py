@@ -516,3 +516,18 @@ def test_line_recipes_differing_only_in_x_get_different_keys():
     first = LineData(weight=1.0, x=(1.0, 2.0))
     second = LineData(weight=1.0, x=(1.0, 3.0))
     assert data.content_key(first, 0) != data.content_key(second, 0)
+
+
+def test_standard_scaling_uses_the_training_rows_statistics():
+    features = np.array([[1.0, 5.0], [3.0, 5.0], [5.0, 5.0], [7.0, 5.0], [9.0, 5.0]])
+    dataset = data.Dataset(features, features[:, :1] * 2, ("a", "b"), ("y",))
+    train_set, val_set = data.split(dataset, 0.4, seed=0, scale="standard")
+    raw_train, raw_val = data.split(dataset, 0.4, seed=0)
+    mean, std = raw_train.features.mean(0), raw_train.features.std(0)
+    np.testing.assert_allclose(train_set.scaler.mean, mean)
+    np.testing.assert_allclose(train_set.scaler.std, [std[0], 1.0])  # constant column: std 1
+    np.testing.assert_allclose(train_set.features.mean(0), [0.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(train_set.features[:, 0].std(), 1.0)
+    np.testing.assert_allclose(val_set.features, (raw_val.features - mean) / [std[0], 1.0])
+    np.testing.assert_allclose(train_set.scaler.undo(train_set.features), raw_train.features)
+    assert data.split(dataset, 0.4, seed=0)[0].scaler is None
