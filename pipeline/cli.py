@@ -16,7 +16,7 @@ import click
 
 from pipeline import config as configs
 from pipeline import redact
-from pipeline.errors import UserError, first_line
+from pipeline.errors import UserError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -31,11 +31,10 @@ class Group(click.Group):
             err.message = redact.mask(err.message)  # no password from any URL on the screen
             raise
         except Exception as err:
-            from mlflow.exceptions import MlflowException
+            from pipeline import tracking
 
-            if isinstance(err, MlflowException):
-                message = redact.mask(first_line(err))
-                raise UserError(f"tracking store error: {message}") from None
+            if (refused := tracking.store_error(err)) is not None:
+                raise refused from None
             raise
 
 

@@ -29,6 +29,7 @@ import torch
 from pipeline import models, theory
 from pipeline.config import TrainConfig
 from pipeline.data import Dataset
+from pipeline.loss import squared_error
 from pipeline.train import DIVERGENCE_FACTOR, TrainResult, batches, finish, resolve_device
 
 # Called with (trial index, epoch, train_loss, val_loss); returning True stops that trial.
@@ -187,9 +188,7 @@ class _Rows:
         self.config = config
 
     def losses(self, state: _Stacked) -> torch.Tensor:
-        residual = state.predict(self.x)[0] - self.y
-        squared = residual.square().flatten(1)
-        return squared.mean(1) if self.reduction == "mean" else squared.sum(1)
+        return squared_error(state.predict(self.x)[0], self.y, self.reduction, models=True)
 
     def descend(self, state: _Stacked, mask, config: TrainConfig) -> None:
         # The batches a lone run's DataLoader gives, drawn from the same global generator.

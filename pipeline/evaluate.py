@@ -9,12 +9,13 @@ import numpy as np
 import torch
 
 from pipeline.data import Dataset
+from pipeline.loss import squared_error
 
 
 def regression_metrics(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
     """MSE, RMSE and MAE over every element; R² averaged over the target columns."""
     error = pred - target
-    mse = float(np.mean(error**2))
+    mse = float(squared_error(pred, target))
     centred = target - target.mean(axis=0)
     total = np.sum(centred**2, axis=0)
     residual = np.sum(error**2, axis=0)

@@ -12,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from pipeline.loss import squared_error  # noqa: E402
+
 MAX_SCATTER_POINTS = 5000
 
 
@@ -164,8 +166,7 @@ def loss_surface(features: np.ndarray, targets: np.ndarray, path: list[list[floa
     grid = np.linspace(centre - span, centre + span, 200)
 
     def loss(w):
-        squared = (np.outer(w, x) - y) ** 2
-        return squared.mean(axis=1) if reduction == "mean" else squared.sum(axis=1)
+        return squared_error(np.outer(w, x), y, reduction, models=True)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(grid, loss(grid), label="loss(w)")

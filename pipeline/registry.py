@@ -21,10 +21,10 @@ CHAMPION = "champion"
 
 @dataclass(frozen=True)
 class Decision:
-    version: str
+    """Which version holds the alias after :func:`promote_if_better`, and why."""
+
     champion_version: str
-    promoted: bool
-    previous_objective: float | None
+    previous_objective: float | None  # the former holder's, when it was compared
     reason: str
 
 
@@ -54,16 +54,16 @@ def promote_if_better(name: str, version: str, objective: float,
     """Give ``alias`` to ``version`` when its objective is lower than the holder's."""
     current = champion(name, alias)
     if current is not None and current[0] == version:
-        return Decision(version, version, False, None, "already the champion")
+        return Decision(version, None, "already the champion")
     if current is not None and not objective < current[1]:
         reason = f"kept v{current[0]}: its objective {current[1]:.6g} <= {objective:.6g}"
-        return Decision(version, current[0], False, current[1], reason)
+        return Decision(current[0], current[1], reason)
     MlflowClient().set_registered_model_alias(name, alias, version)
     if current is None:
         reason = "first champion"
     else:
         reason = f"beats v{current[0]}: {objective:.6g} < {current[1]:.6g}"
-    return Decision(version, version, True, None if current is None else current[1], reason)
+    return Decision(version, None if current is None else current[1], reason)
 
 
 class RegistryError(UserError):

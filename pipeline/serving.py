@@ -36,7 +36,6 @@ class ModelError(UserError):
 
 @dataclass
 class LoadedModel:
-    uri: str
     module: torch.nn.Module
     feature_names: tuple[str, ...]
     target_names: tuple[str, ...]
@@ -130,7 +129,7 @@ def load(uri: str, device: torch.device | None = None, allow_pickle: bool = Fals
     features, targets = _names_of(meta)
     module = module.to(device)
     dtype = next((p.dtype for p in module.parameters()), torch.float32)
-    return LoadedModel(uri, module, features, targets, dtype, device)
+    return LoadedModel(module, features, targets, dtype, device)
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ import numpy as np
 
 from pipeline.data import Dataset
 from pipeline.evaluate import least_squares, predict_linear
+from pipeline.loss import squared_error
 
 
 def learning_rates(dataset: Dataset, fit_bias: bool, reduction: str) -> dict[str, float]:
@@ -48,8 +49,8 @@ def learning_rates(dataset: Dataset, fit_bias: bool, reduction: str) -> dict[str
 def optimum_loss(dataset: Dataset, fit_bias: bool, reduction: str) -> float:
     """The lowest loss any linear model reaches on these rows: least squares on them."""
     weight, bias = least_squares(dataset.features, dataset.targets, fit_bias)
-    squared = (predict_linear(dataset.features, weight, bias) - dataset.targets) ** 2
-    return float(squared.mean() if reduction == "mean" else squared.sum())
+    return float(squared_error(predict_linear(dataset.features, weight, bias), dataset.targets,
+                               reduction))
 
 
 def range_notes(lr: tuple[float, float], rates: dict[str, float]) -> list[str]:

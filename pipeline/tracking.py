@@ -43,6 +43,13 @@ class TrackingError(UserError):
     """The tracking store cannot be reached or refuses a request."""
 
 
+def store_error(err: Exception) -> UserError | None:
+    """An error MLflow raised as one line for the user (password masked); None for others."""
+    if isinstance(err, MlflowException):
+        return UserError(f"tracking store error: {redact.mask(first_line(err))}")
+    return None
+
+
 def connect(tracking_uri: str) -> None:
     """Point MLflow at ``tracking_uri`` and make sure the store is usable, in one line if not.
 

@@ -20,6 +20,7 @@ from pipeline import models
 from pipeline.config import TrainConfig
 from pipeline.data import Dataset
 from pipeline.errors import UserError
+from pipeline.loss import squared_error
 
 # Called after every epoch with (epoch, train_loss, val_loss); returning True stops training.
 EpochCallback = Callable[[int, float, "float | None"], bool]
@@ -57,12 +58,6 @@ def resolve_device(name: str) -> torch.device:
         why = "this torch build has no CUDA" if torch.version.cuda is None else "no GPU is visible"
         raise UserError(f"device cuda was asked for, but {why}; use --device auto or cpu")
     return torch.device("cpu")
-
-
-def objective(pred: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Squared error, averaged over every element (``mean``) or summed (``sum``)."""
-    squared = (pred - target) ** 2
-    return squared.mean() if reduction == "mean" else squared.sum()
 
 
 def train(
@@ -127,13 +122,13 @@ def _fit(config, train_set, val_set, on_epoch) -> TrainResult:
         return result
 
     with torch.no_grad():
-        if record(0, objective(model(x), y, config.loss)):
+        if record(0, squared_error(model(x), y, config.loss)):
             return result
     for epoch in range(1, config.epochs + 1):
         for xb, yb in batches(x, y, config):
             step.update(*step.forward(xb, yb))
         with torch.no_grad():
-            if record(epoch, objective(model(x), y, config.loss)):
+            if record(epoch, squared_error(model(x), y, config.loss)):
                 break
     return result
 
@@ -148,7 +143,7 @@ def _recorder(result: TrainResult, model, config: TrainConfig, val, on_epoch):
         val_value = None
         if val is not None:
             with torch.no_grad():
-                val_value = objective(model(val[0]), val[1], config.loss).item()
+                val_value = squared_error(model(val[0]), val[1], config.loss).item()
             result.val_loss.append(val_value)
         if track_path:
             result.parameter_path.append(
@@ -208,7 +203,7 @@ class _AutogradStep:
         self.model, self.lr, self.reduction = model, config.lr, config.loss
 
     def forward(self, x, y):
-        return objective(self.model(x), y, self.reduction), None
+        return squared_error(self.model(x), y, self.reduction), None
 
     def update(self, loss, _context) -> None:
         loss.backward()
@@ -227,7 +222,7 @@ class _AnalyticStep(_AutogradStep):
             pred = models.linear_forward(x, self.model.weight, self.model.bias,
                                          self.model.activation)
             residual = pred - y
-            loss = (residual**2).mean() if self.reduction == "mean" else (residual**2).sum()
+            loss = squared_error(pred, y, self.reduction)
         return loss, (x, residual, pre_activation)
 
     def update(self, _loss, context) -> None:

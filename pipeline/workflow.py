@@ -22,15 +22,13 @@ Echo = Callable[[str], None]
 class DataRef:
     dataset: Dataset
     uri: str
-    run_id: str
-    reused: bool
+    run_id: str  # the run holding the data: a new one, or the earlier one reused
 
 
 @dataclass(frozen=True)
 class Trained:
     run_id: str
     model_uri: str
-    result: training.TrainResult
 
 
 @dataclass(frozen=True)
@@ -59,7 +57,7 @@ def generate(exp: Experiment, experiment: str, parent_run_id: str | None = None,
     if prepared.cached_run_id:
         uri = f"runs:/{prepared.cached_run_id}/dataset"
         echo(f"generate: same content as run {prepared.cached_run_id}, reused ({uri})")
-        return DataRef(tracking.read_dataset(uri), uri, prepared.cached_run_id, reused=True)
+        return DataRef(tracking.read_dataset(uri), uri, prepared.cached_run_id)
     dataset = prepared.dataset
     shape = f"{dataset.n_rows}×{dataset.features.shape[1]}→{dataset.targets.shape[1]}"
     tags = {"stage": "generate", "data_key": prepared.key}
@@ -73,7 +71,7 @@ def generate(exp: Experiment, experiment: str, parent_run_id: str | None = None,
         uri = tracking.write_dataset(dataset)
         tracking.log_dataset(dataset, exp.name, uri, context="generated")
     echo(f"generate: {shape} (rows×features→targets) written to {uri}")
-    return DataRef(dataset, uri, active.info.run_id, reused=False)
+    return DataRef(dataset, uri, active.info.run_id)
 
 
 def train(exp: Experiment, dataset: Dataset, experiment: str,
@@ -126,7 +124,7 @@ def train(exp: Experiment, dataset: Dataset, experiment: str,
         f"train: {run_name(config)} on {device}: train_loss {result.train_loss[0]:.6g} → "
         f"{result.train_loss[-1]:.6g}; model {model_uri}"
     )
-    return Trained(run_id, model_uri, result)
+    return Trained(run_id, model_uri)
 
 
 def describe_training(exp: Experiment) -> str:

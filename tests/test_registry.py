@@ -91,7 +91,7 @@ def test_first_version_becomes_champion(logged):
     version = register("first", logged, "good")
     assert registry.champion("first") is None
     decision = registry.promote_if_better("first", version, 0.1)
-    assert decision == registry.Decision("1", "1", True, None, "first champion")
+    assert decision == registry.Decision("1", None, "first champion")
     assert registry.champion("first") == ("1", 0.1)
 
 
@@ -102,7 +102,6 @@ def test_alias_moves_only_to_a_better_model(logged):
 
     worse = register(name, logged, "worse")
     decision = registry.promote_if_better(name, worse, 0.7)
-    assert not decision.promoted
     assert decision.champion_version == "1"
     assert decision.previous_objective == 0.1
     assert decision.reason == "kept v1: its objective 0.1 <= 0.7"
@@ -111,8 +110,7 @@ def test_alias_moves_only_to_a_better_model(logged):
 
     best = register(name, logged, "best")
     decision = registry.promote_if_better(name, best, 0.05)
-    assert decision.promoted
-    assert (decision.version, decision.champion_version) == ("3", "3")
+    assert best == decision.champion_version == "3"
     assert decision.previous_objective == 0.1
     assert decision.reason == "beats v1: 0.05 < 0.1"
     assert registry.champion(name) == ("3", 0.05)
@@ -126,7 +124,7 @@ def test_an_equal_objective_does_not_take_the_alias(logged):
     name = "tie"
     registry.promote_if_better(name, register(name, logged, "good"), 0.1)
     decision = registry.promote_if_better(name, register(name, logged, "best"), 0.1)
-    assert not decision.promoted
+    assert decision.champion_version == "1"
     assert registry.champion(name) == ("1", 0.1)
 
 
@@ -135,7 +133,7 @@ def test_the_champion_asked_again_stays(logged):
     version = register(name, logged, "good")
     registry.promote_if_better(name, version, 0.1)
     decision = registry.promote_if_better(name, version, 0.1)
-    assert decision == registry.Decision("1", "1", False, None, "already the champion")
+    assert decision == registry.Decision("1", None, "already the champion")
 
 
 def test_a_champion_without_an_objective_loses_to_any(logged):
@@ -145,7 +143,7 @@ def test_a_champion_without_an_objective_loses_to_any(logged):
     MlflowClient().delete_model_version_tag(name, first, "objective")
     assert registry.champion(name) == ("1", math.inf)
     decision = registry.promote_if_better(name, register(name, logged, "good"), 1e6)
-    assert decision.promoted and decision.champion_version == "2"
+    assert decision.champion_version == "2"
 
 
 def test_champion_loads_the_same_predictions_as_the_logged_model(logged):
@@ -205,7 +203,8 @@ def test_a_trained_champion_predicts_what_the_trained_model_does(logged):
         uri = tracking.log_model(result.model.to_module(), dataset, exp.train.dtype)
     name = "crops"
     version = registry.register(name, uri, result.train_loss[-1], tags={}, description="")
-    assert registry.promote_if_better(name, version, result.train_loss[-1]).promoted
+    assert registry.promote_if_better(name, version,
+                                      result.train_loss[-1]).champion_version == version
     with torch.no_grad():
         direct = result.model(torch.as_tensor(dataset.features, dtype=torch.float32)).numpy()
     loaded = serving.load(f"models:/{name}@champion")
