@@ -123,9 +123,9 @@ def run_phases(experiment: str = "crop_yields_builtin") -> dict:
         dataset = data.build(exp.data, exp.seed)
         seconds_train = timed(lambda: train(exp.train, dataset), repeat=3)
         model = train(exp.train, dataset).model.to_module()
-        with tracking.run(store(), "export"):
+        with tracking.run(store(), "export") as run_id:
             seconds_model = timed(lambda: tracking.log_model(
-                model, dataset, exp.train.dtype), repeat=2)
+                run_id, model, dataset, exp.train.dtype), repeat=2)
     phases = {"imports": imports, "store (fresh sqlite)": seconds_store,
               "training": seconds_train, "model export": seconds_model}
     results[f"pipeline run -e {experiment} (s)"] = round(total, 2)
@@ -149,18 +149,19 @@ def tracking_costs(epochs: int) -> dict:
         tracking.connect(f"sqlite:///{folder}/bench.db")
         experiment = tracking.experiment_id("bench")
         curve = list(np.linspace(10, 1, epochs))
-        with tracking.run(experiment, "batched") as active:
+        with tracking.run(experiment, "batched") as run_id:
             results[f"log {epochs}-point curve, batched (s)"] = round(
-                timed(lambda: tracking.log_curves(active.info.run_id, {"train_loss": curve})), 3)
-        with tracking.run(experiment, "per epoch"):
+                timed(lambda: tracking.log_curves(run_id, {"train_loss": curve})), 3)
+        with tracking.run(experiment, "per epoch") as run_id:
             results[f"log {epochs}-point curve, one call per epoch (s)"] = round(timed(
-                lambda: [mlflow.log_metric("train_loss", v, step=i) for i, v in enumerate(curve)]
+                lambda: [mlflow.log_metric("train_loss", v, step=i, run_id=run_id)
+                         for i, v in enumerate(curve)]
             ), 3)
         dataset = data.Dataset(np.ones((5, 3)), np.ones((5, 2)), ("a", "b", "c"), ("y", "z"))
         module = LinearRegressor(torch.ones(2, 3), torch.zeros(2))
-        with tracking.run(experiment, "model"):
+        with tracking.run(experiment, "model") as run_id:
             results["log_model with explicit pip requirements (s)"] = round(timed(
-                lambda: tracking.log_model(module, dataset, "float32")
+                lambda: tracking.log_model(run_id, module, dataset, "float32")
             ), 3)
     return results
 

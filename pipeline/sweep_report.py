@@ -115,10 +115,10 @@ def log_study(study: optuna.Study, parent_run_id: str, rates: dict[str, float],
     curves = tracking.metric_histories(
         {t.number: t.user_attrs["mlflow_run_id"] for t in ended
          if "mlflow_run_id" in t.user_attrs}, metric)
-    tracking.log_figure_to(parent_run_id, plots.trials_overlay(
+    tracking.log_figure(parent_run_id, plots.trials_overlay(
         curves, diverged, best, f"{title}: {metric} of {len(curves)} trials", metric, optimum),
         "plots/trials_loss_curves.png")
-    tracking.log_figure_to(parent_run_id, plots.trials_scatter(
+    tracking.log_figure(parent_run_id, plots.trials_scatter(
         [{"number": t.number, "lr": t.params["lr"], "epochs": t.params["epochs"],
           "value": float("nan") if t.value is None else t.value, "state": t.state.name,
           "diverged": t.number in diverged} for t in ended],
@@ -139,7 +139,7 @@ def log_study(study: optuna.Study, parent_run_id: str, rates: dict[str, float],
                 plots._log_y_if_wide(first, [t.value for t in complete])
             figure.set_size_inches(8, 6)
             figure.tight_layout()
-            tracking.log_figure_to(parent_run_id, figure, f"plots/{name}.png")
+            tracking.log_figure(parent_run_id, figure, f"plots/{name}.png")
 
 
 def _figure_of(axes):
@@ -190,7 +190,7 @@ def _log_best_model(best, exp: configs.Experiment, ctx, run_id: str) -> str:
     train_set, val_set = data.split(ctx.dataset, best_exp.val_fraction, best_exp.seed,
                                     best_exp.train.scale)
     result = training.train(best_exp.train, train_set, val_set)
-    with tracking.resumed(run_id):
-        model_uri = tracking.log_model(result.model.to_module(), train_set, best_exp.train.dtype)
-        tracking.set_tags({"model_uri": model_uri})
+    model_uri = tracking.log_model(run_id, result.model.to_module(), train_set,
+                                   best_exp.train.dtype)
+    tracking.set_tags(run_id, {"model_uri": model_uri})
     return model_uri

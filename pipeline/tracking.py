@@ -24,9 +24,10 @@ from typing import Any
 import mlflow
 import numpy as np
 import torch
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from pipeline import redact
 from pipeline.data import Dataset
@@ -179,28 +180,31 @@ def experiment_id(name: str, description: str = "") -> str:
 
 
 @contextlib.contextmanager
-def run(
-    experiment: str, name: str, parent_run_id: str | None = None, tags: dict | None = None,
-    description: str = "",
-) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run that ends FINISHED, FAILED on any error, or KILLED on interrupt;
-    ``description`` is the note the UI shows on the run's page."""
-    active = mlflow.start_run(
-        experiment_id=experiment,
-        run_name=name,
-        parent_run_id=parent_run_id,
-        nested=parent_run_id is not None,
-        tags={**environment_tags(), **(tags or {}), **({NOTE: description} if description else {})},
-    )
+def run(experiment: str, name: str, parent_run_id: str | None = None,
+        tags: dict | None = None, description: str = "") -> Iterator[str]:
+    """A run, by id, that ends FINISHED, FAILED on any error, or KILLED on interrupt.
+
+    ``description`` is the note the UI shows on the run's page. A top-level run under
+    ``mlflow run`` is the run `mlflow run` opened. Every call here takes the run's id, never
+    MLflow's active-run stack, so the same code is safe in worker processes and threads.
+    """
+    tags = {**(tags or {}), **({NOTE: description} if description else {})}
+    if parent_run_id is None:
+        run_id, _ = open_parent(experiment, name, tags)
+    else:
+        run_id = MlflowClient().create_run(
+            experiment, run_name=name,
+            tags={**environment_tags(), **tags, "mlflow.parentRunId": parent_run_id},
+        ).info.run_id
+    status = "FAILED"
     try:
-        yield active
+        yield run_id
+        status = "FINISHED"
     except KeyboardInterrupt:
-        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        status = "KILLED"
         raise
-    except BaseException:
-        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
-        raise
-    mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+    finally:
+        MlflowClient().set_terminated(run_id, status)
 
 
 @functools.cache
@@ -231,9 +235,9 @@ def _param_value(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
 
 
-def log_params(params: dict[str, Any]) -> None:
+def log_params(run_id: str, params: dict[str, Any]) -> None:
     """Log the flattened config; lists become JSON so the UI shows them as written."""
-    mlflow.log_params({k: _param_value(v) for k, v in params.items()})
+    log_to_run(run_id, params=params)
 
 
 def _curve_metrics(curves: dict[str, list[float]], final: dict[str, float] | None = None):
@@ -359,7 +363,7 @@ def log_text(run_id: str, text: str, path: str) -> None:
     MlflowClient().log_text(run_id, text, path)
 
 
-def log_figure_to(run_id: str, fig, path: str) -> None:
+def log_figure(run_id: str, fig, path: str) -> None:
     from pipeline import plots
 
     MlflowClient().log_figure(run_id, fig, path)
@@ -370,30 +374,17 @@ def run_tags(run_id: str) -> dict[str, str]:
     return MlflowClient().get_run(run_id).data.tags
 
 
-@contextlib.contextmanager
-def resumed(run_id: str) -> Iterator[mlflow.ActiveRun]:
-    """Make an existing run active again (to log a model into it), then end it FINISHED."""
-    with mlflow.start_run(run_id=run_id) as active:
-        yield active
+def log_metrics(run_id: str, metrics: dict[str, float]) -> None:
+    log_to_run(run_id, metrics=metrics)
 
 
-def log_metrics(metrics: dict[str, float]) -> None:
-    mlflow.log_metrics(metrics)
+def set_tags(run_id: str, tags: dict[str, str]) -> None:
+    log_to_run(run_id, tags=tags)
 
 
-def set_tags(tags: dict[str, str]) -> None:
-    mlflow.set_tags(tags)
-
-
-def log_figure(fig, path: str) -> None:
-    from pipeline import plots
-
-    mlflow.log_figure(fig, path)
-    plots.close(fig)
-
-
-def log_dataset(dataset: Dataset, name: str, data_uri: str | None, context: str) -> None:
-    """Record ``dataset`` as an MLflow dataset input of the active run (with its digest).
+def log_dataset(run_id: str, dataset: Dataset, name: str, data_uri: str | None,
+                context: str) -> None:
+    """Record ``dataset`` as an MLflow dataset input of the run (with its digest).
 
     The source is where the rows are stored (the generate run's artifacts) where MLflow can
     name that place (local, S3, GCS, ...), else the code that built them; the run's
@@ -410,7 +401,8 @@ def log_dataset(dataset: Dataset, name: str, data_uri: str | None, context: str)
             mlflow_dataset = mlflow.data.from_pandas(frame, source=source, name=name)
         except MlflowException:  # e.g. mlflow-artifacts:/ behind a tracking server
             mlflow_dataset = mlflow.data.from_pandas(frame, name=name)
-    mlflow.log_input(mlflow_dataset, context=context)
+    MlflowClient().log_inputs(run_id, datasets=[DatasetInput(
+        mlflow_dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
 
 def _artifact_location(uri: str) -> str | None:
@@ -422,12 +414,10 @@ def _artifact_location(uri: str) -> str | None:
     return RunsArtifactRepository.get_underlying_uri(uri)
 
 
-def write_dataset(dataset: Dataset, run_id: str | None = None) -> str:
-    """Log the rows (Parquet) and schema as artifacts of ``run_id`` (default: the active run);
-    return their URI."""
+def write_dataset(dataset: Dataset, run_id: str) -> str:
+    """Log the rows (Parquet) and schema as artifacts of ``run_id``; return their URI."""
     from pipeline import data
 
-    run_id = run_id or mlflow.active_run().info.run_id
     with tempfile.TemporaryDirectory() as tmp:
         MlflowClient().log_artifacts(run_id, str(data.write(dataset, Path(tmp))), "dataset")
     return f"runs:/{run_id}/dataset"
@@ -483,9 +473,9 @@ def pip_requirements() -> list[str]:
     return [f"torch=={torch_version}", f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}"]
 
 
-def log_model(module: torch.nn.Module, dataset: Dataset, dtype: str,
+def log_model(run_id: str, module: torch.nn.Module, dataset: Dataset, dtype: str,
               validate: bool = True) -> str:
-    """Log ``module`` as an MLflow model of the active run; return its ``models:/`` URI.
+    """Log ``module`` as an MLflow model of the run; return its ``models:/`` URI.
 
     The model takes the dataset's features by name (see :mod:`pipeline.model_format`); a few of
     its rows, cast to the model's dtype, are the input example the program is exported with.
@@ -504,6 +494,7 @@ def log_model(module: torch.nn.Module, dataset: Dataset, dtype: str,
     info = Model.log(
         artifact_path=None,
         name="model",
+        run_id=run_id,
         flavor=model_format,
         module=module,
         example=example.astype(dtype),

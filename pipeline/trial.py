@@ -134,9 +134,8 @@ def _tell(study, trial, run_id: str, result: training.TrainResult, pruned: bool,
         return study.tell(trial, state=TrialState.PRUNED)
     value = objective_value(result, ctx.exp, val_set)
     if ctx.log_models == "all":
-        with tracking.resumed(run_id):
-            tags["model_uri"] = tracking.log_model(result.model.to_module(), train_set,
-                                                   ctx.exp.train.dtype, validate=False)
+        tags["model_uri"] = tracking.log_model(run_id, result.model.to_module(), train_set,
+                                               ctx.exp.train.dtype, validate=False)
     tracking.close_run(run_id, RUN_STATUS[TrialState.COMPLETE], curves, {"objective": value},
                        {**tags, "optuna_state": TrialState.COMPLETE.name}, params)
     return study.tell(trial, value)

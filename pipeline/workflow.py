@@ -64,14 +64,14 @@ def generate(exp: Experiment, experiment: str, parent_run_id: str | None = None,
     with tracking.run(experiment, f"generate {exp.data.source} {shape}", parent_run_id, tags,
                       f"The dataset of `{exp.name}` ({exp.data.source}): {dataset.n_rows} rows, "
                       f"features {', '.join(dataset.feature_names)} → targets "
-                      f"{', '.join(dataset.target_names)}.") as active:
+                      f"{', '.join(dataset.target_names)}.") as run_id:
         tracking.log_params(
-            {k: v for k, v in exp.params().items() if k.startswith("data.") or k == "seed"}
+            run_id, {k: v for k, v in exp.params().items() if k.startswith("data.") or k == "seed"}
         )
-        uri = tracking.write_dataset(dataset)
-        tracking.log_dataset(dataset, exp.name, uri, context="generated")
+        uri = tracking.write_dataset(dataset, run_id)
+        tracking.log_dataset(run_id, dataset, exp.name, uri, context="generated")
     echo(f"generate: {shape} (rows×features→targets) written to {uri}")
-    return DataRef(dataset, uri, active.info.run_id)
+    return DataRef(dataset, uri, run_id)
 
 
 def train(exp: Experiment, dataset: Dataset, experiment: str,
@@ -83,12 +83,11 @@ def train(exp: Experiment, dataset: Dataset, experiment: str,
     train_set, val_set = data.split(dataset, exp.val_fraction, exp.seed, config.scale)
     tags = {"stage": "train", "device": str(device), **({"data_uri": data_uri} if data_uri else {})}
     with tracking.run(experiment, run_name(config), parent_run_id, tags,
-                      describe_training(exp)) as active:
-        run_id = active.info.run_id
-        tracking.log_params(exp.params())
-        tracking.log_dataset(train_set, exp.name, data_uri, context="training")
+                      describe_training(exp)) as run_id:
+        tracking.log_params(run_id, exp.params())
+        tracking.log_dataset(run_id, train_set, exp.name, data_uri, context="training")
         if val_set is not None:
-            tracking.log_dataset(val_set, exp.name, data_uri, context="validation")
+            tracking.log_dataset(run_id, val_set, exp.name, data_uri, context="validation")
         with tracking.system_metrics(run_id):
             result = training.train(config, train_set, val_set)
         curves = {"train_loss": result.train_loss}
@@ -96,20 +95,20 @@ def train(exp: Experiment, dataset: Dataset, experiment: str,
             curves["val_loss"] = result.val_loss
         tracking.log_curves(run_id, curves)
         tracking.log_figure(
-            plots.loss_curve(result.train_loss, result.val_loss, run_name(config),
+            run_id, plots.loss_curve(result.train_loss, result.val_loss, run_name(config),
                              theory.optimum_loss(train_set, config.has_bias, config.loss)),
             "plots/loss_curve.png",
         )
         if _single_weight(result) and dataset.features.shape[1] == 1:
             tracking.log_figure(
-                plots.loss_surface(train_set.features, train_set.targets,
+                run_id, plots.loss_surface(train_set.features, train_set.targets,
                                    result.parameter_path, config.loss, "loss over w"),
                 "plots/loss_surface.png",
             )
         if result.diverged:
             epoch = result.diverged_at
             loss = result.train_loss[-1]
-            tracking.set_tags({"diverged": "true", "diverged_at_epoch": str(epoch)})
+            tracking.set_tags(run_id, {"diverged": "true", "diverged_at_epoch": str(epoch)})
             edge = theory.learning_rates(train_set, config.has_bias, config.loss)["lr_max_stable"]
             guide = "" if theory.exact_for(config, train_set.n_rows) else (
                 ", exact for full batches, a guide here")
@@ -118,8 +117,8 @@ def train(exp: Experiment, dataset: Dataset, experiment: str,
                 f"with lr={config.lr:g}; the largest stable lr for this data is {edge:.4g} "
                 f"(theory{guide}): try --set lr={edge / 2:.2g} (run {run_id} marked FAILED)"
             )
-        tracking.set_tags({"diverged": "false"})
-        model_uri = tracking.log_model(result.model.to_module(), train_set, config.dtype)
+        tracking.set_tags(run_id, {"diverged": "false"})
+        model_uri = tracking.log_model(run_id, result.model.to_module(), train_set, config.dtype)
     echo(
         f"train: {run_name(config)} on {device}: train_loss {result.train_loss[0]:.6g} → "
         f"{result.train_loss[-1]:.6g}; model {model_uri}"
@@ -154,15 +153,15 @@ def evaluate_model(exp: Experiment, dataset: Dataset, model_uri: str, experiment
     tags = {"stage": "evaluate", "model_uri": model_uri, "eval_split": split_name}
     with tracking.run(experiment, f"evaluate {run_name(exp.train)}", parent_run_id, tags,
                       f"Scores model {model_uri} on the {split_name} rows of `{exp.name}`: "
-                      "mse, rmse, mae, r2, and the gap to the least-squares optimum."):
-        tracking.log_params(exp.params())
+                      "mse, rmse, mae, r2, and the gap to the least-squares optimum.") as run_id:
+        tracking.log_params(run_id, exp.params())
         predictions = model.predict(eval_set.features)
         metrics = evaluate.evaluate(predictions, eval_set, fit_bias=exp.train.has_bias)
         weight, bias = model.parameters()
         metrics.update(evaluate.parameter_errors(weight, bias, eval_set))
-        tracking.log_metrics(metrics)
+        tracking.log_metrics(run_id, metrics)
         tracking.log_figure(
-            plots.fit(eval_set.features, eval_set.targets, predictions,
+            run_id, plots.fit(eval_set.features, eval_set.targets, predictions,
                       eval_set.feature_names, eval_set.target_names,
                       f"{exp.name}: {split_name} rows"),
             "plots/fit.png",
@@ -192,18 +191,18 @@ def run_all(exp: Experiment, experiment: str, built: Dataset | None = None,
     with tracking.run(experiment, f"{exp.name}: {run_name(exp.train)}",
                       tags={"stage": "pipeline"},
                       description=f"{exp.description}\n\ngenerate → train → evaluate: "
-                                  f"{describe_training(exp)}") as parent:
-        parent_id = parent.info.run_id
-        tracking.log_params(exp.params())
+                                  f"{describe_training(exp)}") as parent_id:
+        tracking.log_params(parent_id, exp.params())
         data_ref = generate(exp, experiment, parent_id, prepared, echo)
-        tracking.set_tags({"data_run_id": data_ref.run_id, "data_uri": data_ref.uri})
+        tracking.set_tags(parent_id, {"data_run_id": data_ref.run_id, "data_uri": data_ref.uri})
         try:
             trained = train(exp, data_ref.dataset, experiment, parent_id, data_ref.uri, echo)
         except DivergedError:
-            tracking.set_tags({"diverged": "true"})
+            tracking.set_tags(parent_id, {"diverged": "true"})
             raise
-        tracking.set_tags({"train_run_id": trained.run_id, "model_uri": trained.model_uri})
+        tracking.set_tags(parent_id, {"train_run_id": trained.run_id,
+                                      "model_uri": trained.model_uri})
         metrics = evaluate_model(exp, data_ref.dataset, trained.model_uri, experiment,
                                  parent_id, echo)
-        tracking.log_metrics(metrics)
+        tracking.log_metrics(parent_id, metrics)
     return metrics

@@ -44,8 +44,8 @@ def logged(tmp_path_factory):
         uris = {}
         for line, (weight, bias, _) in LINES.items():
             module = LinearRegressor(torch.tensor([[weight]]), torch.tensor([bias]))
-            with tracking.run(experiment, line) as active:
-                uris[line] = (tracking.log_model(module, ROWS, "float32"), active.info.run_id)
+            with tracking.run(experiment, line) as run_id:
+                uris[line] = (tracking.log_model(run_id, module, ROWS, "float32"), run_id)
         yield uris
 
 
@@ -199,8 +199,8 @@ def test_a_trained_champion_predicts_what_the_trained_model_does(logged):
     exp = config.load(str(EXPERIMENTS / "crop_yields_manual.yaml"), ["epochs=5"])
     dataset = data.build(exp.data, exp.seed)
     result = training.train(exp.train, dataset)
-    with tracking.run(tracking.experiment_id("crops"), "crops") as active:
-        uri = tracking.log_model(result.model.to_module(), dataset, exp.train.dtype)
+    with tracking.run(tracking.experiment_id("crops"), "crops") as run_id:
+        uri = tracking.log_model(run_id, result.model.to_module(), dataset, exp.train.dtype)
     name = "crops"
     version = registry.register(name, uri, result.train_loss[-1], tags={}, description="")
     assert registry.promote_if_better(name, version,
@@ -210,4 +210,4 @@ def test_a_trained_champion_predicts_what_the_trained_model_does(logged):
     loaded = serving.load(f"models:/{name}@champion")
     assert loaded.target_names == ("apples", "oranges")
     np.testing.assert_array_equal(loaded.predict(dataset.features), direct.astype(np.float64))
-    assert MlflowClient().get_model_version(name, version).run_id == active.info.run_id
+    assert MlflowClient().get_model_version(name, version).run_id == run_id

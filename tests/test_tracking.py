@@ -125,11 +125,11 @@ def test_system_metrics_are_logged_while_the_block_runs(store):
 
     tracking.connect(store)
     experiment = tracking.experiment_id("machine", "a description")
-    with tracking.run(experiment, "busy") as active:
-        with tracking.system_metrics(active.info.run_id):
+    with tracking.run(experiment, "busy") as run_id:
+        with tracking.system_metrics(run_id):
             time.sleep(2 * tracking.SYSTEM_METRICS_S + 0.5)
     client = MlflowClient()
-    run = client.get_run(active.info.run_id)
+    run = client.get_run(run_id)
     assert {"system/cpu_utilization_percentage",
             "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
     assert len(client.get_metric_history(run.info.run_id,
