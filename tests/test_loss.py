@@ -30,8 +30,11 @@ def test_one_value_per_model(kind):
 
 
 def test_only_the_tracking_registry_and_serving_layers_import_mlflow():
-    allowed = {"tracking.py", "registry.py", "serving.py", "model_format.py", "pyfunc_model.py"}
-    for path in sorted(Path(__file__).parent.parent.joinpath("pipeline").glob("*.py")):
+    allowed = {"registry.py", "serving.py", "model_format.py", "pyfunc_model.py"}
+    package = Path(__file__).parent.parent / "pipeline"
+    for path in sorted(package.rglob("*.py")):
+        if path.parent.name == "tracking":
+            continue  # the tracking package is MLflow's layer
         tree = ast.parse(path.read_text())
         imported = {alias.name.split(".")[0] for node in ast.walk(tree)
                     if isinstance(node, ast.Import) for alias in node.names}

@@ -1,0 +1,48 @@
+"""The MLflow layer: the one package that talks to the tracking store.
+
+- :mod:`.store`: reaching and checking a store, creating its tables once, experiments;
+- :mod:`.runs`: runs by id, opened, logged to in batches and always closed; system metrics;
+- :mod:`.artifacts`: datasets and models logged with runs, and read back.
+"""
+
+from pipeline.tracking.artifacts import (  # noqa: F401
+    find_cached_dataset,
+    log_dataset,
+    log_model,
+    pip_requirements,
+    portable_uri,
+    read_dataset,
+    runs_frame,
+    write_dataset,
+)
+from pipeline.tracking.runs import (  # noqa: F401
+    SYSTEM_METRICS_S,
+    close_run,
+    environment_tags,
+    find_child,
+    log_curves,
+    log_figure,
+    log_metrics,
+    log_params,
+    log_text,
+    log_to_run,
+    metric_histories,
+    open_child,
+    open_parent,
+    run,
+    run_tags,
+    set_tags,
+    system_metrics,
+)
+from pipeline.tracking.store import (  # noqa: F401
+    EXPERIMENT_KIND,
+    HEALTH_TIMEOUT_S,
+    NOTE,
+    SQLITE_HEADER,
+    TrackingError,
+    connect,
+    experiment_id,
+    experiment_name,
+    store_error,
+    store_lock,
+)

@@ -1,0 +1,226 @@
+"""Runs, by id: opened, logged to in batches, and always closed.
+
+Every call names its run; none uses MLflow's active-run stack, so the same code serves the
+CLI, worker processes and threads. A run opened with :func:`run` ends FINISHED, FAILED, or
+KILLED on Ctrl-C, so none is left RUNNING; curves go to the store in one batch per run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from pipeline.tracking.store import NOTE
+
+
+@contextlib.contextmanager
+def run(experiment: str, name: str, parent_run_id: str | None = None,
+        tags: dict | None = None, description: str = "") -> Iterator[str]:
+    """A run, by id, that ends FINISHED, FAILED on any error, or KILLED on interrupt.
+
+    ``description`` is the note the UI shows on the run's page. A top-level run under
+    ``mlflow run`` is the run `mlflow run` opened. Every call here takes the run's id, never
+    MLflow's active-run stack, so the same code is safe in worker processes and threads.
+    """
+    tags = {**(tags or {}), **({NOTE: description} if description else {})}
+    if parent_run_id is None:
+        run_id, _ = open_parent(experiment, name, tags)
+    else:
+        run_id = MlflowClient().create_run(
+            experiment, run_name=name,
+            tags={**environment_tags(), **tags, "mlflow.parentRunId": parent_run_id},
+        ).info.run_id
+    status = "FAILED"
+    try:
+        yield run_id
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        MlflowClient().set_terminated(run_id, status)
+
+
+@functools.cache
+def environment_tags() -> dict[str, str]:
+    """Torch version and git commit: computed once per process, not once per run."""
+    tags = {"torch_version": torch.__version__}
+    if commit := _git_commit():
+        tags["git_commit"] = commit
+    return tags
+
+
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+# --- logging ------------------------------------------------------------------------------------
+
+
+def _param_value(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+
+
+def log_params(run_id: str, params: dict[str, Any]) -> None:
+    """Log the flattened config; lists become JSON so the UI shows them as written."""
+    log_to_run(run_id, params=params)
+
+
+def _curve_metrics(curves: dict[str, list[float]], final: dict[str, float] | None = None):
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(key, float(value), now, step)
+        for key, values in curves.items()
+        for step, value in enumerate(values)
+    ]
+    metrics += [Metric(key, float(value), now, 0) for key, value in (final or {}).items()]
+    return metrics
+
+
+def log_curves(run_id: str, curves: dict[str, list[float]]) -> None:
+    """Log whole curves (step = epoch) in batches: one store call per 1,000 points."""
+    MlflowClient().log_batch(run_id, metrics=_curve_metrics(curves))
+
+
+def open_child(experiment: str, parent_run_id: str, name: str, tags: dict[str, str]) -> str:
+    """Create a run under ``parent_run_id`` explicitly (one store call); return its id. Its
+    params, like its curves, come with :func:`close_run`."""
+    run = MlflowClient().create_run(
+        experiment, run_name=name,
+        tags={**environment_tags(), **tags, "mlflow.parentRunId": parent_run_id},
+    )
+    return run.info.run_id
+
+
+def find_child(experiment: str, parent_run_id: str, tags: dict[str, str]) -> str | None:
+    """The id of the run under ``parent_run_id`` carrying ``tags``, if there is one."""
+    clauses = [f"tags.mlflow.parentRunId = '{parent_run_id}'"]
+    clauses += [f"tags.{key} = '{value}'" for key, value in tags.items()]
+    found = MlflowClient().search_runs([experiment], " and ".join(clauses), max_results=1)
+    return found[0].info.run_id if found else None
+
+
+def close_run(run_id: str, status: str, curves: dict[str, list[float]] | None = None,
+              metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None,
+              params: dict[str, Any] | None = None) -> None:
+    """Log params, curves, final metrics and tags in one batch, then end the run with
+    ``status``: two store calls, whatever the length of the curves."""
+    client = MlflowClient()
+    client.log_batch(
+        run_id,
+        metrics=_curve_metrics(curves or {}, metrics),
+        params=[Param(k, _param_value(v)) for k, v in (params or {}).items()],
+        tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+    )
+    client.set_terminated(run_id, status)
+
+
+def open_parent(experiment: str, name: str, tags: dict[str, str],
+                run_id: str | None = None) -> tuple[str, bool]:
+    """Mark an existing top-level run RUNNING again, or start one; return (id, is_new).
+
+    Under ``mlflow run`` a new parent is the run `mlflow run` opened (``MLFLOW_RUN_ID``),
+    renamed and tagged as a parent made here would be.
+    """
+    client = MlflowClient()
+    launched = os.environ.pop("MLFLOW_RUN_ID", None)
+    if run_id is not None:
+        try:
+            if client.get_run(run_id).info.lifecycle_stage == "active":
+                client.update_run(run_id, status="RUNNING")
+                return run_id, False
+        except MlflowException:
+            pass  # deleted from the store: start a new parent
+    all_tags = {**environment_tags(), **tags}
+    if launched is not None:
+        client.update_run(launched, status="RUNNING", name=name)
+        client.log_batch(launched, tags=[RunTag(k, str(v)) for k, v in all_tags.items()])
+        return launched, True
+    run = client.create_run(experiment, run_name=name, tags=all_tags)
+    return run.info.run_id, True
+
+
+def log_to_run(run_id: str, params: dict[str, Any] | None = None,
+               metrics: dict[str, float] | None = None,
+               tags: dict[str, str] | None = None) -> None:
+    MlflowClient().log_batch(
+        run_id,
+        metrics=_curve_metrics({}, metrics),
+        params=[Param(k, _param_value(v)) for k, v in (params or {}).items()],
+        tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+    )
+
+
+SYSTEM_METRICS_S = 2.0  # how often MLflow's monitor samples and logs the machine's load
+
+
+@contextlib.contextmanager
+def system_metrics(run_id: str) -> Iterator[None]:
+    """While the block runs, MLflow's monitor thread logs this machine's CPU, memory, disk,
+    network (and GPU, where there is one) to the run as ``system/*`` metrics, one batch every
+    :data:`SYSTEM_METRICS_S` seconds; continuing the steps of a resumed run."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_S,
+                                   resume_logging=True)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
+def metric_histories(run_ids: dict[Any, str], key: str) -> dict[Any, list[float]]:
+    """The ``key`` curve (by step) of each run; one store call per run."""
+    client = MlflowClient()
+    curves = {}
+    for name, run_id in run_ids.items():
+        history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        if history:
+            curves[name] = [m.value for m in history]
+    return curves
+
+
+def log_text(run_id: str, text: str, path: str) -> None:
+    MlflowClient().log_text(run_id, text, path)
+
+
+def log_figure(run_id: str, fig, path: str) -> None:
+    from pipeline import plots
+
+    MlflowClient().log_figure(run_id, fig, path)
+    plots.close(fig)
+
+
+def run_tags(run_id: str) -> dict[str, str]:
+    return MlflowClient().get_run(run_id).data.tags
+
+
+def log_metrics(run_id: str, metrics: dict[str, float]) -> None:
+    log_to_run(run_id, metrics=metrics)
+
+
+def set_tags(run_id: str, tags: dict[str, str]) -> None:
+    log_to_run(run_id, tags=tags)

@@ -1,0 +1,169 @@
+"""Tracking stores: reaching one, checking it, creating its tables once, and experiments.
+
+:func:`connect` answers a bad store in one line before MLflow's minutes of retries: a server
+that does not answer, a sqlite file under a file, in a missing or read-only folder, corrupt
+or truncated. A fresh database store is created under a lock, so several first commands at
+once all succeed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from pipeline import redact
+from pipeline.errors import UserError, first_line
+
+HEALTH_TIMEOUT_S = 5
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+NOTE = "mlflow.note.content"  # what the UI shows as an experiment's or a run's description
+
+
+class TrackingError(UserError):
+    """The tracking store cannot be reached or refuses a request."""
+
+
+def store_error(err: Exception) -> UserError | None:
+    """An error MLflow raised as one line for the user (password masked); None for others."""
+    if isinstance(err, MlflowException):
+        return UserError(f"tracking store error: {redact.mask(first_line(err))}")
+    return None
+
+
+def connect(tracking_uri: str) -> None:
+    """Point MLflow at ``tracking_uri`` and make sure the store is usable, in one line if not.
+
+    A server must answer its health check; a database store must be writable and is migrated
+    here, once, under a lock, so that several processes starting on a fresh store do not race
+    to create its tables. Credentials in an ``http(s)`` URI move to MLflow's environment
+    variables, so that MLflow never prints them in its "View run" links.
+    """
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # Progress bars for a few small artifacts are noise on stderr.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    shown = redact.mask(tracking_uri)
+    if tracking_uri.startswith(("http://", "https://")):
+        tracking_uri, user, password = redact.split_credentials(tracking_uri)
+        if user:
+            os.environ["MLFLOW_TRACKING_USERNAME"] = user
+        if password is not None:
+            os.environ["MLFLOW_TRACKING_PASSWORD"] = password
+        mlflow.set_tracking_uri(tracking_uri)
+        _check_server(tracking_uri, shown)
+        return
+    if tracking_uri.startswith("sqlite:"):
+        _check_sqlite_file(tracking_uri, shown)
+    mlflow.set_tracking_uri(tracking_uri)
+    if "://" in tracking_uri:
+        with store_lock(tracking_uri):
+            try:
+                MlflowClient().search_experiments(max_results=1)  # creates or migrates tables
+            except Exception as err:  # SQLAlchemy and MLflow raise many kinds here
+                raise TrackingError(
+                    f"tracking store {shown} cannot be used: {redact.mask(first_line(err))}"
+                ) from None
+
+
+def _check_server(url: str, shown: str) -> None:
+    import requests
+
+    try:
+        requests.get(url.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S).raise_for_status()
+    except requests.RequestException as err:
+        reason = type(err).__name__
+        raise TrackingError(f"tracking server {shown} is not reachable ({reason})") from None
+
+
+def _check_sqlite_file(uri: str, shown: str) -> None:
+    """Refuse what SQLite would fail on only after minutes of MLflow's retries."""
+    # sqlite:///relative.db and sqlite:////absolute.db; sqlite:// alone is in memory.
+    name = uri.partition(":///")[2].partition("?")[0]
+    if name in ("", ":memory:"):
+        return
+    path = Path(name).absolute()
+    folder = path.parent
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() or _under_a_file(folder) else "does not exist"
+        raise TrackingError(f"tracking store {shown}: {folder} {what}")
+    if path.exists():
+        if not path.is_file():
+            raise TrackingError(f"tracking store {shown}: {path} is not a file")
+        try:
+            with open(path, "r+b") as handle:
+                header = handle.read(len(SQLITE_HEADER))
+        except OSError as err:
+            raise TrackingError(f"tracking store {shown}: cannot write {path} "
+                                f"({err.strerror.lower()})") from None
+        if header and header != SQLITE_HEADER:
+            raise TrackingError(f"tracking store {shown}: {path} is not an SQLite database "
+                                "(corrupt, or another kind of file)")
+        return
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        raise TrackingError(f"tracking store {shown}: cannot create {path} "
+                            f"({err.strerror.lower()})") from None
+
+
+def _under_a_file(folder: Path) -> bool:
+    return any(parent.is_file() for parent in (folder, *folder.parents))
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """A lock shared by every process on this machine that opens the store ``uri``."""
+    import filelock
+
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    with filelock.FileLock(Path(tempfile.gettempdir()) / f"pipeline-store-{digest}.lock"):
+        yield
+
+
+def experiment_name(experiment: str) -> str:
+    return MlflowClient().get_experiment(experiment).name
+
+
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI's training view
+
+
+def experiment_id(name: str, description: str = "") -> str:
+    """The MLflow experiment named after the config, created on first use with the config's
+    description as its note, marked for the UI's model-training view (not the GenAI one).
+
+    Under ``mlflow run`` the run already exists (``MLFLOW_RUN_ID``) in the experiment chosen
+    there, and everything this process logs joins that experiment.
+    """
+    client = MlflowClient()
+    tags = {**EXPERIMENT_KIND, **({NOTE: description} if description else {})}
+    try:
+        if run_id := os.environ.get("MLFLOW_RUN_ID"):
+            found = client.get_experiment(client.get_run(run_id).info.experiment_id)
+        else:
+            found = client.get_experiment_by_name(name)
+        if found is None:
+            try:
+                return client.create_experiment(name, tags=tags)
+            except MlflowException:
+                found = client.get_experiment_by_name(name)  # another process made it first
+                if found is None:
+                    raise
+        if found.lifecycle_stage == "deleted":
+            client.restore_experiment(found.experiment_id)
+        for key, value in tags.items():  # an experiment made elsewhere, or before these tags
+            if key not in found.tags:
+                client.set_experiment_tag(found.experiment_id, key, value)
+        return found.experiment_id
+    except MlflowException as err:
+        raise TrackingError(f"tracking store refused experiment {name!r}: {err.message}") from None
