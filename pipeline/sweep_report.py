@@ -134,7 +134,11 @@ def log_study(study: optuna.Study, parent_run_id: str, rates: dict[str, float],
                 continue  # e.g. importances when every trial has the same value
             figure = _figure_of(axes)
             first = np.asarray(axes, dtype=object).flat[0]
-            first.set_title(f"{title}: {first.get_title() or name.replace('_', ' ')}")
+            # Optuna titles some plots on the left, some in the centre: one title, ours.
+            own = next((first.get_title(loc) for loc in ("center", "left") if first.get_title(loc)),
+                       name.replace("_", " "))
+            first.set_title("", loc="left")
+            first.set_title(f"{title}: {own}")
             if name == "optimization_history":
                 plots._log_y_if_wide(first, [t.value for t in complete])
             figure.set_size_inches(8, 6)

@@ -134,6 +134,11 @@ def test_system_metrics_are_logged_while_the_block_runs(store):
             "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
     assert len(client.get_metric_history(run.info.run_id,
                                          "system/cpu_utilization_percentage")) >= 2
+    # A block shorter than one interval still leaves one sample.
+    with tracking.run(experiment, "brief") as brief:
+        with tracking.system_metrics(brief):
+            pass
+    assert "system/cpu_utilization_percentage" in client.get_run(brief).data.metrics
     tags = client.get_experiment(experiment).tags
     assert tags["mlflow.note.content"] == "a description"
     assert tags["mlflow.experimentKind"] == "custom_model_development"

@@ -179,17 +179,23 @@ SYSTEM_METRICS_S = 2.0  # how often MLflow's monitor samples and logs the machin
 def system_metrics(run_id: str) -> Iterator[None]:
     """While the block runs, MLflow's monitor thread logs this machine's CPU, memory, disk,
     network (and GPU, where there is one) to the run as ``system/*`` metrics, one batch every
-    :data:`SYSTEM_METRICS_S` seconds; continuing the steps of a resumed run."""
+    :data:`SYSTEM_METRICS_S` seconds (at least once, however short the block), continuing
+    the steps of a resumed run."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_S,
                                    resume_logging=True)
+    first_step = monitor._logging_step
     monitor.start()
     try:
         yield
     finally:
         monitor.finish()
+        if monitor._logging_step == first_step:  # shorter than one interval: one sample now
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
 
 
 def metric_histories(run_ids: dict[Any, str], key: str) -> dict[Any, list[float]]:
