@@ -17,6 +17,7 @@ import click
 from pipeline import config as configs
 from pipeline import redact
 from pipeline.errors import UserError
+from pipeline.sweep_settings import SweepSettings
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -223,13 +224,13 @@ def sweep(experiment, tracking_uri: str, device: str | None, n_trials: int,
     moves to it when it beats the current champion.
     """
     experiment = _with_device(experiment, device)
-    settings = configs.SweepSettings(
+    # Checked as it is built, before the heavy imports: bad input answers at once.
+    settings = SweepSettings(
         n_trials=n_trials, storage=storage, study_name=study_name, workers=workers,
         timeout=timeout, sampler=sampler, pruner=pruner,
         seed=experiment.seed if seed is None else seed, log_models=log_models,
         lr_range=lr_range, epochs_range=epochs_range, batch=batch,
     )
-    settings.validate()  # before the heavy imports: bad input answers at once
     from pipeline import interrupts, tracking
     from pipeline import sweep as sweeps
 

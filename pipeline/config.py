@@ -1,4 +1,4 @@
-"""Experiment configs: one commented YAML file per experiment, loaded into frozen dataclasses.
+"""Experiment configs: one commented YAML file per experiment, built into frozen pydantic models.
 
 A config file holds the training settings at its top level and the data recipe under ``data:``::
 
@@ -12,128 +12,137 @@ A config file holds the training settings at its top level and the data recipe u
       features: [[3.3], [4.4]]
       targets: [[1.7], [2.76]]
 
-Values are checked once, here: unknown keys and values of the wrong type are rejected with a
-message that names the key. ``--set key=value`` overrides use the same checks (``lr=0.05``,
-``data.noise=0.2``).
+Building a config checks it, so an invalid one cannot exist: unknown keys, values of the wrong
+type and values out of range raise :class:`ConfigError` with one line that names the key.
+``--set key=value`` overrides (``lr=0.05``, ``data.noise=0.2``) meet the same checks. Finding,
+reading and overriding files is :mod:`pipeline.experiment_files`; its functions answer here too.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import math
-import os
-import types
 import typing
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Union
+from typing import Annotated, Any, ClassVar, Literal
 
-from pipeline.errors import UserError, first_line
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
-EXPERIMENTS_ENV = "PIPELINE_EXPERIMENTS_DIR"
-INIT_NAMES = ("torch", "randn", "rand", "zeros")
-
-
-class ConfigError(UserError):
-    """A config file or override that does not fit the schema."""
-
+from pipeline.experiment_files import (  # noqa: F401  (re-exported: configs.available() etc.)
+    EXPERIMENTS_ENV,
+    ConfigError,
+    Count,
+    Finite,
+    Flag,
+    Integer,
+    NonNegative,
+    Number,
+    Schema,
+    Seed,
+    apply_overrides,
+    available,
+    experiments_dir,
+    kind_of,
+    must,
+    parse_overrides,
+    read_raw,
+)
+from pipeline.sweep_settings import EpochsRange, LrRange
 
 # --- data recipes -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TableData:
+class DataRecipe(Schema):
+    """What the data stage builds rows from; checks that span fields name their keys."""
+
+    prefix: ClassVar[str] = "data."
+
+
+class TableData(DataRecipe):
     """Rows written out in the config, as a tutorial lists them."""
 
-    features: tuple[tuple[float, ...], ...]
-    targets: tuple[tuple[float, ...], ...]
+    features: tuple[tuple[Number, ...], ...]
+    targets: tuple[tuple[Number, ...], ...]
     feature_names: tuple[str, ...] = ()
     target_names: tuple[str, ...] = ()
-    repeat: int = 1
-    source: str = "table"
+    repeat: Count = 1
+    source: Literal["table"] = "table"
 
-    def validate(self) -> None:
-        _check_matrix("data.features", self.features)
-        _check_matrix("data.targets", self.targets)
+    @model_validator(mode="after")
+    def _rows_fit(self) -> TableData:
+        for key, rows in (("data.features", self.features), ("data.targets", self.targets)):
+            if not rows or not rows[0]:
+                raise ValueError(f"{key} must hold at least one row of numbers")
+            if len(widths := {len(row) for row in rows}) != 1:
+                raise ValueError(
+                    f"{key}: every row must have the same length, got {sorted(widths)}")
         if len(self.features) != len(self.targets):
-            raise ConfigError(
-                f"data.features has {len(self.features)} rows but data.targets has "
-                f"{len(self.targets)}"
-            )
-        _check_names("data.feature_names", self.feature_names, len(self.features[0]))
-        _check_names("data.target_names", self.target_names, len(self.targets[0]))
-        _check_positive("data.repeat", self.repeat)
+            raise ValueError(f"data.features has {len(self.features)} rows but data.targets "
+                              f"has {len(self.targets)}")
+        for key, names, rows in (("data.feature_names", self.feature_names, self.features),
+                                 ("data.target_names", self.target_names, self.targets)):
+            if names and len(names) != len(rows[0]):
+                raise ValueError(
+                    f"{key} names {len(names)} columns but the data has {len(rows[0])}")
+        return self
 
 
-@dataclass(frozen=True)
-class LineData:
+class LineData(DataRecipe):
     """y = x·weight + bias (+ noise) on a grid of x, the tutorials' hand-made lines."""
 
-    weight: float
-    bias: float = 0.0
-    x: tuple[float, ...] = ()
-    x_range: tuple[float, ...] = ()
-    x_divisor: float = 1.0
-    noise: float = 0.0
-    source: str = "line"
+    weight: Finite
+    bias: Finite = 0.0
+    x: tuple[Number, ...] = ()
+    x_range: tuple[Number, ...] = ()
+    x_divisor: Annotated[Number, must(lambda x: math.isfinite(x) and x != 0,
+                                      "must be a finite non-zero number")] = 1.0
+    noise: NonNegative = 0.0
+    source: Literal["line"] = "line"
 
-    def validate(self) -> None:
+    @model_validator(mode="after")
+    def _one_grid(self) -> LineData:
         if bool(self.x) == bool(self.x_range):
-            raise ConfigError("data needs exactly one of data.x (values) or data.x_range")
+            raise ValueError("data needs exactly one of data.x (values) or data.x_range")
         if self.x_range and (len(self.x_range) != 3 or self.x_range[2] == 0):
-            raise ConfigError("data.x_range must be [start, stop, step] with a non-zero step")
+            raise ValueError("data.x_range must be [start, stop, step] with a non-zero step")
         if not all(map(math.isfinite, self.x_range)):
-            raise ConfigError(f"data.x_range must hold finite numbers, got {list(self.x_range)}")
-        if not (math.isfinite(self.x_divisor) and self.x_divisor != 0):
-            raise ConfigError(
-                f"data.x_divisor must be a finite non-zero number, got {self.x_divisor}"
-            )
-        _check_finite("data.weight", self.weight)
-        _check_finite("data.bias", self.bias)
-        _check_non_negative("data.noise", self.noise)
+            raise ValueError(f"data.x_range must hold finite numbers, got {list(self.x_range)}")
+        return self
 
 
-@dataclass(frozen=True)
-class SyntheticData:
+class SyntheticData(DataRecipe):
     """N rows × D features × K targets from known random weights, for scaling up."""
 
-    n_rows: int = 1000
-    n_features: int = 3
-    n_targets: int = 1
-    noise: float = 0.1
-    weight_scale: float = 1.0
-    source: str = "synthetic"
-
-    def validate(self) -> None:
-        for key in ("n_rows", "n_features", "n_targets"):
-            _check_positive(f"data.{key}", getattr(self, key))
-        _check_non_negative("data.noise", self.noise)
-        _check_non_negative("data.weight_scale", self.weight_scale)
+    n_rows: Count = 1000
+    n_features: Count = 3
+    n_targets: Count = 1
+    noise: NonNegative = 0.1
+    weight_scale: NonNegative = 1.0
+    source: Literal["synthetic"] = "synthetic"
 
 
-@dataclass(frozen=True)
-class CsvData:
+class CsvData(DataRecipe):
     """A user's CSV file, read with pandas; the named columns become features and targets."""
 
     csv: str
     features: tuple[str, ...]
     targets: tuple[str, ...]
-    source: str = "csv"
+    source: Literal["csv"] = "csv"
 
-    def validate(self) -> None:
+    @model_validator(mode="after")
+    def _columns_once(self) -> CsvData:
         if not self.features or not self.targets:
-            raise ConfigError("data.features and data.targets must each name at least one column")
-        _check_unique("data.features", self.features)
-        _check_unique("data.targets", self.targets)
+            raise ValueError("data.features and data.targets must each name at least one column")
+        for key, names in (("data.features", self.features), ("data.targets", self.targets)):
+            if twice := [name for i, name in enumerate(names) if name in names[:i]]:
+                raise ValueError(f"{key} lists column {twice[0]} more than once")
         if both := [name for name in self.features if name in self.targets]:
-            raise ConfigError(
-                f"column {both[0]} is in both data.features and data.targets; "
-                "a column is either a feature or a target"
-            )
+            raise ValueError(f"column {both[0]} is in both data.features and data.targets; "
+                              "a column is either a feature or a target")
+        return self
 
 
 DataConfig = TableData | LineData | SyntheticData | CsvData
-DATA_SOURCES: dict[str, type] = {
+DATA_SOURCES: dict[str, type[DataRecipe]] = {
     "table": TableData,
     "line": LineData,
     "synthetic": SyntheticData,
@@ -143,47 +152,62 @@ DATA_SOURCES: dict[str, type] = {
 
 # --- training -----------------------------------------------------------------------------------
 
+INIT_NAMES = ("torch", "randn", "rand", "zeros")
 
-@dataclass(frozen=True)
-class TrainConfig:
+
+def _init(names: tuple[str, ...]) -> AfterValidator:
+    """A starting value, or the name of a way to draw one."""
+
+    def check(value: float | str) -> float | str:
+        if isinstance(value, str) and value not in names:
+            raise ValueError(f"must be a number or one of {', '.join(names)}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"must be finite, got {value}")
+        return value
+
+    return AfterValidator(check)
+
+
+# A number is tried first, so 1e-3 (a string to YAML 1.1) is the number it reads as.
+WeightInit = Annotated[Number | str, Field(union_mode="left_to_right"), _init(INIT_NAMES)]
+BiasInit = Annotated[Number | str, Field(union_mode="left_to_right"), _init(INIT_NAMES + ("none",))]
+
+
+class TrainConfig(Schema):
     """How the model is built and fitted; the part of an experiment the train stage sees."""
 
-    lr: float
-    epochs: int
-    model: str = "manual"
-    weight_init: float | str = "torch"
-    bias_init: float | str = "torch"
-    activation: str = "none"
-    gradient: str = "autograd"
-    loss: str = "mean"
-    batch_size: int | None = None
-    shuffle: bool = False
-    device: str = "auto"
-    dtype: str = "float32"
-    seed: int = 0
-    scale: str = "none"  # standard: features to zero mean, unit variance (training rows' stats)
+    # Its keys sit at a file's top level, beside these.
+    keys_beside: ClassVar[tuple[str, ...]] = ("data", "description", "sweep", "val_fraction")
 
-    def validate(self) -> None:
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"lr must be a finite number > 0, got {self.lr}")
-        if self.epochs < 1:
-            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
-        _check_seed("seed", self.seed)
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ConfigError(
-                f"batch_size must be >= 1 (or null for full batch), got {self.batch_size}"
-            )
-        _check_choice("model", self.model, ("manual", "builtin"))
-        _check_choice("activation", self.activation, ("none", "relu"))
-        _check_choice("gradient", self.gradient, ("autograd", "analytic"))
-        _check_choice("loss", self.loss, ("mean", "sum"))
-        _check_choice("device", self.device, ("auto", "cpu", "cuda"))
-        _check_choice("dtype", self.dtype, ("float32", "float64"))
-        _check_choice("scale", self.scale, ("none", "standard"))
-        _check_init("weight_init", self.weight_init)
-        _check_init("bias_init", self.bias_init, allow_none=True)
+    lr: Annotated[Number, must(lambda x: math.isfinite(x) and x > 0,
+                               "must be a finite number > 0")]
+    epochs: Count
+    model: Literal["manual", "builtin"] = "manual"
+    weight_init: WeightInit = "torch"
+    bias_init: BiasInit = "torch"
+    activation: Literal["none", "relu"] = "none"
+    gradient: Literal["autograd", "analytic"] = "autograd"
+    loss: Literal["mean", "sum"] = "mean"
+    batch_size: Annotated[Integer, must(lambda n: n >= 1,
+                                        "must be >= 1 (or null for full batch)")] | None = None
+    shuffle: Flag = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "float64"] = "float32"
+    seed: Seed = 0
+    # standard: features to zero mean, unit variance (training rows' stats)
+    scale: Literal["none", "standard"] = "none"
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _none_spelled_out(cls, value: Any) -> Any:
+        """``batch_size=none`` as Python spells it: YAML reads only null and ~ as null."""
+        return None if isinstance(value, str) and value.lower() in ("none", "null", "~") else value
+
+    @model_validator(mode="after")
+    def _gradient_fits_model(self) -> TrainConfig:
         if self.gradient == "analytic" and self.model != "manual":
-            raise ConfigError("gradient: analytic is a manual-model option; use model=manual")
+            raise ValueError("gradient: analytic is a manual-model option; use model=manual")
+        return self
 
     @property
     def has_bias(self) -> bool:
@@ -195,70 +219,27 @@ def run_name(config: TrainConfig) -> str:
     return f"{config.model} lr={config.lr:g} epochs={config.epochs}"
 
 
-# --- sweeps -------------------------------------------------------------------------------------
+# --- sweeps and the whole experiment ------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SweepConfig:
+class SweepConfig(Schema):
     """The search space of `pipeline sweep`: lr log-uniform, epochs an integer range."""
 
-    lr: tuple[float, ...] = ()
-    epochs: tuple[int, ...] = ()
+    prefix: ClassVar[str] = "sweep."
 
-    def validate(self) -> None:
-        if self.lr:
-            low, high = _check_range("sweep.lr", self.lr)
-            if low <= 0:
-                raise ConfigError(f"sweep.lr must lie above 0, got [{low}, {high}]")
-        if self.epochs:
-            low, high = _check_range("sweep.epochs", self.epochs)
-            if low < 1:
-                raise ConfigError(f"sweep.epochs must start at 1 or more, got [{low}, {high}]")
+    lr: LrRange = None
+    epochs: EpochsRange = None
 
 
-@dataclass(frozen=True)
-class SweepSettings:
-    """How `pipeline sweep` runs: trial count, storage, workers, sampler, pruner, ranges."""
+class Experiment(Schema):
+    """One experiment: its data recipe, how to train on it, the validation split, the sweep."""
 
-    n_trials: int
-    storage: str = "optuna.journal"
-    study_name: str | None = None
-    workers: int = 1
-    timeout: float | None = None
-    sampler: str = "tpe"
-    pruner: str = "median"
-    seed: int | None = None
-    log_models: str = "best"
-    lr_range: tuple[float, float] | None = None
-    epochs_range: tuple[int, int] | None = None
-    batch: int = 8
-
-    def validate(self) -> None:
-        if self.batch < 1:
-            raise ConfigError(f"--batch must be >= 1, got {self.batch}")
-        if self.n_trials < 1:
-            raise ConfigError(f"--n-trials must be >= 1, got {self.n_trials}")
-        if self.workers < 0:
-            raise ConfigError(f"--workers must be >= 0 (0: print the worker command), "
-                              f"got {self.workers}")
-        if self.timeout is not None and not self.timeout > 0:
-            raise ConfigError(f"--timeout must be > 0 seconds, got {self.timeout}")
-        if self.seed is not None:
-            _check_seed("--seed", self.seed)
-        SweepConfig(lr=self.lr_range or (), epochs=self.epochs_range or ()).validate()
-
-
-# --- the whole experiment -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Experiment:
     name: str
-    description: str
-    data: DataConfig
+    description: str = ""
+    data: DataConfig = Field(discriminator="source")
     train: TrainConfig
-    val_fraction: float = 0.0
-    sweep: SweepConfig = field(default_factory=SweepConfig)
+    val_fraction: Annotated[Number, must(lambda x: 0 <= x < 1, "must lie in [0, 1)")] = 0.0
+    sweep: SweepConfig = SweepConfig()
 
     @property
     def seed(self) -> int:
@@ -266,241 +247,45 @@ class Experiment:
 
     def params(self) -> dict[str, Any]:
         """The resolved config flattened to ``key -> value``, as logged to MLflow."""
-        flat: dict[str, Any] = dataclasses.asdict(self.train)
+        flat: dict[str, Any] = dict(self.train)
         flat["val_fraction"] = self.val_fraction
-        for key, value in dataclasses.asdict(self.data).items():
-            flat[f"data.{key}"] = value
-        for key, value in dataclasses.asdict(self.sweep).items():
-            if value:
-                flat[f"sweep.{key}"] = value
+        flat.update({f"data.{key}": value for key, value in self.data})
+        flat.update({f"sweep.{key}": tuple(value) for key, value in self.sweep if value})
         return flat
 
 
-TOP_LEVEL_KEYS = {"description", "val_fraction", "data", "sweep"}
+def build(name: str, raw: dict[str, Any]) -> Experiment:
+    """Turn a parsed YAML mapping (as :func:`read_raw` gives it) into an :class:`Experiment`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"experiment {name!r}: the file must hold a mapping of keys to values, "
+                          f"got {kind_of(raw)}")
+    train = _keys_as_text(raw)
+    top = {key: train.pop(key) for key in ("description", "val_fraction") if key in train}
+    data, sweep = train.pop("data", None), train.pop("sweep", None) or {}
+    if not isinstance(data, dict):
+        raise ConfigError("data: missing, or not a mapping (give data.source and its fields)")
+    source = data.get("source", "csv" if "csv" in data else None)
+    if source not in DATA_SOURCES:
+        raise ConfigError(f"data.source must be one of {', '.join(DATA_SOURCES)}, got {source!r}")
+    if not isinstance(sweep, dict):
+        raise ConfigError("sweep: expected a mapping")
+    return Experiment(name=name, data=DATA_SOURCES[source](**_keys_as_text(data)),
+                      train=TrainConfig(**train), sweep=SweepConfig(**_keys_as_text(sweep)),
+                      **top)
+
+
+def _keys_as_text(raw: dict) -> dict[str, Any]:
+    return {str(key): value for key, value in raw.items()}  # YAML reads `1: x` with an int key
 
 
 def to_raw(experiment: Experiment) -> dict[str, Any]:
     """The plain mapping :func:`build` turns back into ``experiment`` (lists, not tuples)."""
-    import json
-
-    raw: dict[str, Any] = dataclasses.asdict(experiment.train)
+    raw = experiment.train.model_dump()
     raw["description"] = experiment.description
     raw["val_fraction"] = experiment.val_fraction
-    raw["data"] = dataclasses.asdict(experiment.data)
-    raw["sweep"] = {k: v for k, v in dataclasses.asdict(experiment.sweep).items() if v}
+    raw["data"] = experiment.data.model_dump()
+    raw["sweep"] = {key: value for key, value in experiment.sweep.model_dump().items() if value}
     return json.loads(json.dumps(raw))
-
-
-def build(name: str, raw: dict[str, Any]) -> Experiment:
-    """Turn a parsed YAML mapping into a validated :class:`Experiment`."""
-    if not isinstance(raw, dict):
-        raise ConfigError(
-            f"experiment {name!r}: the file must hold a mapping of keys to values, got {_kind(raw)}"
-        )
-    raw = dict(raw)
-    description = _coerce(raw.pop("description", ""), str, "description")
-    val_fraction = _coerce(raw.pop("val_fraction", 0.0), float, "val_fraction")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ConfigError(f"val_fraction must lie in [0, 1), got {val_fraction}")
-    data = _build_data(raw.pop("data", None))
-    sweep = _build_dataclass(SweepConfig, raw.pop("sweep", None) or {}, prefix="sweep.")
-    train = _build_dataclass(TrainConfig, raw, prefix="")
-    for part in (data, train, sweep):
-        part.validate()
-    return Experiment(name, description, data, train, val_fraction, sweep)
-
-
-def _build_data(raw: Any) -> DataConfig:
-    if not isinstance(raw, dict):
-        raise ConfigError("data: missing, or not a mapping (give data.source and its fields)")
-    raw = dict(raw)
-    source = raw.get("source", "csv" if "csv" in raw else None)
-    if source not in DATA_SOURCES:
-        raise ConfigError(f"data.source must be one of {', '.join(DATA_SOURCES)}, got {source!r}")
-    raw["source"] = source
-    return _build_dataclass(DATA_SOURCES[source], raw, prefix="data.")
-
-
-def _build_dataclass(cls: type, raw: dict[str, Any], prefix: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix.rstrip('.')}: expected a mapping")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        known = ", ".join(sorted(set(fields) | (TOP_LEVEL_KEYS if not prefix else set())))
-        raise ConfigError(f"unknown key {prefix}{unknown[0]} (known keys: {known})")
-    values = {}
-    for name, f in fields.items():
-        if name in raw:
-            values[name] = _coerce(raw[name], hints[name], prefix + name)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing key {prefix}{name}")
-    return cls(**values)
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check ``value`` against a type hint, converting where YAML's reading is loose."""
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        for option in typing.get_args(hint):
-            try:
-                return _coerce(value, option, key)
-            except ConfigError:
-                continue
-        expected = " or ".join(_type_name(a) for a in typing.get_args(hint))
-        raise ConfigError(f"{key} must be {expected}, got {value!r}")
-    if hint is type(None):
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
-            return None
-        raise ConfigError(f"{key} must be null, got {value!r}")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        (item_hint, _) = typing.get_args(hint)
-        return tuple(_coerce(item, item_hint, f"{key}[{i}]") for i, item in enumerate(value))
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                try:  # 1e3, which YAML 1.1 leaves as a string
-                    number = float(value)
-                except ValueError:
-                    number = math.nan
-                if math.isfinite(number) and number.is_integer():
-                    return int(number)
-        raise ConfigError(f"{key} must be an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:  # YAML 1.1 reads 1e-5 (no dot) as a string
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key} must be a number, got {value!r}")
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key} must be a string, got {value!r}")
-    raise TypeError(f"no coercion for {hint!r}")  # a bug in the schema, not user input
-
-
-def _type_name(hint: Any) -> str:
-    if hint is type(None):
-        return "null"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
-        hint, str(hint)
-    )
-
-
-def _kind(value: Any) -> str:
-    """What a parsed YAML value is, in words: ``[1, 2]`` -> ``a list``."""
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    if value is None or type(value) in (int, float, str, bool):
-        return _type_name(type(value))
-    return f"a {type(value).__name__}"  # a date, which YAML reads from 2024-01-01
-
-
-# --- loading and overrides ----------------------------------------------------------------------
-
-
-def experiments_dir() -> Path:
-    """Where experiment configs live: $PIPELINE_EXPERIMENTS_DIR, ./experiments, or the repo's."""
-    if env := os.environ.get(EXPERIMENTS_ENV):
-        return Path(env)
-    local = Path("experiments")
-    if local.is_dir():
-        return local
-    return Path(__file__).resolve().parent.parent / "experiments"
-
-
-def available() -> dict[str, Path]:
-    folder = experiments_dir()
-    return {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
-
-
-def read_raw(name_or_path: str) -> tuple[str, dict[str, Any]]:
-    import yaml
-
-    path = Path(name_or_path)
-    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
-        known = available()
-        if name_or_path not in known:
-            names = ", ".join(known) or "none found"
-            raise ConfigError(f"unknown experiment {name_or_path!r} (known: {names})")
-        path = known[name_or_path]
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({first_line(err)})") from None
-    if raw is None:  # an empty file: build() then names the first missing key
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(
-            f"{path}: the file must hold a mapping of keys to values, got {_kind(raw)}"
-        )
-    data = raw.get("data")
-    if isinstance(data, dict) and isinstance(data.get("csv"), str):
-        # A CSV named in a config file lives beside it, wherever the command runs from
-        # (one given with --set data.csv=... is taken from the current folder).
-        data["csv"] = str((path.parent / Path(data["csv"]).expanduser()).absolute())
-    return path.stem, raw
-
-
-def parse_overrides(assignments: typing.Iterable[str]) -> list[tuple[str, Any]]:
-    """``["lr=0.05", "data.noise=0.2 epochs=3"]`` -> ``[("lr", 0.05), ...]``.
-
-    Each item may hold several space-separated assignments (MLproject passes one string).
-    """
-    import yaml
-
-    parsed = []
-    for item in assignments:
-        for assignment in item.split():
-            key, sep, text = assignment.partition("=")
-            if not sep or not key:
-                raise ConfigError(f"override {assignment!r} must look like key=value")
-            try:
-                value = yaml.safe_load(text) if text else ""
-            except yaml.YAMLError:
-                value = text
-            parsed.append((key, value))
-    return parsed
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[tuple[str, Any]]) -> dict[str, Any]:
-    merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
-    for key, value in overrides:
-        section, _, leaf = key.rpartition(".")
-        if section:
-            if section not in ("data", "sweep"):
-                raise ConfigError(f"unknown key {key} (sections: data., sweep.)")
-            if merged.get(section) is None:
-                merged[section] = {}
-            if not isinstance(merged[section], dict):
-                raise ConfigError(
-                    f"{section}: expected a mapping, got {_kind(merged[section])}, "
-                    f"so {key} cannot be set"
-                )
-            merged[section][leaf] = value
-        else:
-            merged[key] = value
-    return merged
 
 
 def load(name_or_path: str, overrides: typing.Iterable[str] = ()) -> Experiment:
@@ -511,70 +296,4 @@ def load(name_or_path: str, overrides: typing.Iterable[str] = ()) -> Experiment:
 
 def with_train(experiment: Experiment, **changes: Any) -> Experiment:
     """A copy of ``experiment`` with training settings replaced (and checked again)."""
-    train = dataclasses.replace(experiment.train, **changes)
-    train.validate()
-    return dataclasses.replace(experiment, train=train)
-
-
-# --- small checks -------------------------------------------------------------------------------
-
-
-def _check_matrix(key: str, rows: tuple[tuple[float, ...], ...]) -> None:
-    if not rows or not rows[0]:
-        raise ConfigError(f"{key} must hold at least one row of numbers")
-    widths = {len(r) for r in rows}
-    if len(widths) != 1:
-        raise ConfigError(f"{key}: every row must have the same length, got {sorted(widths)}")
-
-
-def _check_names(key: str, names: tuple[str, ...], width: int) -> None:
-    if names and len(names) != width:
-        raise ConfigError(f"{key} names {len(names)} columns but the data has {width}")
-
-
-def _check_unique(key: str, names: tuple[str, ...]) -> None:
-    for i, name in enumerate(names):
-        if name in names[:i]:
-            raise ConfigError(f"{key} lists column {name} more than once")
-
-
-def _check_seed(key: str, value: int) -> None:
-    if not 0 <= value < 2**32:  # what numpy's and Optuna's generators accept
-        raise ConfigError(f"{key} must lie in [0, 2**32), got {value}")
-
-
-def _check_positive(key: str, value: int) -> None:
-    if value < 1:
-        raise ConfigError(f"{key} must be >= 1, got {value}")
-
-
-def _check_non_negative(key: str, value: float) -> None:
-    if not (math.isfinite(value) and value >= 0):
-        raise ConfigError(f"{key} must be a finite number >= 0, got {value}")
-
-
-def _check_finite(key: str, value: float) -> None:
-    if not math.isfinite(value):
-        raise ConfigError(f"{key} must be finite, got {value}")
-
-
-def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
-
-
-def _check_init(key: str, value: str | float, allow_none: bool = False) -> None:
-    names = INIT_NAMES + (("none",) if allow_none else ())
-    if isinstance(value, str) and value not in names:
-        raise ConfigError(f"{key} must be a number or one of {', '.join(names)}, got {value!r}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{key} must be finite, got {value}")
-
-
-def _check_range(key: str, bounds: tuple) -> tuple:
-    if len(bounds) != 2:
-        raise ConfigError(f"{key} must be [low, high], got {list(bounds)}")
-    low, high = bounds
-    if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
-        raise ConfigError(f"{key} must be a non-empty range [low, high], got [{low}, {high}]")
-    return low, high
+    return experiment.replace(train=experiment.train.replace(**changes))

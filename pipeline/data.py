@@ -359,7 +359,7 @@ def content_key(config: DataConfig, seed: int) -> str:
     Generating again with the same key would give the same rows, so the key names a cache entry.
     """
     digest = hashlib.sha256()
-    digest.update(json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
+    digest.update(json.dumps(config.model_dump(), sort_keys=True).encode())
     if isinstance(config, (LineData, SyntheticData)):  # only these draw random numbers
         digest.update(str(seed).encode())
     digest.update(inspect.getsource(inspect.getmodule(content_key)).encode())

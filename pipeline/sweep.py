@@ -29,21 +29,23 @@ from pipeline import data, interrupts, redact, sweep_report, theory, tracking, w
 from pipeline import study as studies
 from pipeline import train as training
 from pipeline import trial as trials
-from pipeline.config import Experiment, SweepSettings
+from pipeline.config import Experiment
 from pipeline.study import SweepError
+from pipeline.sweep_settings import Range, SweepSettings
 
 SETUP_LOCK, FINALISE_LOCK = -1, -2  # storage locks (study ids guard trial creation)
 FINALISED_ATTR = "finalised_at"  # finished trials when the study was last summarised
 Echo = Callable[[str], None]
 
 
-def search_space(exp: Experiment, settings: SweepSettings, rates: dict[str, float]):
+def search_space(exp: Experiment, settings: SweepSettings,
+                 rates: dict[str, float]) -> tuple[Range, Range]:
     """lr and epochs ranges: command line, else the config's sweep section, else from theory."""
     lr = settings.lr_range or exp.sweep.lr or theory.default_lr_range(rates)
     epochs = settings.epochs_range or exp.sweep.epochs or (
         max(1, exp.train.epochs // 4), max(2, exp.train.epochs * 4))
+    # Checked as a config's sweep section is, the range from theory included.
     checked = configs.SweepConfig(lr=tuple(map(float, lr)), epochs=tuple(map(int, epochs)))
-    checked.validate()
     return checked.lr, checked.epochs
 
 
@@ -60,7 +62,6 @@ def run(exp: Experiment, settings: SweepSettings, tracking_uri: str,
 
     Raises :class:`interrupts.Interrupted` on Ctrl-C or SIGTERM, after closing every run.
     """
-    settings.validate()
     training.resolve_device(exp.train.device)  # before the study: no trial fails for it
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study_name = settings.study_name or exp.name

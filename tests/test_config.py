@@ -6,10 +6,12 @@ import math
 import re
 from pathlib import Path
 
+import pydantic
 import pytest
 
 from pipeline import config
 from pipeline.config import ConfigError
+from pipeline.sweep_settings import Range, SweepSettings
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 NAMES = sorted(p.stem for p in EXPERIMENTS.glob("*.yaml"))
@@ -281,8 +283,46 @@ def test_override_without_key_and_value_is_rejected(bad):
     ],
 )
 def test_bad_override_names_the_key(override, key):
-    with pytest.raises(ConfigError, match=names_key(key)):
+    with pytest.raises(ConfigError, match=names_key(key)) as info:
         config.load("slope_only", [override])
+    assert "\n" not in info.value.message  # one line, never pydantic's report
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.colour=red",
+         "unknown key data.colour (known keys: bias, noise, source, weight, x, x_divisor, "
+         "x_range)"),
+        ("epochs=abc", "epochs must be an integer, got 'abc'"),
+        ("lr=true", "lr must be a number, got True"),
+        ("shuffle=maybe", "shuffle must be true or false, got 'maybe'"),
+        ("batch_size=big", "batch_size must be an integer or null, got 'big'"),
+        ("description=3", "description must be a string, got 3"),
+        ("data.x_range=3", "data.x_range must be a list, got 3"),
+        ("data.x=[1,a]", "data.x[1] must be a number, got 'a'"),
+        ("weight_init=[1]", "weight_init must be a number or a string, got [1]"),
+        ("weight_init=gaussian",
+         "weight_init must be a number or one of torch, randn, rand, zeros, got 'gaussian'"),
+        ("model=linear", "model must be one of manual, builtin, got 'linear'"),
+        ("lr=-1", "lr must be a finite number > 0, got -1.0"),
+        ("data.noise=-0.1", "data.noise must be a finite number >= 0, got -0.1"),
+        ("seed=-1", "seed must lie in [0, 2**32), got -1"),
+        ("val_fraction=1", "val_fraction must lie in [0, 1), got 1.0"),
+        ("sweep.lr=[0.1]", "sweep.lr must be [low, high], got [0.1]"),
+    ],
+)
+def test_bad_override_message(override, message):
+    # pydantic checks the types; the message is still the one line a user reads.
+    with pytest.raises(ConfigError) as info:
+        config.load("slope_only", [override])
+    assert info.value.message == message
+
+
+def test_an_unknown_key_is_named_before_a_bad_value():
+    with pytest.raises(ConfigError) as info:
+        config.load("slope_only", ["data.source=synthetic", "data.n_rows=0"])
+    assert info.value.message.startswith("unknown key data.bias (known keys: n_features, ")
 
 
 @pytest.mark.parametrize(
@@ -425,3 +465,96 @@ def test_integer_written_in_exponent_form_is_accepted():
     assert config.load("line_fit_15pts", ["epochs=1e3"]).train.epochs == 1000
     with pytest.raises(config.ConfigError, match="epochs must be an integer"):
         config.load("line_fit_15pts", ["epochs=1.5e0"])
+
+
+# --- valid by construction -----------------------------------------------------------------------
+
+
+def test_a_config_built_in_code_is_checked_too():
+    with pytest.raises(ConfigError) as info:
+        config.TrainConfig(lr=-1, epochs=3)
+    assert info.value.message == "lr must be a finite number > 0, got -1.0"
+    with pytest.raises(ConfigError, match="^missing key data.weight$"):
+        config.LineData(x=(1.0, 2.0))
+    with pytest.raises(ConfigError, match="^data.n_rows must be >= 1, got 0$"):
+        config.SyntheticData(n_rows=0)
+    with pytest.raises(ConfigError, match="^unknown key colour "):
+        config.TrainConfig(lr=0.1, epochs=3, colour="red")
+
+
+def test_configs_are_frozen_and_replace_checks_again():
+    train = config.load("slope_only").train
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
+        train.lr = 0.5
+    assert train.replace(lr=0.5).lr == 0.5
+    assert train.lr == 0.1
+    with pytest.raises(ConfigError, match="^epochs must be >= 1, got 0$"):
+        train.replace(epochs=0)
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_to_raw_builds_the_same_experiment(name):
+    experiment = config.load(name)
+    raw = config.to_raw(experiment)
+    assert raw["data"]["source"] == experiment.data.source
+    assert raw["sweep"] == {"lr": list(experiment.sweep.lr),
+                            "epochs": list(experiment.sweep.epochs)}
+    assert config.build(name, raw) == experiment
+
+
+def test_sweep_ranges_are_ranges():
+    sweep = config.load("slope_only").sweep
+    assert sweep.lr == Range(low=1e-3, high=0.3)
+    assert (sweep.epochs.low, sweep.epochs.high) == (1, 50)
+    assert isinstance(sweep.epochs.low, int)
+    # [] (or null) drops a range the file gives; the sweep then takes its default.
+    dropped = config.load("slope_only", ["sweep.lr=[]", "sweep.epochs=null"]).sweep
+    assert dropped.lr is None and dropped.epochs is None
+    params = config.load("slope_only").params()
+    assert type(params["sweep.lr"]) is tuple  # plain values only, as MLflow logs them
+
+
+@pytest.mark.parametrize(
+    ("bounds", "problem"),
+    [
+        ((0.1, 0.01), "must be a non-empty range [low, high], got [0.1, 0.01]"),
+        ((0.1, 0.1), "must be a non-empty range [low, high], got [0.1, 0.1]"),
+        ((0.0, 0.1), "must lie above 0, got [0.0, 0.1]"),
+        ((0.1,), "must be [low, high], got [0.1]"),
+    ],
+)
+def test_one_lr_range_check_names_the_key_it_was_given_as(bounds, problem):
+    # A config's sweep.lr and the command line's --lr-range are the same kind of range.
+    with pytest.raises(ConfigError) as info:
+        config.SweepConfig(lr=bounds)
+    assert info.value.message == f"sweep.lr {problem}"
+    with pytest.raises(ConfigError) as info:
+        SweepSettings(n_trials=1, lr_range=bounds)
+    assert info.value.message == f"--lr-range {problem}"
+
+
+def test_epochs_ranges_are_integers_from_one():
+    with pytest.raises(ConfigError, match=r"^sweep.epochs\[0\] must be an integer, got 2.5$"):
+        config.SweepConfig(epochs=[2.5, 5])
+    with pytest.raises(ConfigError) as info:
+        SweepSettings(n_trials=1, epochs_range=(0, 5))
+    assert info.value.message == "--epochs-range must start at 1 or more, got [0, 5]"
+    settings = SweepSettings(n_trials=4, lr_range=(1e-4, 0.1), epochs_range=(2, 5))
+    assert (settings.lr_range, settings.epochs_range) == (Range(1e-4, 0.1), Range(2, 5))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(n_trials=0), "--n-trials must be >= 1, got 0"),
+        (dict(workers=-1), "--workers must be >= 0 (0: print the worker command), got -1"),
+        (dict(timeout=0.0), "--timeout must be > 0 seconds, got 0.0"),
+        (dict(seed=-5), "--seed must lie in [0, 2**32), got -5"),
+        (dict(batch=0), "--batch must be >= 1, got 0"),
+        (dict(sampler="grid"), "--sampler must be one of tpe, random, got 'grid'"),
+    ],
+)
+def test_sweep_settings_name_the_option(options, message):
+    with pytest.raises(ConfigError) as info:
+        SweepSettings(**{"n_trials": 1, **options})
+    assert info.value.message == message

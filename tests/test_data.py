@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
@@ -462,12 +461,12 @@ def test_content_key_is_stable_for_the_same_recipe():
     assert by_hand == recipe
     assert data.content_key(by_hand, 0) == key
     # Any change to the recipe or the seed names another entry, and changing back restores it.
-    for changed in (dataclasses.replace(by_hand, n_rows=1999),
-                    dataclasses.replace(by_hand, noise=0.0),
-                    dataclasses.replace(by_hand, weight_scale=2.0)):
+    for changed in (by_hand.replace(n_rows=1999),
+                    by_hand.replace(noise=0.0),
+                    by_hand.replace(weight_scale=2.0)):
         assert data.content_key(changed, 0) != key
     assert data.content_key(by_hand, 1) != key
-    assert data.content_key(dataclasses.replace(by_hand, noise=0.1), 0) == key
+    assert data.content_key(by_hand.replace(noise=0.1), 0) == key
 
 
 @pytest.mark.parametrize(

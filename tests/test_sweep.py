@@ -206,10 +206,11 @@ def test_theory_for_several_parameters_matches_eigenvalues():
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["--lr-range", "0.1", "0.01"], "sweep.lr must be a non-empty range"),
-        (["--lr-range", "0.1", "0.1"], "sweep.lr must be a non-empty range"),
-        (["--lr-range", "0", "0.1"], "sweep.lr must lie above 0"),
-        (["--epochs-range", "50", "5"], "sweep.epochs must be a non-empty range"),
+        (["--lr-range", "0.1", "0.01"], "--lr-range must be a non-empty range"),
+        (["--lr-range", "0.1", "0.1"], "--lr-range must be a non-empty range"),
+        (["--lr-range", "0", "0.1"], "--lr-range must lie above 0"),
+        (["--epochs-range", "50", "5"], "--epochs-range must be a non-empty range"),
+        (["--epochs-range", "0", "5"], "--epochs-range must start at 1 or more"),
         (["--n-trials", "0"], "--n-trials must be >= 1"),
         (["--workers", "-1"], "--workers must be >= 0"),
         (["--seed", "-5"], "--seed must lie in [0, 2**32)"),
@@ -236,8 +237,8 @@ def test_bad_sweep_input(workdir, args, expected):
 
 
 def test_default_lr_range_comes_from_theory():
-    from pipeline.config import SweepSettings
     from pipeline.sweep import search_space
+    from pipeline.sweep_settings import SweepSettings
 
     exp = config.load("line_fit_15pts", ["sweep.lr=[]"])
     dataset = data.build(exp.data, exp.seed)

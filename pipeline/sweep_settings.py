@@ -1,0 +1,77 @@
+"""What `pipeline sweep` searches and how it runs: the lr and epochs :class:`Range` (from a
+config's ``sweep:`` section or ``--lr-range``/``--epochs-range``) and :class:`SweepSettings`,
+the command line's other options.
+
+Light on purpose: the CLI checks its options with these before it imports Optuna or MLflow,
+so bad input answers at once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal, NamedTuple
+
+from pydantic import AfterValidator
+
+from pipeline.experiment_files import Count, Integer, Number, Schema, Seed, must
+
+
+class Range(NamedTuple):
+    """A range `pipeline sweep` draws from, ``[low, high]`` with low < high; a plain pair to
+    Optuna, MLflow and JSON. Fields typed :data:`LrRange` or :data:`EpochsRange` check it."""
+
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, bounds: tuple[float, ...] | None) -> Range | None:
+        """``bounds`` as a range; none where it is absent or ``[]``."""
+        if not bounds:
+            return None
+        if len(bounds) != 2:
+            raise ValueError(f"must be [low, high], got {list(bounds)}")
+        low, high = bounds
+        if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
+            raise ValueError(f"must be a non-empty range [low, high], got [{low}, {high}]")
+        return cls(low, high)
+
+    @classmethod
+    def lr(cls, bounds: tuple[float, ...] | None) -> Range | None:
+        """lr is drawn log-uniformly, so its range lies above 0."""
+        if (found := cls.of(bounds)) and found.low <= 0:
+            raise ValueError(f"must lie above 0, got [{found.low}, {found.high}]")
+        return found
+
+    @classmethod
+    def epochs(cls, bounds: tuple[int, ...] | None) -> Range | None:
+        if (found := cls.of(bounds)) and found.low < 1:
+            raise ValueError(f"must start at 1 or more, got [{found.low}, {found.high}]")
+        return found
+
+
+# A config's sweep.lr and sweep.epochs, and --lr-range and --epochs-range: numbers as written,
+# then checked into a Range (the message names the key or option).
+LrRange = Annotated[tuple[Number, ...] | None, AfterValidator(Range.lr)]
+EpochsRange = Annotated[tuple[Integer, ...] | None, AfterValidator(Range.epochs)]
+
+
+class SweepSettings(Schema):
+    """How `pipeline sweep` runs: trial count, storage, workers, sampler, pruner, ranges."""
+
+    n_trials: Count
+    storage: str = "optuna.journal"
+    study_name: str | None = None
+    workers: Annotated[Integer, must(lambda n: n >= 0,
+                                     "must be >= 0 (0: print the worker command)")] = 1
+    timeout: Annotated[Number, must(lambda s: s > 0, "must be > 0 seconds")] | None = None
+    sampler: Literal["tpe", "random"] = "tpe"
+    pruner: Literal["median", "percentile", "hyperband", "none"] = "median"
+    seed: Seed | None = None
+    log_models: Literal["best", "all"] = "best"
+    lr_range: LrRange = None
+    epochs_range: EpochsRange = None
+    batch: Count = 8  # trials each worker trains together
+
+    @classmethod
+    def key(cls, field: str) -> str:
+        return "--" + field.replace("_", "-")  # messages name the option, as it was typed
