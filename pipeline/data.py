@@ -1,4 +1,4 @@
-"""Datasets: built from an experiment's data recipe, split, and read back from files.
+"""Datasets built from an experiment's data recipe, split, and named by their content.
 
 Every dataset is a pair of float64 arrays (features ``n × d``, targets ``n × k``) with column
 names and, where the recipe knows them, the true weights and bias the targets were made from.
@@ -13,75 +13,20 @@ import inspect
 import json
 import math
 import os
-from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
 
+from pipeline import tables
 from pipeline.config import CsvData, DataConfig, LineData, SyntheticData, TableData
-from pipeline.errors import UserError
+from pipeline.dataset import DataError, Dataset, Scaler  # noqa: F401  (data.Dataset, ...)
+from pipeline.tables import _check_readable, _file_error, read_table
 
 MEMINFO = Path("/proc/meminfo")
 # Bytes held per generated value: the float64 itself, a second copy when the rows are split,
 # and the training copy with its batches; a recipe that needs more than memory holds is refused.
 BYTES_PER_VALUE = 3 * 8
-
-
-class DataError(UserError):
-    """A data file that cannot be used: missing, empty, malformed, or lacking columns."""
-
-
-@dataclass(frozen=True)
-class Scaler:
-    """Standard scaling: ``(x - mean) / std`` per feature, with the training rows' statistics
-    (a constant feature keeps std 1). A model trained on scaled rows is exported with it, so
-    that it takes raw units."""
-
-    mean: np.ndarray
-    std: np.ndarray
-
-    @classmethod
-    def fit(cls, features: np.ndarray) -> Scaler:
-        std = features.std(axis=0)
-        return cls(features.mean(axis=0), np.where(std > 0, std, 1.0))
-
-    def apply(self, features: np.ndarray) -> np.ndarray:
-        return (features - self.mean) / self.std
-
-    def undo(self, features: np.ndarray) -> np.ndarray:
-        return features * self.std + self.mean
-
-
-@dataclass(frozen=True)
-class Dataset:
-    features: np.ndarray
-    targets: np.ndarray
-    feature_names: tuple[str, ...]
-    target_names: tuple[str, ...]
-    true_weight: np.ndarray | None = None  # (k, d)
-    true_bias: np.ndarray | None = None  # (k,)
-    scaler: Scaler | None = None  # set when ``features`` are scaled: raw = scaler.undo(...)
-
-    @property
-    def n_rows(self) -> int:
-        return self.features.shape[0]
-
-    def rows(self, index: np.ndarray) -> Dataset:
-        return dataclasses.replace(self, features=self.features[index], targets=self.targets[index])
-
-    def frame(self):
-        """Features then targets as one pandas DataFrame, named columns."""
-        import pandas as pd
-
-        columns = {name: self.features[:, i] for i, name in enumerate(self.feature_names)}
-        columns.update({name: self.targets[:, i] for i, name in enumerate(self.target_names)})
-        return pd.DataFrame(columns)
-
-    def truth(self) -> dict | None:
-        if self.true_weight is None:
-            return None
-        return {"weight": self.true_weight.tolist(), "bias": self.true_bias.tolist()}
 
 
 def check(config: DataConfig, seed: int) -> Dataset | None:
@@ -238,121 +183,6 @@ def split(dataset: Dataset, val_fraction: float, seed: int,
     return scaled(train_set), None if val_set is None else scaled(val_set)
 
 
-# --- files --------------------------------------------------------------------------------------
-
-
-def read_table(path: str | Path, features: tuple[str, ...], targets: tuple[str, ...]) -> Dataset:
-    """Read a CSV or Parquet file and pick the named feature and target columns."""
-    frame = read_frame(path)
-    missing = [c for c in (*features, *targets) if c not in frame.columns]
-    if missing:
-        raise DataError(f"{path}: no column named {', '.join(missing)} (has: {_listing(frame)})")
-    return Dataset(
-        numeric_matrix(frame, features, path),
-        numeric_matrix(frame, targets, path),
-        tuple(features),
-        tuple(targets),
-    )
-
-
-def read_frame(path: str | Path):
-    """A CSV or Parquet file as a DataFrame; in a CSV only an empty cell counts as missing."""
-    import pandas as pd
-
-    path = Path(path).absolute()  # errors say exactly where they looked
-    _check_readable(path)
-    try:
-        if path.suffix == ".parquet":
-            frame = pd.read_parquet(path)
-            header = list(frame.columns)
-        else:
-            # pandas renames a repeated name (a, a -> a, a.1), so the header is read as a row.
-            header = pd.read_csv(path, header=None, nrows=1, dtype=str, keep_default_na=False)
-            header = header.iloc[0].tolist()
-            # "NaN" or "NA" stays text, so the error can quote it; only "" becomes missing.
-            frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: the file is empty") from None
-    except OSError as err:
-        raise _file_error(path, err) from None
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"{path}: cannot be read as a table ({first})") from None
-    for i, name in enumerate(header):
-        if name != "" and name in header[:i]:
-            raise DataError(f"{path}: the header names column {name} more than once")
-    if frame.empty:
-        raise DataError(f"{path}: the file has no data rows")
-    return frame
-
-
-def _check_readable(path: Path) -> None:
-    if path.is_dir():
-        raise DataError(f"{path}: is a folder, not a CSV or Parquet file")
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-
-
-def _file_error(path: Path, err: OSError) -> DataError:
-    """The real reason a file could not be opened, not just "no such file"."""
-    if isinstance(err, FileNotFoundError):
-        return DataError(f"{path}: no such file")
-    if isinstance(err, IsADirectoryError):
-        return DataError(f"{path}: is a folder, not a CSV or Parquet file")
-    if isinstance(err, PermissionError):
-        return DataError(f"{path}: cannot be read: permission denied")
-    return DataError(f"{path}: cannot be read: {(err.strerror or str(err)).lower()}")
-
-
-def numeric_matrix(frame, columns: tuple[str, ...], path: str | Path) -> np.ndarray:
-    """The named columns as float64, refusing text and missing values with the first bad cell."""
-    import pandas as pd
-
-    matrix = np.empty((len(frame), len(columns)), dtype=np.float64)
-    for j, column in enumerate(columns):
-        values = pd.to_numeric(frame[column], errors="coerce")
-        matrix[:, j] = values.to_numpy(dtype=np.float64, na_value=np.nan)
-        bad = ~np.isfinite(matrix[:, j])  # text, an empty cell, NaN or inf
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raw = frame[column].iloc[row]
-            shown = "an empty cell" if pd.isna(raw) else f"'{raw}'"
-            raise DataError(
-                f"{path}: column {column} holds a non-numeric or missing value "
-                f"({shown}) in data row {row + 1}"
-            )
-    return matrix
-
-
-def _listing(frame) -> str:
-    return ", ".join(map(str, frame.columns)) or "no columns"
-
-
-def write(dataset: Dataset, folder: Path) -> Path:
-    """Write ``data.parquet`` (and ``truth.json`` where known) into ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    dataset.frame().to_parquet(folder / "data.parquet", index=False)
-    schema = {"features": list(dataset.feature_names), "targets": list(dataset.target_names)}
-    if truth := dataset.truth():
-        schema["truth"] = truth
-    (folder / "schema.json").write_text(json.dumps(schema, indent=2))
-    return folder
-
-
-def read(folder: Path) -> Dataset:
-    """Read back what :func:`write` wrote."""
-    schema_file = folder / "schema.json"
-    if not schema_file.is_file():
-        raise DataError(f"{folder}: not a dataset written by `pipeline generate` (no schema.json)")
-    schema = json.loads(schema_file.read_text())
-    dataset = read_table(folder / "data.parquet", schema["features"], schema["targets"])
-    if truth := schema.get("truth"):
-        dataset = dataclasses.replace(
-            dataset, true_weight=np.array(truth["weight"]), true_bias=np.array(truth["bias"])
-        )
-    return dataset
-
-
 def content_key(config: DataConfig, seed: int) -> str:
     """A digest of everything that decides the data: the recipe, the seed, this code, the file.
 
@@ -362,7 +192,8 @@ def content_key(config: DataConfig, seed: int) -> str:
     digest.update(json.dumps(config.model_dump(), sort_keys=True).encode())
     if isinstance(config, (LineData, SyntheticData)):  # only these draw random numbers
         digest.update(str(seed).encode())
-    digest.update(inspect.getsource(inspect.getmodule(content_key)).encode())
+    for module in (inspect.getmodule(content_key), tables):  # the code that makes the rows
+        digest.update(inspect.getsource(module).encode())
     if isinstance(config, CsvData):
         path = Path(config.csv).absolute()
         _check_readable(path)

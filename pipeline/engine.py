@@ -28,7 +28,7 @@ import torch
 
 from pipeline import models, theory
 from pipeline.config import TrainConfig
-from pipeline.data import Dataset
+from pipeline.dataset import Dataset
 from pipeline.loss import squared_error
 from pipeline.train import DIVERGENCE_FACTOR, TrainResult, batches, finish, resolve_device
 

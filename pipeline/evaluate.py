@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.data import Dataset
+from pipeline.dataset import Dataset
 from pipeline.loss import squared_error
 
 

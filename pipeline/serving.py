@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import data, model_format
+from pipeline import data, model_format, tables
 from pipeline.errors import UserError, first_line
 
 PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
@@ -168,7 +168,7 @@ def _names(prefix: str, count: int | None) -> tuple[str, ...]:
 
 def read_features(path: str | Path, feature_names: tuple[str, ...]) -> np.ndarray:
     """The model's feature columns from a CSV, by name; missing or extra columns are refused."""
-    frame = data.read_frame(path)
+    frame = tables.read_frame(path)
     columns = [str(c) for c in frame.columns]
     missing = [name for name in feature_names if name not in columns]
     extra = [name for name in columns if name not in feature_names]
@@ -179,7 +179,7 @@ def read_features(path: str | Path, feature_names: tuple[str, ...]) -> np.ndarra
     if extra:
         raise data.DataError(
             f"{path}: unexpected column {', '.join(extra)} (the model takes {expected})")
-    return data.numeric_matrix(frame, feature_names, path)
+    return tables.numeric_matrix(frame, feature_names, path)
 
 
 def prediction_frame(predictions: np.ndarray, target_names: tuple[str, ...]):

@@ -1,4 +1,4 @@
-"""The Optuna study behind a sweep: its storage, its exact total, what workers read, dead trials.
+"""The Optuna study behind a sweep: its storage, its exact total, and what workers read.
 
 ``--n-trials N`` is the number of *finished* trials (complete or pruned). Failed trials do not
 count, so their budget is run again. Trials are created one at a time under a lock (a
@@ -6,43 +6,30 @@ PostgreSQL advisory lock, else a file lock on this machine) by a storage that re
 create one once finished, running and waiting trials reach N: K workers never overshoot, which
 Optuna's ``MaxTrialsCallback`` alone does by up to K-1.
 
-A worker that dies leaves its trial RUNNING. On a relational storage Optuna's heartbeat marks it
-failed after a grace period and ``RetryHeartbeatStaleTrialCallback`` queues it again with the same
-parameters; a journal has no heartbeat, so each trial records its host and process, and a trial
-whose process is gone from this host is failed and queued again the same way.
+Dead workers and their trials are :mod:`pipeline.dead_trials`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
-import os
-import socket
 import tempfile
-import threading
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import optuna
-from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import JournalStorage, RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from pipeline import redact
+from pipeline.dead_trials import GRACE_S, HEARTBEAT_S, WORKER_ATTR, worker_identity
 from pipeline.errors import UserError, first_line
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 IN_BUDGET = (*FINISHED, TrialState.RUNNING, TrialState.WAITING)
-HEARTBEAT_S = 2  # a RUNNING trial records a heartbeat this often on a relational storage
-GRACE_S = 10  # and is stale, its worker presumed dead, after this long without one
-ORPHAN_S = 30  # a RUNNING trial nobody claimed for this long belongs to no live process
-MAX_RETRY = 3  # a trial whose worker dies is queued again at most this many times
 SPEC_ATTR = "pipeline"  # the study's user attribute holding the Spec
-WORKER_ATTR = "worker"  # a trial's user attribute: host, pid and start time of its process
-
-OnDead = Callable[[optuna.Study, FrozenTrial, "int | None"], None]
 
 
 class SweepError(UserError):
@@ -275,124 +262,3 @@ def counts(study: optuna.Study) -> dict[str, int]:
 
 def finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
-
-
-# --- dead workers -------------------------------------------------------------------------------
-
-
-def beat(study: optuna.Study, storage, trial: optuna.Trial) -> None:
-    """Record one heartbeat of ``trial`` on a relational storage (nothing on a journal)."""
-    if isinstance(storage, RDBStorage):
-        study_id = storage.get_study_id_from_name(study.study_name)
-        storage.record_heartbeat(
-            storage.get_trial_id_from_study_id_trial_number(study_id, trial.number))
-
-
-@contextlib.contextmanager
-def heartbeats(study: optuna.Study, storage, trials: list) -> Iterator[None]:
-    """While the block runs, a thread records the trials' heartbeats every ``HEARTBEAT_S``
-    (what ``study.optimize`` does for one trial, here for a batch asked with ``study.ask``)."""
-    if not isinstance(storage, RDBStorage):
-        yield
-        return
-    stop = threading.Event()
-
-    def beating() -> None:
-        while not stop.wait(HEARTBEAT_S):
-            for trial in trials:
-                beat(study, storage, trial)
-
-    thread = threading.Thread(target=beating, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-
-
-def worker_identity(trial_number: int) -> dict:
-    """The process running trial ``trial_number``: host, pid and start time (which tells a
-    reused pid apart). The number tells this record from one copied into a retry."""
-    return {"host": _host(), "pid": os.getpid(), "start": _start_time(os.getpid()),
-            "trial": trial_number}
-
-
-def _host() -> str:
-    # PIPELINE_WORKER_HOST names the machine where hostnames repeat (containers started from
-    # one image); the tests use it to stand for another machine.
-    return os.environ.get("PIPELINE_WORKER_HOST") or socket.gethostname()
-
-
-def _start_time(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _gone_from_this_host(identity: dict | None) -> bool:
-    if not identity or identity.get("host") != _host():
-        return False  # another machine's process: only a heartbeat could tell
-    pid = int(identity["pid"])
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        pass  # alive, another user's
-    return identity.get("start") is not None and _start_time(pid) != identity.get("start")
-
-
-def recover_dead_trials(study: optuna.Study, storage, on_dead: OnDead | None = None) -> int:
-    """Fail the RUNNING trials whose process is gone from this host and queue them again;
-    on a relational storage, also those whose heartbeat stopped (on any host).
-
-    Failing a trial and queueing its retry happen under the lock that guards trial creation:
-    between the two the study holds one trial fewer, and a worker asking then would take the
-    dead trial's place as well as its retry, one trial over the total.
-    """
-    retried = _StaleTrial()
-    now = datetime.datetime.now()
-    with storage.lock(study._study_id):
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            identity = trial.user_attrs.get(WORKER_ATTR)
-            # A trial never claimed was created by a process killed in the same instant.
-            orphan = identity is None and trial.datetime_start is not None and (
-                (now - trial.datetime_start).total_seconds() > ORPHAN_S)
-            if orphan or (identity and identity.get("trial") == trial.number
-                          and _gone_from_this_host(identity)):
-                try:
-                    study.tell(trial.number, state=TrialState.FAIL)
-                except (RuntimeError, ValueError):
-                    continue  # another process on this host failed it first
-                retried(study, study.trials[trial.number])
-        if isinstance(storage, RDBStorage):
-            storage.stale_trials = retried  # called back by fail_stale_trials
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    optuna.storages.fail_stale_trials(study)
-            finally:
-                storage.stale_trials = None
-    for trial, retried_as in retried.done:  # outside the lock: this writes to MLflow
-        if on_dead is not None:
-            on_dead(study, trial, retried_as)
-    return len(retried.done)
-
-
-class _StaleTrial:
-    """Optuna's retry of a dead trial, remembering which trial number retries it."""
-
-    def __init__(self) -> None:
-        self.done: list[tuple[FrozenTrial, int | None]] = []
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
-            retried_as = next(
-                (t.number for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-                 if RetryHeartbeatStaleTrialCallback.retry_history(t)[-1:] == [trial.number]),
-                None)
-        self.done.append((trial, retried_as))

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import optuna
 
 from pipeline import config as configs
-from pipeline import data, interrupts, redact, sweep_report, theory, tracking, worker
+from pipeline import data, dead_trials, interrupts, redact, sweep_report, theory, tracking, worker
 from pipeline import study as studies
 from pipeline import train as training
 from pipeline import trial as trials
@@ -87,7 +87,7 @@ def run(exp: Experiment, settings: SweepSettings, tracking_uri: str,
                            experiment_id, tracking_uri)
         status = "FAILED"
         try:
-            studies.recover_dead_trials(study, storage, trials.close_dead_trial_run)
+            dead_trials.recover_dead_trials(study, storage, trials.close_dead_trial_run)
             before = studies.finished(study)
             ctx = worker.context(spec, study_name)
             with tracking.system_metrics(spec.parent_run_id):
@@ -182,7 +182,7 @@ def _wait_for_total(study, storage, total: int, timeout: float | None) -> None:
     while studies.finished(study) < total:
         if deadline is not None and time.monotonic() > deadline:
             return
-        studies.recover_dead_trials(study, storage, trials.close_dead_trial_run)
+        dead_trials.recover_dead_trials(study, storage, trials.close_dead_trial_run)
         worker.pause(worker.POLL_S)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.data import Dataset
+from pipeline.dataset import Dataset
 from pipeline.evaluate import least_squares, predict_linear
 from pipeline.loss import squared_error
 

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from pipeline import models
 from pipeline.config import TrainConfig
-from pipeline.data import Dataset
+from pipeline.dataset import Dataset
 from pipeline.errors import UserError
 from pipeline.loss import squared_error
 

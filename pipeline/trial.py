@@ -16,11 +16,11 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from pipeline import config as configs
-from pipeline import data, engine, interrupts, tracking
+from pipeline import data, dead_trials, engine, interrupts, tracking
 from pipeline import study as studies
 from pipeline import train as training
 from pipeline.config import Experiment
-from pipeline.data import Dataset
+from pipeline.dataset import Dataset
 
 REPORTS_PER_TRIAL = 20  # intermediate values sent to the storage per trial, at most
 RUN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED",
@@ -97,9 +97,9 @@ def run_batch(study: optuna.Study, asked: list[optuna.Trial], ctx: TrialContext,
 
 
 def _open_run(trial: optuna.Trial, ctx: TrialContext, lr: float, epochs: int) -> str:
-    if trial.user_attrs.get(studies.WORKER_ATTR, {}).get("trial") != trial.number:
+    if trial.user_attrs.get(dead_trials.WORKER_ATTR, {}).get("trial") != trial.number:
         # A retry carries the dead trial's record: claim it for this process.
-        trial.set_user_attr(studies.WORKER_ATTR, studies.worker_identity(trial.number))
+        trial.set_user_attr(dead_trials.WORKER_ATTR, dead_trials.worker_identity(trial.number))
     run_id = tracking.open_child(
         ctx.experiment_id, ctx.parent_run_id,
         f"t{trial.number} lr={lr:.2g} ep={epochs}",  # fits the MLflow UI's name column

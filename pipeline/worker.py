@@ -19,7 +19,7 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline import config as configs
-from pipeline import interrupts, tracking
+from pipeline import dead_trials, interrupts, tracking
 from pipeline import study as studies
 from pipeline import trial as trials
 
@@ -87,12 +87,12 @@ def loop(study: optuna.Study, storage, ctx: trials.TrialContext, total: int,
             break
         if deadline is not None and time.monotonic() > deadline:
             break
-        studies.recover_dead_trials(study, storage, trials.close_dead_trial_run)
+        dead_trials.recover_dead_trials(study, storage, trials.close_dead_trial_run)
         asked = ask(study, storage, min(ctx.batch, total - studies.finished(study)))
         if not asked:
             pause(POLL_S)  # the rest of the total is running elsewhere
             continue
-        with studies.heartbeats(study, storage, asked):
+        with dead_trials.heartbeats(study, storage, asked):
             trials.run_batch(study, asked, ctx, on_told=callback)
         ran += len(asked)
     return Outcome(ran, studies.finished(study), total)
@@ -104,7 +104,7 @@ def ask(study: optuna.Study, storage, count: int) -> list[optuna.Trial]:
     try:
         while len(asked) < count:
             asked.append(study.ask())
-            studies.beat(study, storage, asked[-1])  # a heartbeat from the first moment
+            dead_trials.beat(study, storage, asked[-1])  # a heartbeat from the first moment
     except studies.BudgetReached:
         pass
     return asked

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pipeline import data, evaluate, plots, serving, theory, tracking
 from pipeline import train as training
 from pipeline.config import Experiment, run_name
-from pipeline.data import Dataset
+from pipeline.dataset import Dataset
 from pipeline.errors import DivergedError
 
 Echo = Callable[[str], None]

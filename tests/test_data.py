@@ -9,7 +9,7 @@ import click
 import numpy as np
 import pytest
 
-from pipeline import config, data
+from pipeline import config, data, tables
 from pipeline.config import CsvData, LineData, SyntheticData, TableData
 from pipeline.data import DataError
 
@@ -295,7 +295,7 @@ def test_unusable_csv_files_are_data_errors(tmp_path, text, message):
 def test_missing_column_is_named(tmp_path):
     path = write_csv(tmp_path / "table.csv", "a,b\n1,2\n")
     with pytest.raises(DataError, match="no column named c") as info:
-        data.read_table(path, ("a", "c"), ("b",))
+        tables.read_table(path, ("a", "c"), ("b",))
     # The message lists what the file does have.
     assert "a, b" in info.value.message
 
@@ -332,11 +332,11 @@ def test_bad_cell_is_quoted_as_written(tmp_path, cell, shown):
 
 def test_clean_numeric_columns_parse_as_float64(tmp_path):
     path = write_csv(tmp_path / "table.csv", "a,b,note\n1.5,2,NA\n-3,4,x\n")
-    frame = data.read_frame(path)
+    frame = tables.read_frame(path)
     assert frame["a"].dtype == np.float64
     # Text that pandas would call missing stays the text the file holds.
     assert frame["note"].tolist() == ["NA", "x"]
-    matrix = data.numeric_matrix(frame, ("b", "a"), path)
+    matrix = tables.numeric_matrix(frame, ("b", "a"), path)
     assert matrix.dtype == np.float64
     np.testing.assert_array_equal(matrix, [[2.0, 1.5], [4.0, -3.0]])
 
@@ -344,9 +344,9 @@ def test_clean_numeric_columns_parse_as_float64(tmp_path):
 @pytest.mark.parametrize(("value", "shown"), [(np.nan, "an empty cell"), (np.inf, "'inf'")])
 def test_bad_parquet_value_is_named(tmp_path, value, shown):
     dataset = data.Dataset(np.array([[1.0], [2.0]]), np.array([[3.0], [value]]), ("a",), ("b",))
-    path = data.write(dataset, tmp_path) / "data.parquet"
+    path = tables.write(dataset, tmp_path) / "data.parquet"
     with pytest.raises(DataError) as info:
-        data.read_table(path, ("a",), ("b",))
+        tables.read_table(path, ("a",), ("b",))
     assert info.value.message == (
         f"{path}: column b holds a non-numeric or missing value ({shown}) in data row 2"
     )
@@ -362,7 +362,7 @@ def test_repeated_header_column_is_refused(tmp_path):
 def test_column_really_named_with_a_dot_suffix_is_kept(tmp_path):
     # "a.1" is what pandas renames a repeated "a" to; written by the user, it is a real name.
     path = write_csv(tmp_path / "table.csv", "a,a.1\n1,2\n3,4\n")
-    dataset = data.read_table(path, ("a",), ("a.1",))
+    dataset = tables.read_table(path, ("a",), ("a.1",))
     np.testing.assert_array_equal(dataset.targets, [[2.0], [4.0]])
 
 
@@ -424,9 +424,9 @@ def test_csv_round_trip(tmp_path):
 
 def test_write_then_read_keeps_rows_names_and_truth(tmp_path):
     original = data.build(SyntheticData(n_rows=25, n_features=3, n_targets=2), seed=4)
-    folder = data.write(original, tmp_path / "out")
+    folder = tables.write(original, tmp_path / "out")
     assert (folder / "data.parquet").is_file()
-    back = data.read(folder)
+    back = tables.read(folder)
     np.testing.assert_array_equal(back.features, original.features)
     np.testing.assert_array_equal(back.targets, original.targets)
     assert back.feature_names == original.feature_names
@@ -437,7 +437,7 @@ def test_write_then_read_keeps_rows_names_and_truth(tmp_path):
 
 def test_write_then_read_without_truth(tmp_path):
     original = built("crop_yields_manual")
-    back = data.read(data.write(original, tmp_path))
+    back = tables.read(tables.write(original, tmp_path))
     np.testing.assert_array_equal(back.features, original.features)
     assert back.feature_names == ("temp", "rainfall", "humidity")
     assert back.true_weight is None
@@ -446,7 +446,7 @@ def test_write_then_read_without_truth(tmp_path):
 
 def test_read_of_a_folder_without_schema_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="schema.json"):
-        data.read(tmp_path)
+        tables.read(tmp_path)
 
 
 # --- content key ----------------------------------------------------------------------------------

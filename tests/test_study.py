@@ -10,6 +10,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from pipeline import dead_trials
 from pipeline import study as studies
 
 
@@ -17,7 +18,7 @@ def _dead_identity(number: int) -> dict:
     """The identity of a process on this host that has exited."""
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()
-    return {"host": studies._host(), "pid": process.pid, "start": "0", "trial": number}
+    return {"host": dead_trials._host(), "pid": process.pid, "start": "0", "trial": number}
 
 
 @pytest.fixture
@@ -38,10 +39,10 @@ def test_a_dead_trial_is_failed_and_retried_with_its_params(journal):
     study = studies.load(storage, "s", create=True)
     study.tell(study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1.0)}), 1.0)
     dead = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1.0)})
-    dead.set_user_attr(studies.WORKER_ATTR, _dead_identity(dead.number))
+    dead.set_user_attr(dead_trials.WORKER_ATTR, _dead_identity(dead.number))
     told = []
 
-    assert studies.recover_dead_trials(study, storage,
+    assert dead_trials.recover_dead_trials(study, storage,
                                        lambda s, t, retried_as: told.append(retried_as)) == 1
     states = [t.state for t in study.get_trials()]
     assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
@@ -57,7 +58,7 @@ def test_no_trial_slips_in_between_failing_a_dead_trial_and_queueing_its_retry(j
     study = studies.load(storage, "s", create=True)
     study.tell(study.ask(), 1.0)
     dead = study.ask()
-    dead.set_user_attr(studies.WORKER_ATTR, _dead_identity(dead.number))
+    dead.set_user_attr(dead_trials.WORKER_ATTR, _dead_identity(dead.number))
     other = studies.load(studies.open_storage(journal, total=2), "s")
     outcome = []
 
@@ -67,7 +68,7 @@ def test_no_trial_slips_in_between_failing_a_dead_trial_and_queueing_its_retry(j
         except studies.BudgetReached:
             outcome.append("budget reached")
 
-    retry = studies._StaleTrial.__call__
+    retry = dead_trials._StaleTrial.__call__
     askers = []
 
     def slow_retry(self, study, trial):
@@ -76,8 +77,8 @@ def test_no_trial_slips_in_between_failing_a_dead_trial_and_queueing_its_retry(j
         askers[-1].join(1.0)  # without the lock, the other worker creates a trial here
         retry(self, study, trial)
 
-    monkeypatch.setattr(studies._StaleTrial, "__call__", slow_retry)
-    studies.recover_dead_trials(study, storage)
+    monkeypatch.setattr(dead_trials._StaleTrial, "__call__", slow_retry)
+    dead_trials.recover_dead_trials(study, storage)
     askers[0].join(10)
 
     assert outcome == ["budget reached"]

@@ -16,8 +16,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-from pipeline import redact
-from pipeline.data import Dataset
+from pipeline import redact, tables
+from pipeline.dataset import Dataset
 from pipeline.errors import first_line
 from pipeline.tracking.store import TrackingError
 
@@ -56,10 +56,9 @@ def _artifact_location(uri: str) -> str | None:
 
 def write_dataset(dataset: Dataset, run_id: str) -> str:
     """Log the rows (Parquet) and schema as artifacts of ``run_id``; return their URI."""
-    from pipeline import data
 
     with tempfile.TemporaryDirectory() as tmp:
-        MlflowClient().log_artifacts(run_id, str(data.write(dataset, Path(tmp))), "dataset")
+        MlflowClient().log_artifacts(run_id, str(tables.write(dataset, Path(tmp))), "dataset")
     return f"runs:/{run_id}/dataset"
 
 
@@ -75,16 +74,15 @@ def portable_uri(tracking_uri: str) -> str:
 
 def read_dataset(uri: str) -> Dataset:
     """Read a dataset logged by :func:`write_dataset`, from a ``runs:/`` URI or a local folder."""
-    from pipeline import data
 
     if Path(uri).is_dir():
-        return data.read(Path(uri))
+        return tables.read(Path(uri))
     try:
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
     except (MlflowException, OSError) as err:
         message = first_line(err)
         raise TrackingError(f"cannot fetch dataset {uri}: {message}") from None
-    return data.read(Path(local))
+    return tables.read(Path(local))
 
 
 def runs_frame(experiment_name: str):

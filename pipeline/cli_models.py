@@ -1,0 +1,122 @@
+"""`pipeline predict`, `models`, `promote` and `compare`: using what the runs produced."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from pipeline.cli import (
+    cli,
+    connect_store,
+    device_option,
+    tracking_option,
+)
+from pipeline.errors import UserError
+
+
+@cli.command()
+@click.option("--model", "model_uri", type=str, required=True,
+              help="models:/NAME@ALIAS, models:/NAME/VERSION, models:/m-<id>, runs:/<id>/PATH.")
+@click.option("--input", "input_path", type=click.Path(dir_okay=False, path_type=str),
+              required=True, help="CSV with the model's feature columns, by name.")
+@click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=str),
+              default=None, help="Where to write the predictions (CSV). Default: stdout.")
+@device_option
+@click.option("--allow-pickle", is_flag=True,
+              help="Allow loading a model stored as a pickle (only for sources you trust).")
+@tracking_option
+def predict(model_uri: str, input_path: str, output_path: str | None, device: str | None,
+            allow_pickle: bool, tracking_uri: str) -> None:
+    """Predict the targets of every row of a CSV with a logged or registered model.
+
+    Writes one column per target, named as in training.
+    """
+    from pipeline import serving
+    from pipeline.train import resolve_device
+
+    serving.check_uri(model_uri)
+    if output_path and not Path(output_path).resolve().parent.is_dir():
+        raise UserError(f"--output {output_path}: the folder "
+                        f"{Path(output_path).resolve().parent} does not exist")
+    target_device = resolve_device(device or "auto")
+    connect_store(tracking_uri)
+    model = serving.load(model_uri, target_device, allow_pickle)
+    features = serving.read_features(input_path, model.feature_names)
+    frame = serving.prediction_frame(model.predict(features), model.target_names)
+    if output_path:
+        frame.to_csv(output_path, index=False)
+        click.echo(f"{len(frame)} predictions of {', '.join(frame.columns)} written to "
+                   f"{output_path}", err=True)
+    else:  # for reading: float32 models carry about seven significant digits
+        click.echo(frame.to_csv(index=False, float_format="%.7g"), nl=False)
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option("--check", "model_uri", type=str, default=None, metavar="MODEL_URI",
+              help="Only check that MODEL_URI names a model (exit status 0), e.g. "
+                   "models:/NAME@champion; `make serve` asks this first.")
+@tracking_option
+def models(name: str | None, model_uri: str | None, tracking_uri: str) -> None:
+    """List registered models: versions, aliases, objective, lr, epochs, source run."""
+    from pipeline import registry, serving
+
+    connect_store(tracking_uri)
+    if model_uri is not None:
+        serving.check_uri(model_uri)
+        serving.check_registered(model_uri)
+        return
+    table = registry.versions_table(name)
+    if table.empty:
+        click.echo("no registered models yet: `pipeline sweep -e EXPERIMENT` registers one")
+        return
+    click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.6g}"))
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("version", type=str)
+@click.option("--alias", type=str, default="champion", show_default=True,
+              help="Alias to move to VERSION.")
+@click.option("--reason", type=str, default="",
+              help="Why; recorded in the version's tags with who and when.")
+@tracking_option
+def promote(name: str, version: str, alias: str, reason: str, tracking_uri: str) -> None:
+    """Move an alias of a registered model to VERSION (models:/NAME@ALIAS follows it)."""
+    from pipeline import registry
+
+    if not version.isdigit():
+        raise UserError(f"VERSION must be a version number, got {version!r}")
+    connect_store(tracking_uri)
+    previous = registry.promote(name, version, alias, reason)
+    before = f"v{previous}" if previous else "no version"
+    click.echo(f"{name}@{alias}: {before} -> v{version} (models:/{name}@{alias})")
+
+
+@cli.command()
+@click.option("-e", "--experiment", "experiment_name", type=str, required=True,
+              help="Experiment whose runs to compare.")
+@click.option("--metric", type=str, default=None,
+              help="Sort by this metric (r2: highest first; others: lowest first). "
+                   "Default: each run by its own score (trials and sweeps: objective, "
+                   "evaluations: mse, training runs: val_loss, else train_loss).")
+@click.option("--top", type=click.IntRange(min=1), default=None, help="Show the best N runs.")
+@click.option("--stage", type=click.Choice(["generate", "train", "evaluate", "pipeline",
+                                            "sweep", "trial"]), default=None,
+              help="Only runs of this stage.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "markdown"]),
+              default="table", show_default=True, help="Output format.")
+@tracking_option
+def compare(experiment_name: str, metric: str | None, top: int | None, stage: str | None,
+            fmt: str, tracking_uri: str) -> None:
+    """Compare an experiment's runs: model, lr, epochs and final metrics, best first."""
+    from pipeline import compare as comparing
+    from pipeline import tracking
+
+    # A config name or file, else the name of an MLflow experiment in the store.
+    path = Path(experiment_name)
+    name = path.stem if path.suffix in (".yaml", ".yml") else experiment_name
+    connect_store(tracking_uri)
+    table = comparing.runs_table(tracking.runs_frame(name), metric, top, stage)
+    click.echo(comparing.render(table, fmt), nl=fmt != "csv")

@@ -1,0 +1,125 @@
+"""Datasets in files: CSV or Parquet read with every check a user's file needs (a folder, no
+permission, empty, a repeated header, text or missing cells, missing columns), and the
+Parquet-plus-schema form `pipeline generate` writes and reads back."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.dataset import DataError, Dataset
+
+
+def read_table(path: str | Path, features: tuple[str, ...], targets: tuple[str, ...]) -> Dataset:
+    """Read a CSV or Parquet file and pick the named feature and target columns."""
+    frame = read_frame(path)
+    missing = [c for c in (*features, *targets) if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: no column named {', '.join(missing)} (has: {_listing(frame)})")
+    return Dataset(
+        numeric_matrix(frame, features, path),
+        numeric_matrix(frame, targets, path),
+        tuple(features),
+        tuple(targets),
+    )
+
+
+def read_frame(path: str | Path):
+    """A CSV or Parquet file as a DataFrame; in a CSV only an empty cell counts as missing."""
+    import pandas as pd
+
+    path = Path(path).absolute()  # errors say exactly where they looked
+    _check_readable(path)
+    try:
+        if path.suffix == ".parquet":
+            frame = pd.read_parquet(path)
+            header = list(frame.columns)
+        else:
+            # pandas renames a repeated name (a, a -> a, a.1), so the header is read as a row.
+            header = pd.read_csv(path, header=None, nrows=1, dtype=str, keep_default_na=False)
+            header = header.iloc[0].tolist()
+            # "NaN" or "NA" stays text, so the error can quote it; only "" becomes missing.
+            frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the file is empty") from None
+    except OSError as err:
+        raise _file_error(path, err) from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"{path}: cannot be read as a table ({first})") from None
+    for i, name in enumerate(header):
+        if name != "" and name in header[:i]:
+            raise DataError(f"{path}: the header names column {name} more than once")
+    if frame.empty:
+        raise DataError(f"{path}: the file has no data rows")
+    return frame
+
+
+def _check_readable(path: Path) -> None:
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a CSV or Parquet file")
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+
+
+def _file_error(path: Path, err: OSError) -> DataError:
+    """The real reason a file could not be opened, not just "no such file"."""
+    if isinstance(err, FileNotFoundError):
+        return DataError(f"{path}: no such file")
+    if isinstance(err, IsADirectoryError):
+        return DataError(f"{path}: is a folder, not a CSV or Parquet file")
+    if isinstance(err, PermissionError):
+        return DataError(f"{path}: cannot be read: permission denied")
+    return DataError(f"{path}: cannot be read: {(err.strerror or str(err)).lower()}")
+
+
+def numeric_matrix(frame, columns: tuple[str, ...], path: str | Path) -> np.ndarray:
+    """The named columns as float64, refusing text and missing values with the first bad cell."""
+    import pandas as pd
+
+    matrix = np.empty((len(frame), len(columns)), dtype=np.float64)
+    for j, column in enumerate(columns):
+        values = pd.to_numeric(frame[column], errors="coerce")
+        matrix[:, j] = values.to_numpy(dtype=np.float64, na_value=np.nan)
+        bad = ~np.isfinite(matrix[:, j])  # text, an empty cell, NaN or inf
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raw = frame[column].iloc[row]
+            shown = "an empty cell" if pd.isna(raw) else f"'{raw}'"
+            raise DataError(
+                f"{path}: column {column} holds a non-numeric or missing value "
+                f"({shown}) in data row {row + 1}"
+            )
+    return matrix
+
+
+def _listing(frame) -> str:
+    return ", ".join(map(str, frame.columns)) or "no columns"
+
+
+def write(dataset: Dataset, folder: Path) -> Path:
+    """Write ``data.parquet`` (and ``truth.json`` where known) into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dataset.frame().to_parquet(folder / "data.parquet", index=False)
+    schema = {"features": list(dataset.feature_names), "targets": list(dataset.target_names)}
+    if truth := dataset.truth():
+        schema["truth"] = truth
+    (folder / "schema.json").write_text(json.dumps(schema, indent=2))
+    return folder
+
+
+def read(folder: Path) -> Dataset:
+    """Read back what :func:`write` wrote."""
+    schema_file = folder / "schema.json"
+    if not schema_file.is_file():
+        raise DataError(f"{folder}: not a dataset written by `pipeline generate` (no schema.json)")
+    schema = json.loads(schema_file.read_text())
+    dataset = read_table(folder / "data.parquet", schema["features"], schema["targets"])
+    if truth := schema.get("truth"):
+        dataset = dataclasses.replace(
+            dataset, true_weight=np.array(truth["weight"]), true_bias=np.array(truth["bias"])
+        )
+    return dataset
