@@ -129,12 +129,12 @@ def train(experiment, tracking_uri: str, device: str | None, data_uri: str | Non
 
     experiment = with_device(experiment, device)
     training.resolve_device(experiment.train.device)
+    # The store is reached (and a new one made) only once the input is known to be good.
+    dataset = None if data_uri else data.build(experiment.data, experiment.seed)
     connect_store(tracking_uri)
     if data_uri:
         dataset = tracking.read_dataset(data_uri)
-    else:
-        dataset = data.build(experiment.data, experiment.seed)
-    experiment_id = connect_experiment(experiment, tracking_uri)  # the input is good
+    experiment_id = connect_experiment(experiment, tracking_uri)
     trained = workflow.train(experiment, dataset, experiment_id, data_uri=data_uri,
                              echo=click.echo)
     click.echo(trained.model_uri)
@@ -150,12 +150,11 @@ def evaluate(experiment, tracking_uri: str, model_uri: str, data_uri: str | None
     """Score a model: MSE, RMSE, MAE, R², and the gap to the least-squares optimum."""
     from pipeline import data, serving, tracking, workflow
 
+    serving.check_uri(model_uri)
+    dataset = None if data_uri else data.build(experiment.data, experiment.seed)
     connect_store(tracking_uri)
     if data_uri:
         dataset = tracking.read_dataset(data_uri)
-    else:
-        dataset = data.build(experiment.data, experiment.seed)
-    serving.check_uri(model_uri)
     model = serving.load(model_uri)
     workflow.check_fits(experiment, dataset, model, model_uri)
     experiment_id = connect_experiment(experiment, tracking_uri)  # the input is good

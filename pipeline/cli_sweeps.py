@@ -7,7 +7,6 @@ import click
 from pipeline import redact
 from pipeline.cli import (
     cli,
-    connect_store,
     device_option,
     experiment_options,
     with_device,
@@ -64,7 +63,6 @@ def sweep(experiment, tracking_uri: str, device: str | None, n_trials: int,
     from pipeline import interrupts, tracking
     from pipeline import sweep as sweeps
 
-    connect_store(tracking_uri)
     try:
         summary = sweeps.run(experiment, settings, tracking_uri, echo=click.echo)
     except interrupts.Interrupted as stop:

@@ -78,7 +78,9 @@ def run(exp: Experiment, settings: SweepSettings, tracking_uri: str,
         echo("note: no validation split (val_fraction: 0), so the objective is the final "
              "training loss, which more epochs only ever lower; set val_fraction to weigh them")
     storage = studies.open_storage(settings.storage, settings.n_trials)
-    experiment_id = tracking.experiment_id(exp.name, exp.description)  # the input is good
+    # The input is good: now the tracking store may be reached (and made) and the experiment.
+    tracking.connect(tracking_uri)
+    experiment_id = tracking.experiment_id(exp.name, exp.description)
     with interrupts.deferred():
         with storage.lock(SETUP_LOCK):  # one process creates the study and the parent run
             study = studies.load(storage, study_name, settings.sampler, settings.pruner,

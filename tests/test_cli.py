@@ -324,11 +324,15 @@ def test_a_csv_named_in_a_config_is_found_beside_it(workdir):
     assert runs["train"][0].data.params["data.csv"] == str(config.parent / "apples.csv")
 
 
-@pytest.mark.parametrize("case", ["missing csv", "no cuda", "bad storage", "unknown model"])
+@pytest.mark.parametrize("case", ["missing csv", "train missing csv", "sweep missing csv",
+                                  "no cuda", "bad storage", "unknown model"])
 def test_a_failing_command_leaves_no_experiment_behind(workdir, case):
-    config = own_data(workdir / "configs", "nowhere.csv" if case == "missing csv" else "apples.csv")
+    config = own_data(workdir / "configs",
+                      "nowhere.csv" if "missing csv" in case else "apples.csv")
     args = {
         "missing csv": ["run", "-e", str(config)],
+        "train missing csv": ["train", "-e", str(config)],
+        "sweep missing csv": ["sweep", "-e", str(config), "--n-trials", "2"],
         "no cuda": ["run", "-e", str(config), "--device", "cuda"],
         "bad storage": ["sweep", "-e", str(config), "--n-trials", "2", "--storage",
                         str(config / "under-a-file.journal")],
@@ -338,8 +342,9 @@ def test_a_failing_command_leaves_no_experiment_behind(workdir, case):
         pytest.skip("this machine has a GPU")
     result = pipeline(workdir, *args)
     assert_one_line_failure(result)
-    if case == "missing csv":  # the error says exactly where it looked
+    if "missing csv" in case:  # the error says exactly where it looked, and no store is made
         assert str(workdir / "configs" / "nowhere.csv") in result.stderr
+        assert not (workdir / "mlflow.db").exists()
     assert experiment_names(workdir / "mlflow.db") in ([], ["Default"])
 
 
