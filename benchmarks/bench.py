@@ -205,15 +205,20 @@ SWEEP_ARGS = ["-e", "crop_yields_builtin", "--lr-range", "1e-7", "1e-4", "--epoc
 
 
 def untracked_sweep(trials: int) -> None:
-    """The project's sweep without MLflow: Optuna in memory, trials trained in batches."""
+    """The project's sweep without MLflow: the same Optuna journal storage, sampler and
+    batches of 8 trials trained together, nothing sent to a tracking store."""
     import optuna
+    from optuna.storages.journal import JournalFileBackend
 
     from pipeline import config, data, engine
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     exp = config.load("crop_yields_builtin")
     dataset = data.build(exp.data, exp.seed)
-    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0, constant_liar=True))
+    folder = tempfile.mkdtemp()
+    storage = optuna.storages.JournalStorage(JournalFileBackend(f"{folder}/untracked.journal"))
+    study = optuna.create_study(storage=storage,
+                                sampler=optuna.samplers.TPESampler(seed=0, constant_liar=True))
     while len(study.trials) < trials:
         asked = [study.ask() for _ in range(min(8, trials - len(study.trials)))]
         lrs = [t.suggest_float("lr", 1e-7, 1e-4, log=True) for t in asked]
