@@ -1,8 +1,9 @@
 """After a sweep: the trials table and Optuna's plots on the parent run, the best model registered.
 
-The best trial's model is rebuilt by training its settings again (training is seeded, so the
-result is the same model) and logged into that trial's run, unless `--log-models all` already
-logged it there. The registry's `champion` alias moves to it only if it beats the holder.
+The best trial's model is rebuilt by running its settings again through the engine the trial
+ran (training is seeded, so the result is the same model) and logged into that trial's run,
+unless `--log-models all` already logged it there. The registry's `champion` alias moves to it
+only if it beats the holder.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline import config as configs
-from pipeline import data, registry, theory, tracking
+from pipeline import data, engine, registry, theory, tracking
 from pipeline import study as studies
-from pipeline import train as training
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,10 @@ def summarise(study: optuna.Study, exp: configs.Experiment, ctx, rates: dict[str
 OPTUNA_PLOTS = {
     "optimization_history": lambda study: optuna.visualization.matplotlib
     .plot_optimization_history(study),
+    # fANOVA, Optuna's default evaluator, with 16 trees instead of 64: a quarter of the time.
     "param_importances": lambda study: optuna.visualization.matplotlib
-    .plot_param_importances(study),
+    .plot_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(
+        n_trees=16, seed=0)),
 }
 
 
@@ -193,7 +195,9 @@ def _log_best_model(best, exp: configs.Experiment, ctx, run_id: str) -> str:
     best_exp = configs.with_train(exp, lr=best.params["lr"], epochs=best.params["epochs"])
     train_set, val_set = data.split(ctx.dataset, best_exp.val_fraction, best_exp.seed,
                                     best_exp.train.scale)
-    result = training.train(best_exp.train, train_set, val_set)
+    # The program the trial ran (pipeline.engine), so the model is the one its curve describes.
+    [result] = engine.train_many(best_exp.train, train_set, val_set, [best.params["lr"]],
+                                 [best.params["epochs"]])
     model_uri = tracking.log_model(run_id, result.model.to_module(), train_set,
                                    best_exp.train.dtype)
     tracking.set_tags(run_id, {"model_uri": model_uri})

@@ -101,7 +101,8 @@ def _listing(frame) -> str:
 
 
 def write(dataset: Dataset, folder: Path) -> Path:
-    """Write ``data.parquet`` (and ``truth.json`` where known) into ``folder``."""
+    """Write ``data.parquet`` and ``schema.json`` (column roles, and the true weights where
+    the recipe knows them) into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     dataset.frame().to_parquet(folder / "data.parquet", index=False)
     schema = {"features": list(dataset.feature_names), "targets": list(dataset.target_names)}

@@ -98,3 +98,41 @@ def test_no_password_in_the_store_or_on_the_screen(workdir, mlflow_server):
         if path.is_file() and path.suffix in ("", ".json", ".csv", ".txt", ".yaml", ".py",
                                               ".journal", ".db", ".log"):
             assert PASSWORD.encode() not in path.read_bytes(), path
+
+
+def test_mlflow_run_generate_train_evaluate_and_sweep_entry_points(workdir):
+    """Each stage as its own `mlflow run -e ...`, the runs chained by the URIs they print."""
+    store = f"sqlite:///{workdir / 'mlflow.db'}"
+
+    def mlflow_run(entry: str, *params: str) -> subprocess.CompletedProcess:
+        args = [str(BIN / "mlflow"), "run", str(REPO), "-e", entry, "--env-manager", "local",
+                "--experiment-name", "slope_only", "-P", "experiment=slope_only"]
+        for param in params:
+            args += ["-P", param]
+        result = subprocess.run(args, cwd=workdir, capture_output=True, text=True, timeout=300,
+                                env=subprocess_env(MLFLOW_TRACKING_URI=store))
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    data_uri = mlflow_run("generate").stdout.split()[-1]
+    assert data_uri.startswith("runs:/") and data_uri.endswith("/dataset")
+    model_uri = mlflow_run("train", f"data={data_uri}", "overrides=lr=0.05 epochs=20"
+                           ).stdout.split()[-1]
+    assert model_uri.startswith("models:/")
+    mlflow_run("evaluate", f"model={model_uri}", f"data={data_uri}")
+    mlflow_run("sweep", "n_trials=3", f"storage={workdir / 'optuna.journal'}")
+
+    mlflow.set_tracking_uri(store)
+    experiment = mlflow.get_experiment_by_name("slope_only")
+    runs = mlflow.search_runs([experiment.experiment_id], output_format="list")
+    entry = {r.data.tags.get("mlflow.project.entryPoint"): r for r in runs
+             if "mlflow.project.entryPoint" in r.data.tags}
+    assert set(entry) == {"generate", "train", "evaluate", "sweep"}
+    assert {entry[e].data.tags["stage"] for e in entry} == {"generate", "train", "evaluate",
+                                                            "sweep"}
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert entry["train"].data.params["lr"] == "0.05"
+    assert entry["evaluate"].data.tags["model_uri"] == model_uri
+    trials = [r for r in runs if r.data.tags.get("stage") == "trial"]
+    assert len(trials) == 3
+    assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {entry["sweep"].info.run_id}

@@ -55,7 +55,7 @@ def in_process(uri: str, rows: pd.DataFrame) -> np.ndarray:
         return model(torch.tensor(rows.to_numpy(), dtype=torch.float32)).numpy()
 
 
-@pytest.mark.parametrize("count", [1, 10_000])
+@pytest.mark.parametrize("count", [1, 70_000])  # more rows than one chunk (65,536)
 def test_predict_matches_the_model_loaded_in_process(registry_store, count):
     folder, store = registry_store
     rows = crop_rows(count)
@@ -85,6 +85,9 @@ def test_manual_and_builtin_champions_load_with_pyfunc(registry_store):
     assert list(predicted.columns) == ["apples", "oranges"]
     np.testing.assert_allclose(predicted.to_numpy(), in_process(
         "models:/crop_yields_builtin@champion", rows), rtol=1e-6)
+    many = crop_rows(70_000)  # more rows than the pyfunc's chunk of 65,536
+    np.testing.assert_allclose(builtin.predict(many).to_numpy(), in_process(
+        "models:/crop_yields_builtin@champion", many), rtol=1e-6)
     x = pd.DataFrame({"x": [3.3, 4.4, 10.791]})
     assert manual.predict(x).shape == (3, 1)
     version = MlflowClient().get_model_version_by_alias("line_fit_15pts", "champion")

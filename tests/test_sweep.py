@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import config, data, theory
 from pipeline.cli import cli
-from pipeline.study import open_storage
+from pipeline.study import make_pruner, open_storage
 from pipeline.train import train
 from tests.conftest import run_statuses, subprocess_env
 
@@ -284,3 +284,48 @@ def test_log_models_all_logs_a_model_per_completed_trial(store):
     _, children = sweep_runs(store, "line_fit_15pts")
     finished = [c for c in children if c.info.status == "FINISHED"]
     assert finished and all(c.data.tags["model_uri"].startswith("models:/") for c in finished)
+
+
+def test_a_study_made_with_other_settings_is_refused(workdir, store):
+    sweep(store, "-e", "line_fit_15pts", "--n-trials", "2", "--epochs-range", "5", "20")
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "sweep", "-e", "line_fit_15pts", "--n-trials", "4",
+         "--set", "loss=sum", "--tracking-uri", store],
+        cwd=workdir, capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0 and len(lines) == 1, result.stderr
+    assert "was made with other settings" in lines[0] and "--study-name" in lines[0]
+    assert len(study_of("line_fit_15pts").trials) == 2  # nothing ran on the old study
+    assert "RUNNING" not in run_statuses(workdir / "mlflow.db")
+
+
+def test_timeout_stops_starting_trials_and_still_summarises(store):
+    output = sweep(store, "-e", "crop_yields_manual", "--n-trials", "10000", "--timeout",
+                   "0.5", "--batch", "2", "--pruner", "none")
+    study = study_of("crop_yields_manual")
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert 1 <= len(finished) < 10000
+    # Nothing left running or failed: pruned ones are those that diverged (lr past the edge).
+    assert {t.state for t in study.trials} <= {optuna.trial.TrialState.COMPLETE,
+                                               optuna.trial.TrialState.PRUNED}
+    assert "best: value" in output
+    parents, children = sweep_runs(store, "crop_yields_manual")
+    assert len(children) == len(study.trials)
+    assert parents[0].info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("pruner, kind", [("percentile", optuna.pruners.PercentilePruner),
+                                          ("hyperband", optuna.pruners.HyperbandPruner)])
+def test_percentile_and_hyperband_pruners(store, pruner, kind):
+    assert isinstance(make_pruner(pruner), kind)
+    sweep(store, "-e", "line_fit_15pts", "--n-trials", "12", "--pruner", pruner,
+          "--epochs-range", "20", "200")
+    study = study_of("line_fit_15pts")
+    states = {t.state for t in study.trials}
+    assert len(study.trials) == 12 and states <= {optuna.trial.TrialState.COMPLETE,
+                                                   optuna.trial.TrialState.PRUNED}
+    parents, children = sweep_runs(store, "line_fit_15pts")
+    assert parents[0].data.params["sweep.pruner"] == pruner
+    for child in children:  # each run's status mirrors its trial
+        trial = study.trials[int(child.data.tags["optuna_trial"])]
+        assert child.data.tags["optuna_state"] == trial.state.name

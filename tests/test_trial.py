@@ -64,3 +64,41 @@ def test_a_trial_failed_as_stale_meanwhile_leaves_the_others_told(store, tmp_pat
     lost = MlflowClient().get_run(study.trials[0].user_attrs["mlflow_run_id"])
     assert lost.info.status == "FAILED"
     assert lost.data.tags["optuna_state"] == "FAIL"
+
+
+def test_a_failing_batch_fails_its_trials_and_closes_their_runs(store, tmp_path, monkeypatch):
+    """Training that raises (a bug, memory) leaves no trial RUNNING and no run open."""
+    ctx = _context(store)
+    study = studies.load(studies.open_storage(str(tmp_path / "j"), total=2), "s", create=True)
+    asked = [study.ask(), study.ask()]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(engine, "train_many", broken)
+    try:
+        trials.run_batch(study, asked, ctx)
+    except RuntimeError as err:
+        assert str(err) == "out of memory"
+    else:
+        raise AssertionError("the error must reach the worker")
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.FAIL]
+    client = MlflowClient()
+    for trial in study.get_trials():
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.info.status == "FAILED" and run.data.tags["optuna_state"] == "FAIL"
+        assert float(run.data.params["lr"]) == trial.params["lr"]
+
+
+def test_the_objective_is_a_validation_mse_whatever_the_loss():
+    """With `loss: sum` the validation curve is a sum; the objective divides it by the
+    validation values, so it reads as an MSE like every other objective."""
+    from pipeline.train import TrainResult
+
+    exp = configs.load("synthetic", ["loss=sum", "data.n_rows=50", "data.n_targets=2"])
+    _, val_set = data.split(data.build(exp.data, exp.seed), exp.val_fraction, exp.seed)
+    result = TrainResult(model=None, device=None, train_loss=[9.0, 4.0], val_loss=[80.0, 40.0])
+    assert trials.objective_value(result, exp, val_set) == 40.0 / (val_set.n_rows * 2)
+    mean = configs.load("synthetic", ["data.n_rows=50"])
+    assert trials.objective_value(result, mean, val_set) == 40.0
+    assert trials.objective_value(result, mean, None) == 4.0  # no split: the training loss

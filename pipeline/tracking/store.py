@@ -68,12 +68,48 @@ def connect(tracking_uri: str) -> None:
     mlflow.set_tracking_uri(tracking_uri)
     if "://" in tracking_uri:
         with store_lock(tracking_uri):
+            if tracking_uri.startswith("sqlite:"):
+                _start_from_template(tracking_uri)
             try:
                 MlflowClient().search_experiments(max_results=1)  # creates or migrates tables
             except Exception as err:  # SQLAlchemy and MLflow raise many kinds here
                 raise TrackingError(
                     f"tracking store {shown} cannot be used: {redact.mask(first_line(err))}"
                 ) from None
+
+
+def _start_from_template(uri: str) -> None:
+    """A new sqlite store starts as a copy of an empty one that MLflow created and migrated
+    before (kept per MLflow version in the user's cache), instead of MLflow running its dozens
+    of migrations again: 0.05 s instead of 0.75 s for every first command in a folder. The
+    copy holds tables only; MLflow adds the Default experiment, with this store's artifact
+    root, as it would. Anything unusual (another file there, no cache folder, a private MLflow
+    function gone) leaves the store to MLflow."""
+    path = Path(uri.split(":///", 1)[-1]) if ":///" in uri else None
+    if path is None or path.exists():
+        return
+    try:
+        import shutil
+
+        import filelock
+        import sqlalchemy
+        from mlflow.store.db.utils import _initialize_tables
+
+        home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        template = home / "pipeline" / f"mlflow-{mlflow.__version__}-empty.db"
+        template.parent.mkdir(parents=True, exist_ok=True)
+        with filelock.FileLock(f"{template}.lock"):
+            if not template.exists():
+                partial = template.with_suffix(f".{os.getpid()}.partial")
+                engine = sqlalchemy.create_engine(f"sqlite:///{partial}")
+                try:
+                    _initialize_tables(engine)
+                finally:
+                    engine.dispose()
+                os.replace(partial, template)
+        shutil.copyfile(template, path)
+    except Exception:  # noqa: BLE001  (MLflow then creates the store itself)
+        return
 
 
 def _check_server(url: str, shown: str) -> None:
