@@ -142,3 +142,19 @@ def test_system_metrics_are_logged_while_the_block_runs(store):
     tags = client.get_experiment(experiment).tags
     assert tags["mlflow.note.content"] == "a description"
     assert tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_a_new_store_from_the_template_is_mlflows_own(workdir, monkeypatch, tmp_path):
+    """The cached empty store is copied, and MLflow adds its Default experiment with this
+    folder's artifact root, as when it builds a store itself."""
+    from mlflow import MlflowClient
+
+    from pipeline import tracking
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for name in ("first.db", "second.db"):  # the first builds the template, the second copies
+        tracking.connect(f"sqlite:///{workdir / name}")
+        [default] = MlflowClient().search_experiments()
+        assert default.name == "Default"
+        assert default.artifact_location.startswith(str(workdir))
+    assert list((tmp_path / "cache" / "pipeline").glob("mlflow-*-empty.db"))
