@@ -119,7 +119,7 @@ def test_mlflow_run_generate_train_evaluate_and_sweep_entry_points(workdir):
     model_uri = mlflow_run("train", f"data={data_uri}", "overrides=lr=0.05 epochs=20"
                            ).stdout.split()[-1]
     assert model_uri.startswith("models:/")
-    mlflow_run("evaluate", f"model={model_uri}", f"data={data_uri}")
+    mlflow_run("evaluate", f"model_uri={model_uri}", f"data={data_uri}")
     mlflow_run("sweep", "n_trials=3", f"storage={workdir / 'optuna.journal'}")
 
     mlflow.set_tracking_uri(store)
