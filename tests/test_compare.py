@@ -9,6 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import compare, tracking
 from pipeline.errors import UserError
+from tests.conftest import store_for_module
 
 EXPERIMENT = "compare_me"
 
@@ -49,11 +50,7 @@ def compare_store(tmp_path_factory):
     """One sqlite store for the module (creating one takes a second); each test that adds runs
     adds them to an experiment of its own."""
     folder = tmp_path_factory.mktemp("compare")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(folder)
-        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
-            patch.delenv(name, raising=False)
-        tracking.connect(f"sqlite:///{folder / 'mlflow.db'}")
+    with store_for_module(folder):
         make_runs(RUNS)
         yield
 

@@ -18,6 +18,7 @@ from pipeline import train as training
 from pipeline.data import Dataset
 from pipeline.models import LinearRegressor
 from pipeline.registry import RegistryError
+from tests.conftest import store_for_module
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 X = np.array([[-1.0], [0.0], [0.5], [2.0], [10.0]])
@@ -35,11 +36,7 @@ def expected(line: str, x: np.ndarray = X) -> np.ndarray:
 def logged(tmp_path_factory):
     """A store with the three lines logged as models: line -> (model URI, run id)."""
     folder = tmp_path_factory.mktemp("registry")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(folder)
-        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
-            patch.delenv(name, raising=False)
-        tracking.connect(f"sqlite:///{folder / 'mlflow.db'}")
+    with store_for_module(folder):
         experiment = tracking.experiment_id("lines")
         uris = {}
         for line, (weight, bias, _) in LINES.items():

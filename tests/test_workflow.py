@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from pipeline import config, data, serving, tracking, workflow
 from pipeline import train as training
 from pipeline.errors import DivergedError
+from tests.conftest import store_for_module
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -29,11 +30,7 @@ def load(name: str, *overrides: str) -> config.Experiment:
 def module_store(tmp_path_factory):
     """One sqlite store for the module; each test works in an MLflow experiment of its own."""
     folder = tmp_path_factory.mktemp("workflow")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(folder)
-        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
-            patch.delenv(name, raising=False)
-        tracking.connect(f"sqlite:///{folder / 'mlflow.db'}")
+    with store_for_module(folder):
         yield
 
 
