@@ -142,6 +142,20 @@ def test_compare_gives_one_sorted_row_per_run(registry_store):
     assert top.returncode == 0 and len(re.findall(r"\n\| t\d+ lr=", top.stdout)) == 2
 
 
+def test_rows_without_names_are_refused_not_read_by_position(registry_store):
+    # MLflow checks a column-based signature before the model runs: rows without names cannot
+    # be matched to features, so they are refused. The pytorch face takes them in training order.
+    uri = "models:/crop_yields_builtin@champion"
+    rows = crop_rows(3)
+    with pytest.raises(mlflow.MlflowException, match=r"missing inputs \['temp', 'rainfall'"):
+        mlflow.pyfunc.load_model(uri).predict(rows.to_numpy())
+    module = mlflow.pytorch.load_model(uri)
+    named = mlflow.pyfunc.load_model(uri).predict(rows[list(reversed(CROP))]).to_numpy()
+    with torch.no_grad():
+        positional = module(torch.tensor(rows.to_numpy(), dtype=torch.float32)).numpy()
+    np.testing.assert_allclose(positional, named, rtol=1e-6)
+
+
 def test_mlflow_models_serve_matches_columns_by_name(registry_store):
     folder, store = registry_store
     port = free_port()
@@ -179,6 +193,9 @@ def test_mlflow_models_serve_matches_columns_by_name(registry_store):
         assert unknown.status_code == 400
         assert "missing inputs ['temp']" in unknown.json()["message"]
         assert "tmp" in unknown.json()["message"]
+        positional = requests.post(url, timeout=30, json={"inputs": [[73.0, 67.0, 43.0]]})
+        assert positional.status_code == 400
+        assert "missing inputs ['temp', 'rainfall', 'humidity']" in positional.json()["message"]
     finally:
         server.terminate()
         server.wait(timeout=30)
