@@ -10,6 +10,8 @@ Heavy libraries (torch, mlflow) are imported inside the commands, so `pipeline -
 from __future__ import annotations
 
 import functools
+import signal
+import sys
 
 import click
 
@@ -21,7 +23,8 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 class Group(click.Group):
-    """Turns errors from the tracking store into one line instead of a traceback."""
+    """Turns errors from the tracking store, and interrupts, into one line instead of a
+    traceback."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -29,6 +32,13 @@ class Group(click.Group):
         except click.ClickException as err:
             err.message = redact.mask(err.message)  # no password from any URL on the screen
             raise
+        except KeyboardInterrupt as err:
+            # Ctrl-C, or SIGTERM (see main): every run the command opened is closed by now,
+            # marked KILLED. Sweeps and workers say more and exit on their own.
+            signum = getattr(err, "signum", signal.SIGINT)
+            click.echo(f"interrupted ({signal.Signals(signum).name}): the runs this command "
+                       "opened are closed as KILLED", err=True)
+            raise SystemExit(128 + signum) from None
         except Exception as err:
             from pipeline import tracking
 
@@ -134,6 +144,7 @@ def train(experiment, tracking_uri: str, device: str | None, data_uri: str | Non
     connect_store(tracking_uri)
     if data_uri:
         dataset = tracking.read_dataset(data_uri)
+        data.check_columns(experiment.data, dataset, data_uri, experiment.name)
     experiment_id = connect_experiment(experiment, tracking_uri)
     trained = workflow.train(experiment, dataset, experiment_id, data_uri=data_uri,
                              echo=click.echo)
@@ -155,6 +166,7 @@ def evaluate(experiment, tracking_uri: str, model_uri: str, data_uri: str | None
     connect_store(tracking_uri)
     if data_uri:
         dataset = tracking.read_dataset(data_uri)
+        data.check_columns(experiment.data, dataset, data_uri, experiment.name)
     model = serving.load(model_uri)
     workflow.check_fits(experiment, dataset, model, model_uri)
     experiment_id = connect_experiment(experiment, tracking_uri)  # the input is good
@@ -172,14 +184,19 @@ def run(experiment, tracking_uri: str, device: str | None) -> None:
 
     experiment = with_device(experiment, device)
     training.resolve_device(experiment.train.device)
-    built = data.check(experiment.data, experiment.seed)
+    built = data.check(experiment.data, experiment.seed, experiment.val_fraction)
     experiment_id = connect_experiment(experiment, tracking_uri)  # the input is good
     workflow.run_all(experiment, experiment_id, built, echo=click.echo)
     shown = redact.mask(tracking_uri)
-    click.echo(
-        f"done: experiment '{tracking.experiment_name(experiment_id)}' in {shown}; "
-        f"browse it with `mlflow ui --backend-store-uri {shown}` (or `make ui`)"
-    )
+    click.echo(f"done: experiment '{tracking.experiment_name(experiment_id)}' in {shown}; "
+               f"browse it: {how_to_browse(tracking_uri)}")
+
+
+def how_to_browse(tracking_uri: str) -> str:
+    """How to look at a store in the MLflow UI: a server serves it; a database needs `mlflow ui`."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {redact.split_credentials(tracking_uri)[0]} in a browser"
+    return f"`mlflow ui --backend-store-uri {redact.mask(tracking_uri)}` (or `make ui`)"
 
 
 def tracking_option(func):
@@ -200,4 +217,24 @@ from pipeline import cli_models, cli_sweeps  # noqa: E402, F401
 
 
 def main() -> None:
-    cli(prog_name="pipeline")
+    from pipeline import interrupts
+
+    # SIGTERM (a process manager, `kill`) stops any command as Ctrl-C does: runs are closed.
+    # SIGINT too, even where a launcher started us ignoring it (a shell's background job).
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, interrupts.raise_interrupted)
+    try:
+        returned = cli.main(prog_name="pipeline", standalone_mode=False)
+    except click.UsageError as err:
+        # One line, where Click would print the usage, a hint and the error on four.
+        command = err.ctx.command_path if err.ctx is not None else "pipeline"
+        click.echo(f"Error: {redact.mask(err.format_message())} "
+                   f"(see `{command} --help`)", err=True)
+        sys.exit(err.exit_code)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except click.Abort:  # Ctrl-C while Click itself was parsing or prompting
+        click.echo("interrupted", err=True)
+        sys.exit(128 + signal.SIGINT)
+    sys.exit(returned if isinstance(returned, int) else 0)

@@ -36,20 +36,41 @@ def predict(model_uri: str, input_path: str, output_path: str | None, device: st
     from pipeline.train import resolve_device
 
     serving.check_uri(model_uri)
-    if output_path and not Path(output_path).resolve().parent.is_dir():
-        raise UserError(f"--output {output_path}: the folder "
-                        f"{Path(output_path).resolve().parent} does not exist")
+    if output_path:
+        _check_output(Path(output_path), Path(input_path))
     target_device = resolve_device(device or "auto")
     connect_store(tracking_uri)
     model = serving.load(model_uri, target_device, allow_pickle)
     features = serving.read_features(input_path, model.feature_names)
     frame = serving.prediction_frame(model.predict(features), model.target_names)
     if output_path:
-        frame.to_csv(output_path, index=False)
+        try:
+            frame.to_csv(output_path, index=False)
+        except OSError as err:
+            raise UserError(f"--output {output_path}: cannot write it "
+                            f"({err.strerror or type(err).__name__})") from None
         click.echo(f"{len(frame)} predictions of {', '.join(frame.columns)} written to "
                    f"{output_path}", err=True)
     else:  # for reading: float32 models carry about seven significant digits
         click.echo(frame.to_csv(index=False, float_format="%.7g"), nl=False)
+
+
+def _check_output(output: Path, input_path: Path) -> None:
+    """Predictions never overwrite their own input or a database (the tracking store)."""
+    if not output.resolve().parent.is_dir():
+        raise UserError(f"--output {output}: the folder {output.resolve().parent} does not exist")
+    if not output.exists():
+        return
+    if input_path.exists() and output.samefile(input_path):
+        raise UserError(f"--output {output} is the input file; write the predictions elsewhere")
+    try:
+        with output.open("rb") as existing:
+            database = existing.read(16) == b"SQLite format 3\x00"
+    except OSError:
+        return  # not readable: writing it will say so
+    if database:
+        raise UserError(f"--output {output} is a SQLite database (a tracking store?); "
+                        "refusing to overwrite it")
 
 
 @cli.command()

@@ -9,6 +9,7 @@ from pipeline.cli import (
     cli,
     device_option,
     experiment_options,
+    how_to_browse,
     with_device,
 )
 from pipeline.sweep_settings import SweepSettings
@@ -126,5 +127,5 @@ def _print_sweep(summary, tracking_uri: str, experiment_name: str) -> None:
     click.echo(f"model: {summary.model_name} v{summary.version} ({summary.decision}); "
                f"champion is v{summary.champion_version}: "
                f"models:/{summary.model_name}@champion")
-    click.echo(f"look: `mlflow ui --backend-store-uri {tracking_uri}` (or `make ui`), "
-               f"experiment '{experiment_name}', run 'sweep {summary.study_name}'")
+    click.echo(f"look: {how_to_browse(tracking_uri)}, experiment '{experiment_name}', "
+               f"run 'sweep {summary.study_name}'")

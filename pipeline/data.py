@@ -29,12 +29,18 @@ MEMINFO = Path("/proc/meminfo")
 BYTES_PER_VALUE = 3 * 8
 
 
-def check(config: DataConfig, seed: int) -> Dataset | None:
+def check(config: DataConfig, seed: int, val_fraction: float = 0.0) -> Dataset | None:
     """Find what is wrong with a recipe before anything is tracked: the memory it needs, a CSV
-    that cannot be read or lacks columns, a recipe with no rows. Returns the dataset where
-    that meant building it (all but synthetic data, which is drawn later, or found cached)."""
+    that cannot be read or lacks columns, a recipe with no rows, a split that leaves no
+    training rows. Returns the dataset where that meant building it (all but synthetic data,
+    which is drawn later, or found cached)."""
     _check_fits_in_memory(config)
-    return None if isinstance(config, SyntheticData) else build(config, seed)
+    if isinstance(config, SyntheticData):
+        _validation_rows(config.n_rows, val_fraction)
+        return None
+    dataset = build(config, seed)
+    _validation_rows(dataset.n_rows, val_fraction)
+    return dataset
 
 
 def build(config: DataConfig, seed: int) -> Dataset:
@@ -53,6 +59,29 @@ def build(config: DataConfig, seed: int) -> Dataset:
     if dataset.n_rows == 0:
         raise DataError(f"the {config.source} recipe gives no rows; check its range or values")
     return dataset
+
+
+def column_names(config: DataConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The feature and target names a recipe's dataset has, without building it."""
+    if isinstance(config, TableData):
+        return (config.feature_names or _names("x", len(config.features[0])),
+                config.target_names or _names("y", len(config.targets[0])))
+    if isinstance(config, LineData):
+        return ("x",), ("y",)
+    if isinstance(config, SyntheticData):
+        return _names("x", config.n_features), _names("y", config.n_targets)
+    return tuple(config.features), tuple(config.targets)
+
+
+def check_columns(config: DataConfig, dataset: Dataset, source: str, experiment: str) -> None:
+    """Refuse a dataset (``source``: where it came from) whose columns are not the recipe's:
+    it was made for another experiment, and training on it would record the wrong data."""
+    features, targets = column_names(config)
+    if (tuple(dataset.feature_names), tuple(dataset.target_names)) != (features, targets):
+        raise DataError(
+            f"{source} has columns {', '.join(dataset.feature_names)} -> "
+            f"{', '.join(dataset.target_names)} but {experiment} expects {', '.join(features)} "
+            f"-> {', '.join(targets)}; was it generated for another experiment?")
 
 
 def _table(config: TableData) -> Dataset:
@@ -167,9 +196,7 @@ def split(dataset: Dataset, val_fraction: float, seed: int,
         train_set, val_set = dataset, None
     else:
         n = dataset.n_rows
-        n_val = max(1, round(n * val_fraction))
-        if n_val >= n:
-            raise DataError(f"val_fraction {val_fraction} leaves no training rows out of {n}")
+        n_val = _validation_rows(n, val_fraction)
         order = np.random.default_rng(seed).permutation(n)
         train_set, val_set = dataset.rows(np.sort(order[n_val:])), dataset.rows(
             np.sort(order[:n_val]))
@@ -181,6 +208,16 @@ def split(dataset: Dataset, val_fraction: float, seed: int,
         return dataclasses.replace(part, features=scaler.apply(part.features), scaler=scaler)
 
     return scaled(train_set), None if val_set is None else scaled(val_set)
+
+
+def _validation_rows(n: int, val_fraction: float) -> int:
+    """How many of ``n`` rows a split holds out; refused where none would be left to train."""
+    if val_fraction <= 0:
+        return 0
+    n_val = max(1, round(n * val_fraction))
+    if n_val >= n:
+        raise DataError(f"val_fraction {val_fraction} leaves no training rows out of {n}")
+    return n_val
 
 
 def content_key(config: DataConfig, seed: int) -> str:

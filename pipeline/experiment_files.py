@@ -172,14 +172,22 @@ def read_raw(name_or_path: str) -> tuple[str, dict[str, Any]]:
     import yaml
 
     path = Path(name_or_path)
-    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
-        known = available()
-        if name_or_path not in known:
-            names = ", ".join(known) or "none found"
-            raise ConfigError(f"unknown experiment {name_or_path!r} (known: {names})")
+    known = available()
+    if name_or_path in known and not path.suffix:
         path = known[name_or_path]
+    elif path.suffix not in (".yaml", ".yml") and os.sep not in name_or_path:
+        names = ", ".join(known) or "none found"
+        raise ConfigError(f"unknown experiment {name_or_path!r} (known: {names})")
+    elif not path.exists():
+        raise ConfigError(f"no such experiment file {path.absolute()}")
+    elif not path.is_file():
+        raise ConfigError(f"{path.absolute()} is not a file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader())
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror or first_line(err)})") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({first_line(err)})") from None
     if raw is None:  # an empty file: building it then names the first missing key
@@ -194,6 +202,26 @@ def read_raw(name_or_path: str) -> tuple[str, dict[str, Any]]:
         # (one given with --set data.csv=... is taken from the current folder).
         data["csv"] = str((path.parent / Path(data["csv"]).expanduser()).absolute())
     return path.stem, raw
+
+
+def _unique_key_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """YAML's safe loader, refusing a key written twice in one mapping (which YAML would
+        otherwise settle silently, the last one winning)."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} appears twice", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
 
 
 def parse_overrides(assignments: typing.Iterable[str]) -> list[tuple[str, Any]]:

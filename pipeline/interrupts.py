@@ -36,6 +36,11 @@ class Interrupted(KeyboardInterrupt):
         return 128 + self.signum  # 130 for Ctrl-C, 143 for SIGTERM, as shells report them
 
 
+def raise_interrupted(signum: int, _frame) -> None:
+    """A signal handler that stops at once, as Ctrl-C does, with the signal's exit status."""
+    raise Interrupted(signum)
+
+
 def _record(signum: int, _frame) -> None:
     global _requested
     if _requested is not None:  # asked twice: stop now

@@ -71,8 +71,16 @@ def check_uri(uri: str) -> None:
     if _REGISTERED.match(uri) or _LOGGED.match(uri) or _RUN.match(uri):
         return
     local = uri.removeprefix("file://")
-    if "://" not in local and ":/" not in local and Path(local).is_dir():
-        return
+    if "://" not in local and ":/" not in local:
+        path = Path(local)
+        if path.is_dir():
+            return
+        if path.exists():
+            raise ModelError(f"model {uri!r} is a file; give the model's folder (the one "
+                             "holding MLmodel) or a URI")
+        if uri.startswith(("/", ".", "~", "file://")) or os.sep in local:
+            raise ModelError(f"{uri!r} is neither a model URI ({URI_FORMS}) nor a model "
+                             f"folder: there is no folder {path.absolute()}")
     raise ModelError(f"model URI {uri!r} does not parse; use {URI_FORMS} or a model folder")
 
 

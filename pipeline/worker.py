@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +23,10 @@ from pipeline import config as configs
 from pipeline import dead_trials, interrupts, tracking
 from pipeline import study as studies
 from pipeline import trial as trials
+
+# Optuna warns when a study with heartbeats is used through ask/tell instead of optimize;
+# here each asked trial gets its heartbeats from `dead_trials.heartbeats`.
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with")
 
 POLL_S = 1.0  # how often a worker with nothing to start looks at the study again
 CONNECT_WAIT_S = 60.0  # how long a worker keeps trying to reach its storage at start-up

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -197,6 +199,110 @@ def assert_one_line_failure(result: subprocess.CompletedProcess, *expected: str)
 def test_bad_config_input(workdir, args, expected):
     assert_one_line_failure(pipeline(workdir, "run", *args), *expected)
     assert run_statuses(workdir / "mlflow.db") == []
+
+
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("latin1.yaml", b"description: caf\xe9\n", ["latin1.yaml: not a UTF-8 text file"]),
+        ("noise.yaml", bytes(range(256)), ["not a UTF-8 text file"]),
+        ("twice.yaml", b"lr: 0.01\nlr: 5.0\n", ["key 'lr' appears twice"]),
+        ("folder.yaml", None, ["folder.yaml is not a file"]),
+        ("missing.yaml", b"", ["no such experiment file", "missing.yaml"]),
+    ],
+)
+def test_bad_experiment_files(workdir, name, content, expected):
+    path = workdir / name
+    if content is None:
+        path.mkdir()
+    elif name != "missing.yaml":
+        path.write_bytes(content)
+    assert_one_line_failure(pipeline(workdir, "run", "-e", str(path)), *expected)
+    assert run_statuses(workdir / "mlflow.db") == []
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["run"], ["Missing option '-e'", "pipeline run --help"]),
+        (["sweep", "-e", "line_fit_15pts", "--n-trials", "abc"], ["'abc' is not a valid"]),
+        (["no_such_command"], ["No such command"]),
+        (["compare", "-e", "x", "--top", "-3"], ["--top"]),
+        (["predict", "--model", "m", "--input", "x.csv", "--output", "."], ["--output"]),
+    ],
+)
+def test_usage_errors_are_one_line(workdir, args, expected):
+    result = pipeline(workdir, *args)
+    assert result.returncode == 2
+    assert_one_line_failure(result, *expected)
+
+
+@pytest.mark.parametrize(
+    "uri, expected",
+    [
+        ("", ["the tracking URI is empty"]),
+        ("./runs_folder", ["is a folder", "sqlite:///mlflow.db"]),
+        ("file:///tmp/runs_folder", ["is a folder"]),
+    ],
+)
+def test_unusable_tracking_uris(workdir, uri, expected):
+    result = pipeline(workdir, "train", "-e", "line_fit_15pts", "--tracking-uri", uri)
+    assert_one_line_failure(result, *expected)
+    assert not (workdir / "runs_folder").exists()
+
+
+def test_a_web_server_that_is_not_mlflow(workdir):
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://someone:hunter2@127.0.0.1:{server.server_address[1]}"
+        result = pipeline(workdir, "train", "-e", "line_fit_15pts", "--tracking-uri", url)
+    finally:
+        server.shutdown()
+    assert_one_line_failure(result, "answered HTTP 404", "is it an MLflow tracking server?")
+    assert "hunter2" not in result.stderr + result.stdout
+
+
+def test_a_split_without_training_rows_is_refused_before_any_run(workdir):
+    result = pipeline(workdir, "run", "-e", "synthetic", "--set", "data.n_rows=1")
+    assert_one_line_failure(result, "val_fraction 0.2 leaves no training rows out of 1")
+    assert run_statuses(workdir / "mlflow.db") == []
+
+
+def test_data_generated_for_another_experiment_is_refused(store):
+    data_uri = invoke(store, "generate", "-e", "line_fit_15pts").output.split()[-1]
+    for command in ("train", "evaluate"):
+        extra = ["--model", "models:/m-0"] if command == "evaluate" else []
+        result = CliRunner().invoke(cli, [command, "-e", "crop_yields_manual", "--data",
+                                          data_uri, *extra, "--tracking-uri", store])
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+        assert "has columns x -> y but crop_yields_manual expects temp, rainfall, humidity" in (
+            result.stderr), result.stderr
+    assert "crop_yields_manual" not in [e.name for e in MlflowClient(store).search_experiments()]
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_a_training_run_cleanly(workdir, signum, status):
+    # Started by a shell as a background job, where SIGINT is ignored unless a program asks.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", "-e", "synthetic", "--set", "epochs=1000000"],
+        cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=subprocess_env(), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline = time.monotonic() + 120
+    while len(run_statuses(workdir / "mlflow.db")) < 3:  # the parent, generate, train
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.2)
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == status
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("interrupted"), err
+    assert "Traceback" not in out + err
+    statuses = run_statuses(workdir / "mlflow.db")
+    assert sorted(statuses) == ["FINISHED", "KILLED", "KILLED"]  # generate done; train, parent
 
 
 def csv_experiment(workdir: Path, content: str | None, features=("temp",)) -> str:

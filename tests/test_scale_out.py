@@ -82,6 +82,8 @@ def test_workers_on_postgres_and_a_tracking_server(tmp_path, postgres_server):
         assert coordinator.wait(timeout=300) == 0, "".join(said[-20:])
         outcomes = [process.wait(timeout=60) for process, _ in workers[1:]]
         assert outcomes == [0] * (WORKERS - 1), [lines[-3:] for _, lines in workers]
+        for _, lines in [(coordinator, said), *workers[1:]]:  # no library warnings either
+            assert not any("Warning" in line for line in lines), lines
 
         trials = study.get_trials()
         finished = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE,

@@ -218,13 +218,29 @@ def test_a_pickled_model_needs_the_users_say(registry_store, tmp_path):
     assert len(pd.read_csv(io.StringIO(allowed.stdout))) == 2
 
 
+def test_predictions_never_overwrite_their_input_or_the_store(registry_store, tmp_path):
+    folder, store = registry_store
+    rows = tmp_path / "rows.csv"
+    crop_rows(2).to_csv(rows, index=False)
+    before = rows.read_bytes()
+    database = folder / "mlflow.db"
+    stored = database.stat().st_size
+    for output, expected in ((rows, "is the input file"), (database, "is a SQLite database")):
+        result = CliRunner().invoke(cli, [
+            "predict", "--model", "models:/crop_yields_builtin@champion", "--input", str(rows),
+            "--output", str(output), "--tracking-uri", store])
+        assert result.exit_code == 1 and expected in result.stderr, result.stderr
+    assert rows.read_bytes() == before and database.stat().st_size >= stored
+
+
 @pytest.mark.parametrize(
     "args, csv, expected",
     [
         (["predict", "--model", "models:/nobody@champion"], "ok", "no registered model named"),
         (["predict", "--model", "models:/crop_yields_builtin@nope"], "ok", "has no alias 'nope'"),
         (["predict", "--model", "models:/crop_yields_builtin/99"], "ok", "has no version 99"),
-        (["predict", "--model", "models/crop_yields_builtin"], "ok", "does not parse"),
+        (["predict", "--model", "models/crop_yields_builtin"], "ok", "neither a model URI"),
+        (["predict", "--model", "models:crop_yields_builtin"], "ok", "does not parse"),
         (["predict", "--model", "models:/crop_yields_builtin@champion"],
          "temp,rainfall\n1,2\n", "no column named humidity"),
         (["predict", "--model", "models:/crop_yields_builtin@champion"],

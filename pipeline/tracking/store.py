@@ -54,6 +54,14 @@ def connect(tracking_uri: str) -> None:
     # Progress bars for a few small artifacts are noise on stderr.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     shown = redact.mask(tracking_uri)
+    if not tracking_uri.strip():
+        raise TrackingError("the tracking URI is empty; give one such as sqlite:///mlflow.db "
+                            "or http://HOST:5000")
+    if ("://" not in tracking_uri or tracking_uri.startswith("file:")) and not (
+            tracking_uri.startswith(("sqlite:", "databricks"))
+            or os.environ.get("MLFLOW_ALLOW_FILE_STORE")):
+        raise TrackingError(f"tracking store {shown} is a folder: MLflow 3 no longer writes "
+                            "its file store; use sqlite:///mlflow.db or an MLflow server")
     if tracking_uri.startswith(("http://", "https://")):
         tracking_uri, user, password = redact.split_credentials(tracking_uri)
         if user:
@@ -117,6 +125,9 @@ def _check_server(url: str, shown: str) -> None:
 
     try:
         requests.get(url.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S).raise_for_status()
+    except requests.HTTPError as err:
+        raise TrackingError(f"{shown} answered HTTP {err.response.status_code} to /health; "
+                            "is it an MLflow tracking server?") from None
     except requests.RequestException as err:
         reason = type(err).__name__
         raise TrackingError(f"tracking server {shown} is not reachable ({reason})") from None
