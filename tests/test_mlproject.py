@@ -85,7 +85,8 @@ def test_no_password_in_the_store_or_on_the_screen(workdir, mlflow_server):
                                 cwd=workdir, capture_output=True, text=True, timeout=300,
                                 env=subprocess_env())
         printed += result.stdout + result.stderr
-    assert printed.count("pipeline:***@") >= 2  # the URLs are shown, masked
+    assert "in http://pipeline:***@127.0.0.1" in printed  # the URL is shown, masked,
+    assert f"open {url} in a browser" in printed  # and without its user where it is to open
     assert "storage postgresql://optuna:***@127.0.0.1" in printed
     assert PASSWORD not in printed
     client = mlflow.MlflowClient(url)
