@@ -108,6 +108,12 @@ def check_safe(folder: Path, meta) -> None:
     code = folder / Path(str(pyfunc.get("model_code_path") or "")).name
     if not (code.is_file() and _digest(code) == _digest(CODE_FILE)):
         raise UnsafeModel("its python_function flavor runs code other than this project's")
+    # That code loads the folder two levels above its "program" artifact: it must be this one.
+    artifacts = pyfunc.get("artifacts") or {}
+    program = str((artifacts.get("program") or {}).get("path") or "")
+    expected = (folder / str(flavor.get("model_data")) / PROGRAM_FILE).resolve()
+    if set(artifacts) != {"program"} or (folder / program).resolve() != expected:
+        raise UnsafeModel("its python_function flavor reads artifacts other than its program")
 
 
 def _check_torch_data(folder: Path, flavor: dict, name: str) -> None:

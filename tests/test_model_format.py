@@ -152,6 +152,17 @@ def _code_on_the_import_path(folder: Path, marker: Path) -> None:
     _edit_mlmodel(folder, lambda flavors: flavors["pytorch"].update(code="code"))
 
 
+def _program_elsewhere(folder: Path, marker: Path) -> None:
+    # The pyfunc face loads its program's folder through mlflow.pytorch: point it at a sibling
+    # folder that holds a pickle, leaving the checked pytorch flavor clean.
+    other = folder / "other"
+    shutil.copytree(folder / "artifacts", other / "artifacts")
+    shutil.copy(folder / "MLmodel", other / "MLmodel")
+    _pth_beside(other, marker)
+    _edit_mlmodel(folder, lambda flavors: flavors["python_function"]["artifacts"].update(
+        program={"path": "other/artifacts/model.pt2"}))
+
+
 HOSTILE = {
     "pt2 and pth": (_pth_beside, "pickled model.pth"),
     "pth only": (_pth_only, "pickled model.pth"),
@@ -160,6 +171,7 @@ HOSTILE = {
     "own loader module": (_own_loader_module, "evil_loader"),
     "other model code": (_other_model_code, "code other than this project's"),
     "code on the import path": (_code_on_the_import_path, "import path"),
+    "program elsewhere": (_program_elsewhere, "reads artifacts other than its program"),
 }
 
 
