@@ -89,13 +89,16 @@ def check_safe(folder: Path, meta) -> None:
     ``mlflow models serve`` would run: accepted are MLflow's torch loader (held to the same rules)
     and this project's own models-from-code file, nothing else.
     """
-    flavor = meta.flavors.get("pytorch")
-    if flavor is None:
+    flavors = meta.flavors if isinstance(meta.flavors, dict) else {}
+    flavor = flavors.get("pytorch")
+    if not isinstance(flavor, dict):
         raise UnsafeModel("it has no pytorch flavor")
     _check_torch_data(folder, flavor, "pytorch")
-    pyfunc = meta.flavors.get("python_function")
+    pyfunc = flavors.get("python_function")
     if pyfunc is None:
         return
+    if not isinstance(pyfunc, dict):
+        raise UnsafeModel("its python_function flavor is not a mapping")
     loader = pyfunc.get("loader_module")
     if loader not in SAFE_LOADERS:
         raise UnsafeModel(f"its python_function flavor loads through {loader!r}, code of its own")
@@ -121,13 +124,49 @@ def _check_torch_data(folder: Path, flavor: dict, name: str) -> None:
     if flavor.get("code"):
         raise UnsafeModel(f"its {name} flavor puts code of its own on the import path")
     key = "model_data" if name == "pytorch" else "data"
-    data = (folder / str(flavor.get(key) or "")).resolve()
+    named = flavor.get(key)
+    data = (folder / (named if isinstance(named, str) else "")).resolve()
     if not data.is_relative_to(folder.resolve()) or not data.is_dir() or data == folder.resolve():
         raise UnsafeModel(f"its {name} flavor names no data folder inside the model")
     if (data / "model.pth").exists():
         raise UnsafeModel("it holds a pickled model.pth, which MLflow would load")
     if not (data / PROGRAM_FILE).is_file():
         raise UnsafeModel(f"it holds no {PROGRAM_FILE} (torch.export program)")
+    _check_program(data / PROGRAM_FILE)
+
+
+def _check_program(program: Path) -> None:
+    """``torch.export.load`` unpickles a weight or constant its archive marks ``use_pickle``.
+    MLflow's check of the archive reads each config by name, keeping the last copy of a name
+    written twice, while torch reads the first: refuse names written twice (or not in the plain
+    form torch looks up), and any record marked as a pickle, which no program of ours holds."""
+    import json
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(program) as archive:
+            infos = archive.infolist()
+            names = [info.filename for info in infos]
+            if len(set(names)) != len(names):
+                raise UnsafeModel(f"its {PROGRAM_FILE} holds a file name twice")
+            if any(n.startswith(("/", "./")) or "//" in n or "\\" in n or "/./" in n
+                   or "/../" in n for n in names):
+                raise UnsafeModel(f"its {PROGRAM_FILE} holds a file under an irregular name")
+            for info in infos:
+                if info.filename.endswith("_config.json") and _marks_a_pickle(
+                        json.loads(archive.read(info))):
+                    raise UnsafeModel(f"its {PROGRAM_FILE} stores {info.filename} as a pickle")
+    except (zipfile.BadZipFile, OSError, ValueError, UnicodeDecodeError):
+        raise UnsafeModel(f"its {PROGRAM_FILE} is not a readable torch.export archive") from None
+
+
+def _marks_a_pickle(node) -> bool:
+    if isinstance(node, dict):
+        return node.get("use_pickle") not in (None, False) or any(
+            _marks_a_pickle(value) for value in node.values())
+    if isinstance(node, list):
+        return any(_marks_a_pickle(value) for value in node)
+    return False
 
 
 def _digest(path: Path) -> str:

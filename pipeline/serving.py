@@ -129,12 +129,17 @@ def load(uri: str, device: torch.device | None = None, allow_pickle: bool = Fals
             model_format.check_safe(local, meta)
         with _pickle_permission(allow_pickle):
             module = mlflow.pytorch.load_model(str(local))
+        features, targets = _names_of(meta)
     except model_format.UnsafeModel as err:
         raise ModelError(f"refusing to load model {uri}: {err}; pass --allow-pickle only if "
                          "you trust its source") from None
-    except (MlflowException, OSError, RuntimeError, ValueError, KeyError) as err:
+    except UserError:
+        raise
+    except MlflowException as err:
         raise ModelError(f"cannot load model {uri}: {first_line(err)}") from None
-    features, targets = _names_of(meta)
+    except Exception as err:  # noqa: BLE001  (a malformed folder fails in many ways)
+        raise ModelError(f"cannot load model {uri}: {type(err).__name__}: "
+                         f"{first_line(err)}") from None
     module = module.to(device)
     dtype = next((p.dtype for p in module.parameters()), torch.float32)
     return LoadedModel(module, features, targets, dtype, device)

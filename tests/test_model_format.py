@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import pickle
 import shutil
+import warnings
+import zipfile
 from pathlib import Path
 
 import mlflow
@@ -163,6 +167,32 @@ def _program_elsewhere(folder: Path, marker: Path) -> None:
         program={"path": "other/artifacts/model.pt2"}))
 
 
+def _rewrite_program(folder: Path, marker: Path, config_twice: bool) -> None:
+    """A weight stored as a pickle, its config marking it so. With ``config_twice`` the honest
+    config follows under the same name: MLflow's archive check reads that last copy, torch the
+    first."""
+    program = folder / "artifacts" / "model.pt2"
+    with zipfile.ZipFile(program) as archive:
+        entries = [(info.filename, archive.read(info)) for info in archive.infolist()]
+    config_name = next(name for name, _ in entries if name.endswith("weights_config.json"))
+    honest = dict(entries)[config_name]
+    marked = json.loads(honest)
+    first = next(iter(marked["config"].values()))
+    first["use_pickle"] = True
+    payload = io.BytesIO()
+    torch.save(Payload(marker), payload)
+    with zipfile.ZipFile(program, "w") as archive:
+        archive.writestr(config_name, json.dumps(marked))
+        for name, content in entries:
+            if name != config_name:
+                pickled = name.endswith("/" + first["path_name"])
+                archive.writestr(name, payload.getvalue() if pickled else content)
+        if config_twice:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # zipfile: "Duplicate name"
+                archive.writestr(config_name, honest)
+
+
 HOSTILE = {
     "pt2 and pth": (_pth_beside, "pickled model.pth"),
     "pth only": (_pth_only, "pickled model.pth"),
@@ -172,6 +202,10 @@ HOSTILE = {
     "other model code": (_other_model_code, "code other than this project's"),
     "code on the import path": (_code_on_the_import_path, "import path"),
     "program elsewhere": (_program_elsewhere, "reads artifacts other than its program"),
+    "weights config twice": (lambda folder, marker: _rewrite_program(folder, marker, True),
+                             "holds a file name twice"),
+    "weight as a pickle": (lambda folder, marker: _rewrite_program(folder, marker, False),
+                           "as a pickle"),
 }
 
 
@@ -208,3 +242,20 @@ def test_hostile_run_artifact_is_refused(genuine, tmp_path, store, command):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 1 and len(lines) == 1, result.output
     assert "pickled model.pth" in lines[0] and not marker.exists()
+
+
+@pytest.mark.parametrize("mlmodel", [
+    "flavors: [unclosed\n",
+    "flavors:\n- pytorch\n",
+    "evil: !!python/object/apply:os.system ['true']\nflavors: {}\n",
+    "flavors:\n  pytorch:\n    model_data: [artifacts]\n",
+])
+def test_a_malformed_mlmodel_is_one_line(genuine, tmp_path, workdir, mlmodel):
+    folder = tmp_path / "malformed"
+    shutil.copytree(genuine, folder)
+    (folder / "MLmodel").write_text(mlmodel)
+    rows(3).to_csv("x.csv", index=False)
+    result = CliRunner().invoke(cli, ["predict", "--model", str(folder), "--input", "x.csv"])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert len(lines) == 1 and "load model" in lines[0], lines
