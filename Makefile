@@ -65,9 +65,9 @@ sweep: install ## Optuna sweep of lr and epochs for EXP (TRIALS=, WORKERS=)
 	  --tracking-uri $(TRACKING_URI)
 
 serve: install ## serve MODEL (default: EXP's champion) on 127.0.0.1:SERVE_PORT for REST calls
-	@$(BIN)/pipeline models --check "$(MODEL)" --tracking-uri '$(TRACKING_URI)' 2>/dev/null || \
-	  { echo "make serve: no model $(MODEL) in $(TRACKING_URI) yet; run 'make sweep EXP=$(EXP)' first" >&2; exit 1; }
+	@$(BIN)/pipeline models --check "$(MODEL)" --tracking-uri '$(TRACKING_URI)'
 	PATH="$(CURDIR)/$(BIN):$$PATH" MLFLOW_TRACKING_URI=$(TRACKING_URI) \
+	  MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false \
 	  $(BIN)/mlflow models serve -m "$(MODEL)" \
 	  --env-manager local --host 127.0.0.1 --port $(SERVE_PORT)
 

@@ -97,7 +97,8 @@ def check_registered(uri: str) -> None:
     try:
         client.get_registered_model(name)
     except MlflowException:
-        raise ModelError(f"no registered model named {name!r} (see `pipeline models`)") from None
+        raise ModelError(f"no registered model named {name!r}: `pipeline sweep -e "
+                         "EXPERIMENT` registers one (see `pipeline models`)") from None
     try:
         if match["alias"]:
             client.get_model_version_by_alias(name, match["alias"])

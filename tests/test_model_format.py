@@ -259,3 +259,12 @@ def test_a_malformed_mlmodel_is_one_line(genuine, tmp_path, workdir, mlmodel):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert len(lines) == 1 and "load model" in lines[0], lines
+
+
+def test_make_serve_checks_the_model_loads_safely_first(genuine, tmp_path, workdir):
+    # `make serve` runs `pipeline models --check MODEL` before `mlflow models serve`.
+    folder, marker = hostile(genuine, tmp_path, "weights config twice")
+    refused = CliRunner().invoke(cli, ["models", "--check", str(folder)])
+    assert refused.exit_code == 1 and "holds a file name twice" in refused.stderr
+    assert not marker.exists()
+    assert CliRunner().invoke(cli, ["models", "--check", str(genuine)]).exit_code == 0
