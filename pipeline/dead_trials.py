@@ -148,3 +148,37 @@ class _StaleTrial:
                  if RetryHeartbeatStaleTrialCallback.retry_history(t)[-1:] == [trial.number]),
                 None)
         self.done.append((trial, retried_as))
+
+
+def drop_torn_tail(path: str) -> int:
+    """Cut a journal back to its last whole line; return the bytes dropped.
+
+    A writer killed in the middle of an append leaves a line without its newline. Optuna's
+    reader skips it, but its next append would run on from it and damage the journal for
+    good. Done under Optuna's own lock for the file, so no append is in flight meanwhile.
+    """
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return 0
+    lock = JournalFileSymlinkLock(path)
+    lock.acquire()
+    try:
+        with open(path, "rb+") as journal:
+            size = journal.seek(0, os.SEEK_END)
+            end = size
+            while end > 0:
+                start = max(0, end - 65536)
+                journal.seek(start)
+                block = journal.read(end - start)
+                if end == size and block.endswith(b"\n"):
+                    return 0
+                newline = block.rfind(b"\n")
+                if newline >= 0:
+                    end = start + newline + 1
+                    break
+                end = start
+            journal.truncate(end)
+            return size - end
+    finally:
+        lock.release()

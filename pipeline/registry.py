@@ -39,6 +39,17 @@ def register(name: str, model_uri: str, objective: float, tags: dict[str, str],
     return str(version.version)
 
 
+def version_of_run(name: str, run_id: str) -> str | None:
+    """The version of ``name`` registered from trial run ``run_id``, if any: a sweep killed
+    between registering and recording it finds its version again instead of adding one."""
+    try:
+        found = MlflowClient().search_model_versions(
+            f"name = '{name}' and tags.source_run_id = '{run_id}'")
+    except MlflowException:  # no registered model of that name yet
+        return None
+    return str(min(int(v.version) for v in found)) if found else None
+
+
 def champion(name: str, alias: str = CHAMPION) -> tuple[str, float] | None:
     """The version holding ``alias`` and its objective, or None when no version holds it."""
     try:

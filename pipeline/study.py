@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -23,7 +24,7 @@ import optuna
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from pipeline import redact
+from pipeline import dead_trials, redact
 from pipeline.dead_trials import GRACE_S, HEARTBEAT_S, WORKER_ATTR, worker_identity
 from pipeline.errors import UserError, first_line
 
@@ -125,6 +126,11 @@ def open_storage(url: str, total: int | None = None):
         from optuna.storages.journal import JournalFileBackend
 
         try:
+            dropped = dead_trials.drop_torn_tail(url)
+            if dropped:
+                logging.getLogger(__name__).warning(
+                    "journal %s ended in %d bytes of a record cut short (a writer was killed); "
+                    "they are dropped, as Optuna's reader skips them", url, dropped)
             storage = JournalStudyStorage(JournalFileBackend(url))
         except OSError as err:
             raise SweepError(f"cannot open journal storage {url}: {err.strerror}") from None

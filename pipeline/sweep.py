@@ -20,6 +20,7 @@ import os
 import shlex
 import signal
 import time
+import uuid
 from collections.abc import Callable
 
 import optuna
@@ -35,6 +36,7 @@ from pipeline.sweep_settings import Range, SweepSettings
 
 SETUP_LOCK, FINALISE_LOCK = -1, -2  # storage locks (study ids guard trial creation)
 FINALISED_ATTR = "finalised_at"  # finished trials when the study was last summarised
+PARENT_TOKEN_ATTR = PARENT_TOKEN_TAG = "sweep_parent_token"  # see _set_up
 Echo = Callable[[str], None]
 
 
@@ -94,6 +96,10 @@ def run(exp: Experiment, settings: SweepSettings, tracking_uri: str,
             ctx = worker.context(spec, study_name)
             with tracking.system_metrics(spec.parent_run_id):
                 _have_trials_run(study, storage, ctx, settings, tracking_uri, echo)
+            if (finished := studies.finished(study)) < settings.n_trials:  # --timeout
+                echo(f"--timeout {settings.timeout:g}s reached: {finished} of "
+                     f"{settings.n_trials} trials finished; the best so far is registered; "
+                     "run the same command to go on")
             summary = _finalise(study, storage, exp, ctx, rates,
                                 studies.finished(study) - before)
             status = "FINISHED"
@@ -115,29 +121,40 @@ def _set_up(study: optuna.Study, exp: Experiment, settings: SweepSettings, datas
         raise SweepError(f"study {study.study_name!r} was made with other settings than "
                          f"{exp.name!r} has now; pass --study-name to start another study")
     data_key = data.content_key(exp.data, exp.seed)
+    # A set-up killed before it recorded its new parent left that run RUNNING: close it. The
+    # token, stored before a parent is made and tagged on it, finds it whatever the timing.
+    if token := study.user_attrs.get(PARENT_TOKEN_ATTR):
+        tracking.close_running(experiment_id, {PARENT_TOKEN_TAG: token}, "FAILED",
+                               keep=old and old["parent_run_id"])
+    token = uuid.uuid4().hex
+    study.set_user_attr(PARENT_TOKEN_ATTR, token)
     parent_run_id, new_parent = tracking.open_parent(
         experiment_id, f"sweep {study.study_name}",
         {"stage": "sweep", "optuna_study": study.study_name,
          "optuna_storage": redact.mask(settings.storage), "data_key": data_key,
-         tracking.NOTE: _description(exp, settings, space, rates)},
+         PARENT_TOKEN_TAG: token, tracking.NOTE: _description(exp, settings, space, rates)},
         run_id=old and old["parent_run_id"],
     )
-    settings_now = _parent_params(exp, settings, space)
-    if new_parent:
-        tracking.log_to_run(parent_run_id, params=settings_now, metrics=rates)
-    else:  # params are write-once; a resume may widen ranges or change sampler or pruner
-        tracking.log_to_run(parent_run_id, tags={"last_resume_settings": json.dumps(
-            {k: v for k, v in settings_now.items() if k.startswith("sweep.")})})
-    data_uri = old["data_uri"] if old and not new_parent else tracking.write_dataset(
-        dataset, parent_run_id)
-    spec = studies.Spec(
-        experiment=configs.to_raw(exp), experiment_name=exp.name, digest=digest,
-        lr=space[0], epochs=space[1], n_trials=settings.n_trials,
-        parent_run_id=parent_run_id, experiment_id=experiment_id,
-        tracking_uri=tracking.portable_uri(tracking_uri), data_uri=data_uri, data_key=data_key,
-        log_models=settings.log_models, sampler=settings.sampler, pruner=settings.pruner,
-        seed=settings.seed, batch=settings.batch)
-    study.set_user_attr(studies.SPEC_ATTR, spec.to_attr())
+    try:  # an error before the spec is recorded would leave the new parent RUNNING
+        settings_now = _parent_params(exp, settings, space)
+        if new_parent:
+            tracking.log_to_run(parent_run_id, params=settings_now, metrics=rates)
+        else:  # params are write-once; a resume may widen ranges or change sampler or pruner
+            tracking.log_to_run(parent_run_id, tags={"last_resume_settings": json.dumps(
+                {k: v for k, v in settings_now.items() if k.startswith("sweep.")})})
+        data_uri = old["data_uri"] if old and not new_parent else tracking.write_dataset(
+            dataset, parent_run_id)
+        spec = studies.Spec(
+            experiment=configs.to_raw(exp), experiment_name=exp.name, digest=digest,
+            lr=space[0], epochs=space[1], n_trials=settings.n_trials,
+            parent_run_id=parent_run_id, experiment_id=experiment_id,
+            tracking_uri=tracking.portable_uri(tracking_uri), data_uri=data_uri,
+            data_key=data_key, log_models=settings.log_models, sampler=settings.sampler,
+            pruner=settings.pruner, seed=settings.seed, batch=settings.batch)
+        study.set_user_attr(studies.SPEC_ATTR, spec.to_attr())
+    except Exception:
+        tracking.close_run(parent_run_id, "FAILED")
+        raise
     return spec
 
 
@@ -158,8 +175,8 @@ def _have_trials_run(study, storage, ctx, settings: SweepSettings, tracking_uri:
                      echo: Echo) -> None:
     missing = settings.n_trials - studies.finished(study)
     if missing <= 0:
-        echo(f"sweep {study.study_name}: the study already holds {settings.n_trials} finished "
-             "trials; nothing to run")
+        echo(f"sweep {study.study_name}: the study already holds {studies.finished(study)} "
+             f"finished trials (--n-trials {settings.n_trials}); nothing to run")
         return
     echo(f"sweep {study.study_name}: {missing} of {settings.n_trials} trials to run "
          f"(lr in [{ctx.lr[0]:.3g}, {ctx.lr[1]:.3g}], epochs in "
@@ -207,8 +224,14 @@ def _local_workers(study: optuna.Study, settings: SweepSettings, workers: int,
                             settings.timeout, threads))
         for index in range(workers)
     ]
-    for process in processes:
-        process.start()
+    # They are born ignoring SIGINT (an ignored signal stays ignored across exec), so a
+    # Ctrl-C while they import is the coordinator's alone; it forwards SIGTERM.
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        for process in processes:
+            process.start()
+    finally:
+        signal.signal(signal.SIGINT, handler)
     try:
         while any(p.is_alive() for p in processes):
             for process in processes:

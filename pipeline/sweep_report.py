@@ -18,7 +18,7 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline import config as configs
-from pipeline import data, engine, registry, theory, tracking
+from pipeline import data, engine, interrupts, registry, theory, tracking
 from pipeline import study as studies
 
 
@@ -49,6 +49,7 @@ def summarise(study: optuna.Study, exp: configs.Experiment, ctx, rates: dict[str
     rows = val_set if val_set is not None else train_set
     log_study(study, ctx.parent_run_id, rates, "val_loss" if val_set is not None else "train_loss",
               theory.optimum_loss(rows, exp.train.has_bias, exp.train.loss))
+    interrupts.check()  # Ctrl-C while plotting stops before anything is registered
     if not states.get(TrialState.COMPLETE.name):
         return summary
     best = study.best_trial
@@ -130,6 +131,7 @@ def log_study(study: optuna.Study, parent_run_id: str, rates: dict[str, float],
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
         for name, draw in OPTUNA_PLOTS.items():
+            interrupts.check()
             try:
                 axes = draw(study)
             except (ValueError, RuntimeError):
@@ -157,7 +159,7 @@ def register_best(best: optuna.trial.FrozenTrial, exp: configs.Experiment, ctx) 
     run_id = best.user_attrs["mlflow_run_id"]
     run_tags = tracking.run_tags(run_id)
     name = exp.name
-    version = run_tags.get("registered_version")
+    version = run_tags.get("registered_version") or registry.version_of_run(name, run_id)
     if version is None:
         model_uri = run_tags.get("model_uri") or _log_best_model(best, exp, ctx, run_id)
         version = registry.register(
@@ -174,6 +176,7 @@ def register_best(best: optuna.trial.FrozenTrial, exp: configs.Experiment, ctx) 
                 f"({'validation MSE' if exp.val_fraction else 'final training loss'})."
             ),
         )
+    if run_tags.get("registered_version") is None:
         tracking.log_to_run(run_id, tags={"registered_model": name,
                                           "registered_version": version})
     decision = registry.promote_if_better(name, version, best.value)

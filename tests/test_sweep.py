@@ -309,6 +309,7 @@ def test_timeout_stops_starting_trials_and_still_summarises(store):
     assert {t.state for t in study.trials} <= {optuna.trial.TrialState.COMPLETE,
                                                optuna.trial.TrialState.PRUNED}
     assert "best: value" in output
+    assert f"--timeout 0.5s reached: {len(finished)} of 10000 trials finished" in output
     parents, children = sweep_runs(store, "crop_yields_manual")
     assert len(children) == len(study.trials)
     assert parents[0].info.status == "FINISHED"
@@ -329,3 +330,50 @@ def test_percentile_and_hyperband_pruners(store, pruner, kind):
     for child in children:  # each run's status mirrors its trial
         trial = study.trials[int(child.data.tags["optuna_trial"])]
         assert child.data.tags["optuna_state"] == trial.state.name
+
+
+def test_a_journal_cut_short_mid_record_is_mended(store, workdir):
+    sweep(store, "-e", "line_fit_15pts", "--n-trials", "3", "--epochs-range", "5", "20")
+    journal = workdir / "optuna.journal"
+    whole = journal.read_bytes()
+    with journal.open("ab") as tail:  # a writer killed in the middle of an append
+        tail.write(b'{"op_code": 5, "worker_id": "abc", "trial_id": 3, "par')
+    sweep(store, "-e", "line_fit_15pts", "--n-trials", "5", "--epochs-range", "5", "20")
+    assert journal.read_bytes().startswith(whole)
+    assert all(line.endswith(b"}") for line in journal.read_bytes().splitlines())
+    study = study_of("line_fit_15pts")
+    assert len([t for t in study.trials if t.state.is_finished()]) == 5
+    assert "RUNNING" not in run_statuses(workdir / "mlflow.db")
+
+
+def test_a_parent_left_by_a_set_up_that_died_is_closed(store, workdir, monkeypatch):
+    from pipeline import tracking
+
+    def killed(*_args):  # stands for kill -9 between creating the parent and recording it
+        raise SystemExit(137)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tracking, "write_dataset", killed)
+        died = CliRunner().invoke(cli, ["sweep", "-e", "line_fit_15pts", "--n-trials", "2",
+                                        "--epochs-range", "5", "20", "--tracking-uri", store])
+    assert died.exit_code == 137 and run_statuses(workdir / "mlflow.db") == ["RUNNING"]
+    sweep(store, "-e", "line_fit_15pts", "--n-trials", "2", "--epochs-range", "5", "20")
+    parents, children = sweep_runs(store, "line_fit_15pts")
+    assert sorted(p.info.status for p in parents) == ["FAILED", "FINISHED"]
+    assert len(children) == 2 and "RUNNING" not in run_statuses(workdir / "mlflow.db")
+
+
+def test_finalising_again_finds_the_version_already_registered(store):
+    from pipeline.sweep import FINALISED_ATTR
+
+    sweep(store, "-e", "line_fit_15pts", "--n-trials", "3", "--epochs-range", "5", "20")
+    study = study_of("line_fit_15pts")
+    best_run = study.best_trial.user_attrs["mlflow_run_id"]
+    # As if killed after registering but before the trial's run recorded it.
+    client = MlflowClient(store)
+    client.delete_tag(best_run, "registered_version")
+    study.set_user_attr(FINALISED_ATTR, -1)
+    output = sweep(store, "-e", "line_fit_15pts", "--n-trials", "3", "--epochs-range", "5", "20")
+    versions = client.search_model_versions("name = 'line_fit_15pts'")
+    assert [str(v.version) for v in versions] == ["1"] and "line_fit_15pts v1" in output
+    assert client.get_run(best_run).data.tags["registered_version"] == "1"

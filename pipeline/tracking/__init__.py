@@ -18,6 +18,7 @@ from pipeline.tracking.artifacts import (  # noqa: F401
 from pipeline.tracking.runs import (  # noqa: F401
     SYSTEM_METRICS_S,
     close_run,
+    close_running,
     environment_tags,
     find_child,
     log_curves,

@@ -121,6 +121,20 @@ def find_child(experiment: str, parent_run_id: str, tags: dict[str, str]) -> str
     return found[0].info.run_id if found else None
 
 
+def close_running(experiment: str, tags: dict[str, str], status: str,
+                  keep: str | None = None) -> list[str]:
+    """End every RUNNING run of ``experiment`` carrying ``tags`` (but ``keep``) with ``status``:
+    runs a process opened and then died before it could record or close them."""
+    clauses = ["attributes.status = 'RUNNING'"]
+    clauses += [f"tags.{key} = '{value}'" for key, value in tags.items()]
+    client = MlflowClient()
+    found = [run.info.run_id for run in client.search_runs([experiment], " and ".join(clauses))
+             if run.info.run_id != keep]
+    for run_id in found:
+        client.set_terminated(run_id, status)
+    return found
+
+
 def close_run(run_id: str, status: str, curves: dict[str, list[float]] | None = None,
               metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None,
               params: dict[str, Any] | None = None) -> None:
