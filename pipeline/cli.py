@@ -36,8 +36,8 @@ class Group(click.Group):
             # Ctrl-C, or SIGTERM (see main): every run the command opened is closed by now,
             # marked KILLED. Sweeps and workers say more and exit on their own.
             signum = getattr(err, "signum", signal.SIGINT)
-            click.echo(f"interrupted ({signal.Signals(signum).name}): the runs this command "
-                       "opened are closed as KILLED", err=True)
+            click.echo(f"interrupted ({signal.Signals(signum).name}); any run it had opened "
+                       "is closed as KILLED", err=True)
             raise SystemExit(128 + signum) from None
         except Exception as err:
             from pipeline import tracking

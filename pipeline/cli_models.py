@@ -63,9 +63,11 @@ def _check_output(output: Path, input_path: Path) -> None:
         return
     if input_path.exists() and output.samefile(input_path):
         raise UserError(f"--output {output} is the input file; write the predictions elsewhere")
+    from pipeline.tracking import SQLITE_HEADER
+
     try:
         with output.open("rb") as existing:
-            database = existing.read(16) == b"SQLite format 3\x00"
+            database = existing.read(len(SQLITE_HEADER)) == SQLITE_HEADER
     except OSError:
         return  # not readable: writing it will say so
     if database:

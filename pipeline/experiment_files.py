@@ -11,6 +11,7 @@ share :class:`Schema`: frozen, no unknown keys, and a value that does not fit is
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import typing
@@ -204,6 +205,7 @@ def read_raw(name_or_path: str) -> tuple[str, dict[str, Any]]:
     return path.stem, raw
 
 
+@functools.cache
 def _unique_key_loader():
     import yaml
 

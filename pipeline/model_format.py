@@ -149,7 +149,7 @@ def _check_program(program: Path) -> None:
             names = [info.filename for info in infos]
             if len(set(names)) != len(names):
                 raise UnsafeModel(f"its {PROGRAM_FILE} holds a file name twice")
-            if any(n.startswith(("/", "./")) or "//" in n or "\\" in n or "/./" in n
+            if any(n.startswith(("/", "./", "../")) or "//" in n or "\\" in n or "/./" in n
                    or "/../" in n for n in names):
                 raise UnsafeModel(f"its {PROGRAM_FILE} holds a file under an irregular name")
             for info in infos:

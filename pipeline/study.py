@@ -24,8 +24,14 @@ import optuna
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from pipeline import dead_trials, redact
-from pipeline.dead_trials import GRACE_S, HEARTBEAT_S, WORKER_ATTR, worker_identity
+from pipeline import redact
+from pipeline.dead_trials import (
+    GRACE_S,
+    HEARTBEAT_S,
+    WORKER_ATTR,
+    drop_torn_tail,
+    worker_identity,
+)
 from pipeline.errors import UserError, first_line
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -126,7 +132,7 @@ def open_storage(url: str, total: int | None = None):
         from optuna.storages.journal import JournalFileBackend
 
         try:
-            dropped = dead_trials.drop_torn_tail(url)
+            dropped = drop_torn_tail(url)
             if dropped:
                 logging.getLogger(__name__).warning(
                     "journal %s ended in %d bytes of a record cut short (a writer was killed); "

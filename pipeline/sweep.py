@@ -98,8 +98,8 @@ def run(exp: Experiment, settings: SweepSettings, tracking_uri: str,
                 _have_trials_run(study, storage, ctx, settings, tracking_uri, echo)
             if (finished := studies.finished(study)) < settings.n_trials:  # --timeout
                 echo(f"--timeout {settings.timeout:g}s reached: {finished} of "
-                     f"{settings.n_trials} trials finished; the best so far is registered; "
-                     "run the same command to go on")
+                     f"{settings.n_trials} trials finished, summarised below; run the same "
+                     "command to go on")
             summary = _finalise(study, storage, exp, ctx, rates,
                                 studies.finished(study) - before)
             status = "FINISHED"

@@ -115,18 +115,20 @@ def open_child(experiment: str, parent_run_id: str, name: str, tags: dict[str, s
 
 def find_child(experiment: str, parent_run_id: str, tags: dict[str, str]) -> str | None:
     """The id of the run under ``parent_run_id`` carrying ``tags``, if there is one."""
-    clauses = [f"tags.mlflow.parentRunId = '{parent_run_id}'"]
-    clauses += [f"tags.{key} = '{value}'" for key, value in tags.items()]
+    clauses = [f"tags.mlflow.parentRunId = '{parent_run_id}'", *_tag_clauses(tags)]
     found = MlflowClient().search_runs([experiment], " and ".join(clauses), max_results=1)
     return found[0].info.run_id if found else None
+
+
+def _tag_clauses(tags: dict[str, str]) -> list[str]:
+    return [f"tags.{key} = '{value}'" for key, value in tags.items()]
 
 
 def close_running(experiment: str, tags: dict[str, str], status: str,
                   keep: str | None = None) -> list[str]:
     """End every RUNNING run of ``experiment`` carrying ``tags`` (but ``keep``) with ``status``:
     runs a process opened and then died before it could record or close them."""
-    clauses = ["attributes.status = 'RUNNING'"]
-    clauses += [f"tags.{key} = '{value}'" for key, value in tags.items()]
+    clauses = ["attributes.status = 'RUNNING'", *_tag_clauses(tags)]
     client = MlflowClient()
     found = [run.info.run_id for run in client.search_runs([experiment], " and ".join(clauses))
              if run.info.run_id != keep]

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
+from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -58,8 +59,7 @@ def connect(tracking_uri: str) -> None:
         raise TrackingError("the tracking URI is empty; give one such as sqlite:///mlflow.db "
                             "or http://HOST:5000")
     if ("://" not in tracking_uri or tracking_uri.startswith("file:")) and not (
-            tracking_uri.startswith(("sqlite:", "databricks"))
-            or os.environ.get("MLFLOW_ALLOW_FILE_STORE")):
+            tracking_uri.startswith(("sqlite:", "databricks")) or MLFLOW_ALLOW_FILE_STORE.get()):
         raise TrackingError(f"tracking store {shown} is a folder: MLflow 3 no longer writes "
                             "its file store; use sqlite:///mlflow.db or an MLflow server")
     if tracking_uri.startswith(("http://", "https://")):
