@@ -17,8 +17,8 @@ from pipeline.experiment_files import Count, Integer, Number, Schema, Seed, must
 
 
 class Range(NamedTuple):
-    """A range `pipeline sweep` draws from, ``[low, high]`` with low < high; a plain pair to
-    Optuna, MLflow and JSON. Fields typed :data:`LrRange` or :data:`EpochsRange` check it."""
+    """A range `pipeline sweep` draws from, ``[low, high]`` with low <= high (equal bounds fix
+    the value, and the sweep searches the other one); a plain pair to Optuna, MLflow and JSON. Fields typed :data:`LrRange` or :data:`EpochsRange` check it."""
 
     low: float
     high: float
@@ -31,8 +31,8 @@ class Range(NamedTuple):
         if len(bounds) != 2:
             raise ValueError(f"must be [low, high], got {list(bounds)}")
         low, high = bounds
-        if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
-            raise ValueError(f"must be a non-empty range [low, high], got [{low}, {high}]")
+        if not (math.isfinite(low) and math.isfinite(high)) or low > high:
+            raise ValueError(f"must be a range [low, high] with low <= high, got [{low}, {high}]")
         return cls(low, high)
 
     @classmethod

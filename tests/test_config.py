@@ -365,17 +365,22 @@ def test_val_fraction_inside_zero_to_one_is_accepted(fraction):
     ("override", "key"),
     [
         ("sweep.lr=[0.1,0.01]", "sweep.lr"),  # inverted
-        ("sweep.lr=[0.1,0.1]", "sweep.lr"),  # empty
         ("sweep.lr=[0,0.1]", "sweep.lr"),  # log-uniform needs low > 0
         ("sweep.lr=[0.1]", "sweep.lr"),  # not a pair
         ("sweep.epochs=[9,3]", "sweep.epochs"),
-        ("sweep.epochs=[5,5]", "sweep.epochs"),
         ("sweep.epochs=[0,5]", "sweep.epochs"),
+        ("sweep.epochs=[0,0]", "sweep.epochs"),
     ],
 )
 def test_bad_sweep_ranges_are_rejected(override, key):
     with pytest.raises(ConfigError, match=names_key(key)):
         config.load("slope_only", [override])
+
+
+def test_equal_bounds_fix_a_swept_value():
+    # [n, n] holds epochs (or lr) at n while the sweep searches the other.
+    fixed = config.load("slope_only", ["sweep.epochs=[1000,1000]", "sweep.lr=[0.1,0.1]"]).sweep
+    assert (fixed.epochs, fixed.lr) == ((1000, 1000), (0.1, 0.1))
 
 
 def csv_experiment(features: list[str], targets: list[str]) -> dict:
@@ -517,8 +522,8 @@ def test_sweep_ranges_are_ranges():
 @pytest.mark.parametrize(
     ("bounds", "problem"),
     [
-        ((0.1, 0.01), "must be a non-empty range [low, high], got [0.1, 0.01]"),
-        ((0.1, 0.1), "must be a non-empty range [low, high], got [0.1, 0.1]"),
+        ((0.1, 0.01), "must be a range [low, high] with low <= high, got [0.1, 0.01]"),
+        ((0.1, float("nan")), "must be a range [low, high] with low <= high, got [0.1, nan]"),
         ((0.0, 0.1), "must lie above 0, got [0.0, 0.1]"),
         ((0.1,), "must be [low, high], got [0.1]"),
     ],

@@ -206,10 +206,10 @@ def test_theory_for_several_parameters_matches_eigenvalues():
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["--lr-range", "0.1", "0.01"], "--lr-range must be a non-empty range"),
-        (["--lr-range", "0.1", "0.1"], "--lr-range must be a non-empty range"),
+        (["--lr-range", "0.1", "0.01"], "--lr-range must be a range [low, high] with low <="),
+        (["--lr-range", "0.1", "inf"], "--lr-range must be a range [low, high] with low <="),
         (["--lr-range", "0", "0.1"], "--lr-range must lie above 0"),
-        (["--epochs-range", "50", "5"], "--epochs-range must be a non-empty range"),
+        (["--epochs-range", "50", "5"], "--epochs-range must be a range [low, high] with"),
         (["--epochs-range", "0", "5"], "--epochs-range must start at 1 or more"),
         (["--n-trials", "0"], "--n-trials must be >= 1"),
         (["--workers", "-1"], "--workers must be >= 0"),
@@ -377,3 +377,15 @@ def test_finalising_again_finds_the_version_already_registered(store):
     versions = client.search_model_versions("name = 'line_fit_15pts'")
     assert [str(v.version) for v in versions] == ["1"] and "line_fit_15pts v1" in output
     assert client.get_run(best_run).data.tags["registered_version"] == "1"
+
+
+def test_equal_bounds_hold_epochs_while_lr_is_searched(store):
+    # The 1000-epoch sweep shape: every trial runs exactly the fixed count, lr varies.
+    sweep(store, "-e", "line_fit_15pts", "--n-trials", "4", "--epochs-range", "30", "30",
+          "--pruner", "none")
+    trials = study_of("line_fit_15pts").get_trials()
+    assert [t.params["epochs"] for t in trials] == [30] * 4
+    assert len({t.params["lr"] for t in trials}) == 4
+    _, children = sweep_runs(store, "line_fit_15pts")
+    lengths = [curve_length(store, c.info.run_id) for c in children]
+    assert max(lengths) == 31 and len(lengths) == 4  # a diverging trial stops early
