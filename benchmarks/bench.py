@@ -11,7 +11,8 @@ Measures, on whatever machine runs it:
 - trials trained together against one at a time, and a sufficient-statistics sweep against one
   pass over the data;
 - the project's 100-trial sweep against the naive peer (benchmarks/naive_peer.py), tracked and
-  untracked, with and without per-trial models, side by side in one run.
+  untracked, with and without per-trial models, side by side in one run, and the tracked
+  sweep's time split by phase (imports, store, runs, curves, training, plots, champion).
 """
 
 from __future__ import annotations
@@ -86,6 +87,15 @@ def roofline(rows: int, epochs: int) -> dict:
                    timed(lambda: (x @ v, sync()), repeat=10))
     results[f"read {rows}x32 float32 once (s)"] = round(one_read, 4)
     results["memory bandwidth (GB/s)"] = round(x.numel() * 4 / one_read / 1e9, 1)
+    # The two matrix-vector products an epoch is made of, as torch's BLAS runs them: the
+    # floor for any loop written with torch ops (each reads X once).
+    w = torch.ones(1, x.shape[1], dtype=x.dtype, device=device)
+    r = torch.ones(x.shape[0], 1, dtype=x.dtype, device=device)
+    forward = timed(lambda: (x @ w.T, sync()), repeat=10)
+    gradient = timed(lambda: (r.T @ x, sync()), repeat=10)
+    results["forward X @ w.T (s)"] = round(forward, 4)
+    results["gradient r.T @ X (s)"] = round(gradient, 4)
+    results["the two products / roofline"] = round((forward + gradient) / (2 * one_read), 2)
     for model in ("manual", "builtin"):
         case = config.load("synthetic", [
             f"data.n_rows={rows}", "data.n_features=32", "data.n_targets=1", "val_fraction=0",
@@ -97,6 +107,7 @@ def roofline(rows: int, epochs: int) -> dict:
         per_epoch = (seconds - first) / (epochs - 1)
         results[f"{model} full-batch epoch (s)"] = round(per_epoch, 4)
         results[f"{model} epoch / roofline"] = round(per_epoch / (2 * one_read), 2)
+        results[f"{model} epoch / the two products"] = round(per_epoch / (forward + gradient), 2)
     return results
 
 
@@ -231,6 +242,66 @@ def untracked_sweep(trials: int) -> None:
             study.tell(trial, result.train_loss[-1])
 
 
+class PhaseClock:
+    """Exclusive wall time per phase: functions wrapped in place, time spent in a wrapped
+    callee counted to the callee's phase only."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._stack: list[float] = []  # time spent in callees, per open call
+
+    def wrap(self, owner, attribute: str, phase: str) -> None:
+        original = getattr(owner, attribute)
+
+        def timed_call(*args, **kwargs):
+            self._stack.append(0.0)
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - start
+                inner = self._stack.pop()
+                self.seconds[phase] = self.seconds.get(phase, 0.0) + elapsed - inner
+                if self._stack:
+                    self._stack[-1] += elapsed
+
+        setattr(owner, attribute, timed_call)
+
+
+def sweep_phases(trials: int, folder: str) -> None:
+    """`pipeline sweep` as the comparison runs it, in this process, with its time split by
+    phase; prints the phases as JSON (run as a subprocess by :func:`versus_naive_peer`)."""
+    start = time.perf_counter()
+    clock = PhaseClock()
+    import_start = time.perf_counter()
+    import optuna  # noqa: F401
+    import torch  # noqa: F401
+    clock.seconds["import torch, optuna"] = time.perf_counter() - import_start
+    import_start = time.perf_counter()
+    from mlflow.tracking import MlflowClient
+
+    clock.seconds["import mlflow"] = time.perf_counter() - import_start
+    from pipeline import cli, engine, sweep_report, tracking
+
+    clock.wrap(tracking, "connect", "store: open, check, migrate")
+    clock.wrap(MlflowClient, "create_run", "runs: create and end")
+    clock.wrap(MlflowClient, "set_terminated", "runs: create and end")
+    clock.wrap(MlflowClient, "log_batch", "params and curves (log_batch)")
+    clock.wrap(engine, "train_many", "training")
+    clock.wrap(sweep_report, "log_study", "trials table and plots")
+    clock.wrap(sweep_report, "_log_best_model", "champion: retrain, export, log")
+    sys.argv = ["pipeline", "sweep", *SWEEP_ARGS, "--n-trials", str(trials), "--tracking-uri",
+                f"sqlite:///{folder}/phases.db", "--storage", f"{folder}/phases.journal"]
+    try:
+        cli.main()
+    except SystemExit as done:
+        if done.code:
+            raise
+    total = time.perf_counter() - start
+    clock.seconds["Optuna (ask, tell, journal) and the rest"] = total - sum(clock.seconds.values())
+    print(json.dumps(clock.seconds))
+
+
 def versus_naive_peer(trials: int, model_trials: int) -> dict:
     """Wall time of whole commands, start-up included, side by side in one run."""
     peer = [sys.executable, str(Path(__file__).with_name("naive_peer.py"))]
@@ -256,6 +327,9 @@ def versus_naive_peer(trials: int, model_trials: int) -> dict:
                             f"pipeline sweep, {trials} trials, tracked")
         ours_untracked = wall([sys.executable, __file__, "--untracked-sweep", str(trials)],
                               f"pipeline engine, {trials} trials, untracked")
+        phases = json.loads(subprocess.run(
+            [sys.executable, __file__, "--sweep-phases", str(trials), folder],
+            check=True, capture_output=True, text=True, cwd=folder).stdout.splitlines()[-1])
         ours_models = wall([*ours, "--n-trials", str(trials), "--log-models", "all",
                             "--tracking-uri", f"sqlite:///{folder}/models.db",
                             "--storage", f"{folder}/b.journal"],
@@ -268,6 +342,10 @@ def versus_naive_peer(trials: int, model_trials: int) -> dict:
     results["speed-up over the peer, with models"] = round(peer_models_full / ours_models, 2)
     results["ours tracked / untracked"] = round(ours_tracked / ours_untracked, 2)
     results["peer tracked / untracked"] = round(peer_tracked / peer_untracked, 2)
+    # Where the tracked sweep's time goes (one more run, timed in-process, start-up left out).
+    results[f"pipeline sweep, {trials} trials, by phase (s)"] = round(sum(phases.values()), 2)
+    for name, seconds in phases.items():
+        results[f"  {name} (s)"] = round(seconds, 3)
     return results
 
 
@@ -281,9 +359,13 @@ def main() -> None:
     parser.add_argument("--model-trials", type=int, default=5,
                         help="trials of the naive peer that log a model (slow: scaled up)")
     parser.add_argument("--untracked-sweep", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--sweep-phases", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.untracked_sweep is not None:
         untracked_sweep(args.untracked_sweep)
+        return
+    if args.sweep_phases is not None:
+        sweep_phases(int(args.sweep_phases[0]), args.sweep_phases[1])
         return
 
     results = {"rows": args.rows, "epochs": args.epochs}

@@ -18,7 +18,8 @@ from pipeline.experiment_files import Count, Integer, Number, Schema, Seed, must
 
 class Range(NamedTuple):
     """A range `pipeline sweep` draws from, ``[low, high]`` with low <= high (equal bounds fix
-    the value, and the sweep searches the other one); a plain pair to Optuna, MLflow and JSON. Fields typed :data:`LrRange` or :data:`EpochsRange` check it."""
+    the value, and the sweep searches the other one); a plain pair to Optuna, MLflow and JSON.
+    Fields typed :data:`LrRange` or :data:`EpochsRange` check it."""
 
     low: float
     high: float
