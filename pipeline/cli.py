@@ -10,7 +10,6 @@ Heavy libraries (torch, mlflow) are imported inside the commands, so `pipeline -
 from __future__ import annotations
 
 import functools
-import gc
 import signal
 import sys
 
@@ -218,13 +217,13 @@ from pipeline import cli_models, cli_sweeps  # noqa: E402, F401
 
 
 def main() -> None:
+    from pipeline import lifetime
+
+    lifetime.own()
     try:
         _main()
     finally:
-        # CPython's teardown runs the cyclic garbage collector over every object torch, MLflow,
-        # SQLAlchemy and the rest made, some 700,000 (1.5-2 s). Frozen, they are skipped and
-        # the operating system takes the memory back; exit handlers and stream flushes run.
-        gc.freeze()
+        lifetime.leave()
 
 
 def _main() -> None:

@@ -21,7 +21,7 @@ from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline import redact
+from pipeline import lifetime, redact
 from pipeline.errors import UserError, first_line
 
 HEALTH_TIMEOUT_S = 5
@@ -50,6 +50,7 @@ def connect(tracking_uri: str) -> None:
     to create its tables. Credentials in an ``http(s)`` URI move to MLflow's environment
     variables, so that MLflow never prints them in its "View run" links.
     """
+    lifetime.settle()  # torch and MLflow are imported by now (see pipeline.lifetime)
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # Progress bars for a few small artifacts are noise on stderr.
