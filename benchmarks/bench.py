@@ -271,6 +271,9 @@ class PhaseClock:
 def sweep_phases(trials: int, folder: str) -> None:
     """`pipeline sweep` as the comparison runs it, in this process, with its time split by
     phase; prints the phases as JSON (run as a subprocess by :func:`versus_naive_peer`)."""
+    from pipeline import lifetime
+
+    lifetime.own()  # as `pipeline sweep` starts: imports with the collector paused
     start = time.perf_counter()
     clock = PhaseClock()
     import_start = time.perf_counter()
@@ -357,7 +360,7 @@ def versus_naive_peer(trials: int, model_trials: int) -> dict:
     # Where the tracked sweep's time goes (one more run, timed in-process, start-up left out).
     results[f"pipeline sweep, {trials} trials, by phase (s)"] = round(sum(phases.values()), 2)
     for name, seconds in phases.items():
-        results[f"  {name} (s)"] = round(seconds, 3)
+        results[f"  sweep: {name} (s)"] = round(seconds, 3)
     return results
 
 

@@ -7,13 +7,17 @@ are imported (a full collection each time the heap grows by a quarter: about 1 s
 own process (:func:`own`, called by ``pipeline.cli.main``) imports with the collector paused;
 :func:`settle`, once the store is connected, moves everything alive into the permanent
 generation (``gc.freeze``), which collections skip, and resumes collecting, so what the
-command makes from then on is collected as usual, however long it runs. A program that
-imports the package is left as it is.
+command makes from then on is collected as usual, however long it runs. Bounded work that
+imports heavily late (a sweep's plots and champion export: matplotlib, scikit-learn through
+Optuna's importances, torch.export) runs :func:`paused` the same way. A program that imports
+the package is left as it is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
+from collections.abc import Iterator
 
 _owned = False
 
@@ -30,6 +34,19 @@ def settle() -> None:
     if _owned:
         gc.freeze()
         gc.enable()
+
+
+@contextlib.contextmanager
+def paused() -> Iterator[None]:
+    """Bounded work that imports heavy libraries: collection paused, then :func:`settle`."""
+    if not _owned or not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        settle()
 
 
 def leave() -> None:

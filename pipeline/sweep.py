@@ -26,7 +26,17 @@ from collections.abc import Callable
 import optuna
 
 from pipeline import config as configs
-from pipeline import data, dead_trials, interrupts, redact, sweep_report, theory, tracking, worker
+from pipeline import (
+    data,
+    dead_trials,
+    interrupts,
+    lifetime,
+    redact,
+    sweep_report,
+    theory,
+    tracking,
+    worker,
+)
 from pipeline import study as studies
 from pipeline import train as training
 from pipeline import trial as trials
@@ -257,7 +267,8 @@ def _finalise(study, storage, exp: Experiment, ctx, rates, new_trials: int):
         done = studies.finished(study)
         if study.user_attrs.get(FINALISED_ATTR) == done:
             return sweep_report.already_summarised(study, exp, ctx, rates)
-        summary = sweep_report.summarise(study, exp, ctx, rates, new_trials)
+        with lifetime.paused():  # plots and the champion's export import much, make little
+            summary = sweep_report.summarise(study, exp, ctx, rates, new_trials)
         study.set_user_attr(FINALISED_ATTR, done)
         return summary
 
