@@ -220,11 +220,17 @@ SWEEP_ARGS = ["-e", "crop_yields_builtin", "--lr-range", "1e-7", "1e-4", "--epoc
 
 def untracked_sweep(trials: int) -> None:
     """The project's sweep without MLflow: the same Optuna journal storage, sampler and
-    batches of 8 trials trained together, nothing sent to a tracking store."""
+    batches of 8 trials trained together, nothing sent to a tracking store; imports made with
+    the collector paused, as the command makes them."""
+    from pipeline import lifetime
+
+    lifetime.own()
     import optuna
     from optuna.storages.journal import JournalFileBackend
 
     from pipeline import config, data, engine
+
+    lifetime.settle()
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     exp = config.load("crop_yields_builtin")
@@ -240,6 +246,7 @@ def untracked_sweep(trials: int) -> None:
         for trial, result in zip(asked, engine.train_many(exp.train, dataset, None, lrs, epochs),
                                  strict=True):
             study.tell(trial, result.train_loss[-1])
+    lifetime.leave()
 
 
 class PhaseClock:
