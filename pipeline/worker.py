@@ -160,6 +160,9 @@ def spawned(storage_url: str, study_name: str, tracking_uri: str | None, offset:
 
     import torch
 
+    from pipeline import lifetime
+
+    lifetime.own()  # a command's process too: settled once connected, quick to exit
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)  # K workers share the cores instead of each taking all
     with interrupts.deferred((signal.SIGTERM,)):
@@ -167,3 +170,5 @@ def spawned(storage_url: str, study_name: str, tracking_uri: str | None, offset:
             run(storage_url, study_name, tracking_uri, offset, timeout)
         except interrupts.Interrupted as stop:
             sys.exit(stop.exit_code)
+        finally:
+            lifetime.leave()
