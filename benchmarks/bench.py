@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+SCRIPT = Path(__file__).resolve()
 
 
 def timed(func, repeat: int = 1) -> float:
@@ -314,7 +317,7 @@ def sweep_phases(trials: int, folder: str) -> None:
 
 def versus_naive_peer(trials: int, model_trials: int) -> dict:
     """Wall time of whole commands, start-up included, side by side in one run."""
-    peer = [sys.executable, str(Path(__file__).with_name("naive_peer.py"))]
+    peer = [sys.executable, str(SCRIPT.with_name("naive_peer.py"))]
     ours = [sys.executable, "-m", "pipeline", "sweep", *SWEEP_ARGS]
     results = {}
     with tempfile.TemporaryDirectory() as folder:
@@ -346,11 +349,11 @@ def versus_naive_peer(trials: int, model_trials: int) -> dict:
                              f"sqlite:///{folder}/ours{{n}}.db", "--storage",
                              f"{folder}/ours{{n}}.journal"],
                             f"pipeline sweep, {trials} trials, tracked, best of 2", repeat=2)
-        ours_untracked = wall([sys.executable, __file__, "--untracked-sweep", str(trials)],
+        ours_untracked = wall([sys.executable, str(SCRIPT), "--untracked-sweep", str(trials)],
                               f"pipeline engine, {trials} trials, untracked, best of 2",
                               repeat=2)
         phases = json.loads(subprocess.run(
-            [sys.executable, __file__, "--sweep-phases", str(trials), folder],
+            [sys.executable, str(SCRIPT), "--sweep-phases", str(trials), folder],
             check=True, capture_output=True, text=True, cwd=folder).stdout.splitlines()[-1])
         ours_models = wall([*ours, "--n-trials", str(trials), "--log-models", "all",
                             "--tracking-uri", f"sqlite:///{folder}/models.db",
@@ -391,20 +394,28 @@ def main() -> None:
         return
 
     results = {"rows": args.rows, "epochs": args.epochs}
-    for part in (cli_startup, lambda: training(args.rows, args.epochs),
-                 lambda: roofline(args.rows, 20), run_phases,
-                 lambda: tracking_costs(args.curve), lambda: many_trials(args.rows),
-                 lambda: versus_naive_peer(args.trials, args.model_trials)):
-        results.update(part())
+    out_folder = args.out.resolve()
+    # Runs logged in-process put their artifacts under ./mlruns: a scratch folder, not here.
+    with tempfile.TemporaryDirectory() as scratch:
+        home = os.getcwd()
+        os.chdir(scratch)
+        try:
+            for part in (cli_startup, lambda: training(args.rows, args.epochs),
+                         lambda: roofline(args.rows, 20), run_phases,
+                         lambda: tracking_costs(args.curve), lambda: many_trials(args.rows),
+                         lambda: versus_naive_peer(args.trials, args.model_trials)):
+                results.update(part())
+        finally:
+            os.chdir(home)
     width = max(map(len, results))
     for key, value in results.items():
         print(f"{key:<{width}}  {value}")
-    args.out.mkdir(exist_ok=True)
+    out_folder.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    (args.out / f"bench-{stamp}.json").write_text(json.dumps(results, indent=2))
+    (out_folder / f"bench-{stamp}.json").write_text(json.dumps(results, indent=2))
     table = ["| measure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in results.items())]
-    (args.out / f"bench-{stamp}.md").write_text("\n".join(table) + "\n")
-    with open(args.out / f"bench-{stamp}.csv", "w") as out:
+    (out_folder / f"bench-{stamp}.md").write_text("\n".join(table) + "\n")
+    with open(out_folder / f"bench-{stamp}.csv", "w") as out:
         out.write("measure,value\n" + "".join(f'"{k}",{v}\n' for k, v in results.items()))
 
 
