@@ -42,12 +42,13 @@ from pipeline.sweep_settings import SweepSettings
               help="Integer epochs range. Default: the config's sweep.epochs.")
 @click.option("--log-models", type=click.Choice(["best", "all"]), default="best",
               show_default=True, help="Log a model for the best trial only, or for every trial.")
-@click.option("--batch", type=int, default=8, show_default=True,
-              help="Trials each worker asks for at once and trains together, as one program.")
+@click.option("--batch", type=int, default=None,
+              help="Trials each worker asks for at once and trains together, as one program. "
+                   "Default: up to 8, fewer where --workers K would leave a worker idle.")
 def sweep(experiment, tracking_uri: str, device: str | None, n_trials: int,
           timeout: float | None, storage: str, study_name: str | None, workers: int,
           sampler: str, pruner: str, seed: int | None, lr_range, epochs_range,
-          log_models: str, batch: int) -> None:
+          log_models: str, batch: int | None) -> None:
     """Search lr and epochs with Optuna; one MLflow parent run, a child run per trial.
 
     The best trial's model is registered under the experiment's name; the alias `champion`

@@ -160,7 +160,9 @@ def _set_up(study: optuna.Study, exp: Experiment, settings: SweepSettings, datas
             parent_run_id=parent_run_id, experiment_id=experiment_id,
             tracking_uri=tracking.portable_uri(tracking_uri), data_uri=data_uri,
             data_key=data_key, log_models=settings.log_models, sampler=settings.sampler,
-            pruner=settings.pruner, seed=settings.seed, batch=settings.batch)
+            pruner=settings.pruner, seed=settings.seed,
+            batch=settings.batch_size(settings.n_trials - studies.finished(study),
+                                      local_workers(settings)))
         study.set_user_attr(studies.SPEC_ATTR, spec.to_attr())
     except Exception:
         tracking.close_run(parent_run_id, "FAILED")
@@ -191,11 +193,10 @@ def _have_trials_run(study, storage, ctx, settings: SweepSettings, tracking_uri:
     echo(f"sweep {study.study_name}: {missing} of {settings.n_trials} trials to run "
          f"(lr in [{ctx.lr[0]:.3g}, {ctx.lr[1]:.3g}], epochs in "
          f"[{ctx.epochs[0]}, {ctx.epochs[1]}]) on {settings.workers or 'remote'} worker(s)")
-    workers, cores = settings.workers, os.cpu_count() or 1
-    if workers > cores:
-        echo(f"--workers {workers} is more than this machine's {cores} cores: running {cores}, "
-             "as more would only take turns on them")
-        workers = cores
+    workers = local_workers(settings)
+    if workers < settings.workers:
+        echo(f"--workers {settings.workers} is more than this machine's {workers} cores: "
+             f"running {workers}, as more would only take turns on them")
     if workers == 0:
         echo("start workers on any machine with:\n  " + worker_command(settings, study))
         _wait_for_total(study, storage, settings.n_trials, settings.timeout)
@@ -203,6 +204,11 @@ def _have_trials_run(study, storage, ctx, settings: SweepSettings, tracking_uri:
         worker.loop(study, storage, ctx, settings.n_trials, settings.timeout, echo)
     else:
         _local_workers(study, settings, workers, tracking_uri)
+
+
+def local_workers(settings: SweepSettings) -> int:
+    """The worker processes this machine runs: ``--workers``, at most one per core."""
+    return min(settings.workers, os.cpu_count() or 1)
 
 
 def _wait_for_total(study, storage, total: int, timeout: float | None) -> None:

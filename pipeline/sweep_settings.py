@@ -56,6 +56,9 @@ LrRange = Annotated[tuple[Number, ...] | None, AfterValidator(Range.lr)]
 EpochsRange = Annotated[tuple[Integer, ...] | None, AfterValidator(Range.epochs)]
 
 
+DEFAULT_BATCH = 8  # trials a worker trains together, at most, unless --batch says otherwise
+
+
 class SweepSettings(Schema):
     """How `pipeline sweep` runs: trial count, storage, workers, sampler, pruner, ranges."""
 
@@ -71,7 +74,14 @@ class SweepSettings(Schema):
     log_models: Literal["best", "all"] = "best"
     lr_range: LrRange = None
     epochs_range: EpochsRange = None
-    batch: Count = 8  # trials each worker trains together
+    batch: Count | None = None  # trials each worker trains together; None: batch_size()
+
+    def batch_size(self, missing: int, workers: int) -> int:
+        """``--batch``, else up to 8 trials, split so that each of the ``workers`` local ones
+        gets some of the ``missing`` trials (10 for 2 workers: 5 each, not 8 and 2)."""
+        if self.batch is not None:
+            return self.batch
+        return max(1, min(DEFAULT_BATCH, -(-missing // max(1, workers))))
 
     @classmethod
     def key(cls, field: str) -> str:

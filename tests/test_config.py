@@ -563,3 +563,18 @@ def test_sweep_settings_name_the_option(options, message):
     with pytest.raises(ConfigError) as info:
         SweepSettings(**{"n_trials": 1, **options})
     assert info.value.message == message
+
+
+@pytest.mark.parametrize(
+    ("batch", "missing", "workers", "expected"),
+    [
+        (None, 100, 1, 8),  # one worker: batches of 8
+        (None, 10, 2, 5),  # two workers share ten trials evenly, not 8 and 2
+        (None, 24, 3, 8),
+        (None, 3, 4, 1),  # more workers than trials: one each
+        (None, 100, 0, 8),  # remote workers (--workers 0): their number is unknown
+        (3, 100, 1, 3),  # --batch wins
+    ],
+)
+def test_the_batch_is_sized_to_the_workers(batch, missing, workers, expected):
+    assert SweepSettings(n_trials=100, batch=batch).batch_size(missing, workers) == expected

@@ -389,3 +389,15 @@ def test_equal_bounds_hold_epochs_while_lr_is_searched(store):
     _, children = sweep_runs(store, "line_fit_15pts")
     lengths = [curve_length(store, c.info.run_id) for c in children]
     assert max(lengths) == 31 and len(lengths) == 4  # a diverging trial stops early
+
+
+def test_local_workers_share_the_trials_evenly(store):
+    # Without --batch, 6 trials for 2 workers go in batches of 3, so neither worker idles.
+    sweep(store, "-e", "line_fit_15pts", "--n-trials", "6", "--workers", "2",
+          "--epochs-range", "5", "20")
+    import os
+
+    workers = min(2, os.cpu_count() or 1)  # capped at one per core
+    study = study_of("line_fit_15pts")
+    assert study.user_attrs["pipeline"]["batch"] == -(-6 // workers)
+    assert len(study.get_trials()) == 6
