@@ -37,7 +37,13 @@ class Interrupted(KeyboardInterrupt):
 
 
 def raise_interrupted(signum: int, _frame) -> None:
-    """A signal handler that stops at once, as Ctrl-C does, with the signal's exit status."""
+    """A signal handler that stops at once, as Ctrl-C does, with the signal's exit status.
+
+    The flag is set too: a signal that lands while Python runs a finalizer or a weakref
+    callback has its exception printed and dropped ("Exception ignored in ..."), so the next
+    :func:`check` (every epoch of training) raises it again."""
+    global _requested
+    _requested = signum
     raise Interrupted(signum)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-from pipeline import models
+from pipeline import interrupts, models
 from pipeline.config import TrainConfig
 from pipeline.dataset import Dataset
 from pipeline.errors import UserError
@@ -140,6 +140,7 @@ def _recorder(result: TrainResult, model, config: TrainConfig, val, on_epoch):
 
     def record(epoch: int, loss: torch.Tensor) -> bool:
         """Append one point of every curve; True when training must stop."""
+        interrupts.check()  # a stop whose exception a finalizer swallowed (see interrupts)
         value = loss.item()
         result.train_loss.append(value)
         val_value = None

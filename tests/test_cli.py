@@ -297,7 +297,7 @@ def test_a_signal_stops_a_training_run_cleanly(workdir, signum, status):
         time.sleep(0.2)
     process.send_signal(signum)
     out, err = process.communicate(timeout=60)
-    assert process.returncode == status
+    assert process.returncode == status, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("interrupted"), err
     assert "Traceback" not in out + err

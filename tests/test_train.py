@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import signal
+import weakref
+
 import numpy as np
 import pytest
 import torch
 
-from pipeline import config, data, models
+from pipeline import config, data, interrupts, models
 from pipeline.errors import UserError
 from pipeline.train import DIVERGENCE_FACTOR, resolve_device, train
 
@@ -206,3 +209,22 @@ def test_index_batches_draw_what_a_shuffling_dataloader_draws():
     assert len(sampler) == 5 and [len(b) for b in expected] == [5, 5, 5, 5, 3]
     ordered = IndexBatches(7, 3, shuffle=False, device=torch.device("cpu"))
     assert [b.tolist() for b in ordered] == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # as intended
+def test_a_stop_a_finalizer_swallowed_is_raised_at_the_next_epoch(monkeypatch):
+    # A signal landing in a weakref callback or __del__ has its exception printed and dropped
+    # by Python; the flag the handler also sets stops training at the next epoch instead.
+    monkeypatch.setattr(interrupts, "_requested", None)
+
+    class Thing:
+        pass
+
+    thing = Thing()
+    ref = weakref.ref(thing, lambda _: interrupts.raise_interrupted(signal.SIGTERM, None))
+    del thing  # the callback runs here; its Interrupted is swallowed
+    assert ref() is None and interrupts.requested() == signal.SIGTERM
+    exp = config.load("line_fit_15pts")
+    with pytest.raises(interrupts.Interrupted) as stop:
+        train(exp.train, data.build(exp.data, exp.seed))
+    assert stop.value.exit_code == 143
