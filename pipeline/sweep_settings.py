@@ -32,7 +32,9 @@ class Range(NamedTuple):
         if len(bounds) != 2:
             raise ValueError(f"must be [low, high], got {list(bounds)}")
         low, high = bounds
-        if not (math.isfinite(low) and math.isfinite(high)) or low > high:
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError(f"must be two finite numbers [low, high], got [{low}, {high}]")
+        if low > high:
             raise ValueError(f"must be a range [low, high] with low <= high, got [{low}, {high}]")
         return cls(low, high)
 

@@ -523,7 +523,7 @@ def test_sweep_ranges_are_ranges():
     ("bounds", "problem"),
     [
         ((0.1, 0.01), "must be a range [low, high] with low <= high, got [0.1, 0.01]"),
-        ((0.1, float("nan")), "must be a range [low, high] with low <= high, got [0.1, nan]"),
+        ((0.1, float("nan")), "must be two finite numbers [low, high], got [0.1, nan]"),
         ((0.0, 0.1), "must lie above 0, got [0.0, 0.1]"),
         ((0.1,), "must be [low, high], got [0.1]"),
     ],

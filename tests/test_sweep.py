@@ -207,7 +207,7 @@ def test_theory_for_several_parameters_matches_eigenvalues():
     "args, expected",
     [
         (["--lr-range", "0.1", "0.01"], "--lr-range must be a range [low, high] with low <="),
-        (["--lr-range", "0.1", "inf"], "--lr-range must be a range [low, high] with low <="),
+        (["--lr-range", "0.1", "inf"], "--lr-range must be two finite numbers [low, high]"),
         (["--lr-range", "0", "0.1"], "--lr-range must lie above 0"),
         (["--epochs-range", "50", "5"], "--epochs-range must be a range [low, high] with"),
         (["--epochs-range", "0", "5"], "--epochs-range must start at 1 or more"),
