@@ -158,3 +158,28 @@ def test_a_new_store_from_the_template_is_mlflows_own(workdir, monkeypatch, tmp_
         assert default.name == "Default"
         assert default.artifact_location.startswith(str(workdir))
     assert list((tmp_path / "cache" / "pipeline").glob("mlflow-*-empty.db"))
+
+
+def test_a_run_interrupted_mid_read_is_closed_killed(store):
+    # A signal cutting into a store call leaves that call's SQLite read lock with the frames
+    # of the traceback; closing the run KILLED must not wait on it ("database is locked").
+    import signal
+    import sqlite3
+
+    from pipeline import interrupts, tracking
+
+    tracking.connect(store)
+    experiment = tracking.experiment_id("interrupted")
+
+    def read_then_stop():
+        reader = sqlite3.connect(store.removeprefix("sqlite:///"))
+        rows = reader.execute("SELECT run_uuid FROM runs UNION ALL SELECT run_uuid FROM runs")
+        rows.fetchone()  # a read in progress: SQLite holds a shared lock until it ends
+        raise interrupts.Interrupted(signal.SIGTERM)
+
+    with pytest.raises(interrupts.Interrupted):
+        with tracking.run(experiment, "cut short") as run_id:
+            read_then_stop()
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(store).get_run(run_id).info.status == "KILLED"

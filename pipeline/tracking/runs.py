@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import json
 import logging
 import os
 import subprocess
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,11 +49,20 @@ def run(experiment: str, name: str, parent_run_id: str | None = None,
     try:
         yield run_id
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         status = "KILLED"
+        _release(stop)
         raise
     finally:
         MlflowClient().set_terminated(run_id, status)
+
+
+def _release(stop: BaseException) -> None:
+    """Let go of what the interrupted code held. A signal can cut into a store call, whose
+    session then keeps SQLite's read lock for as long as the traceback keeps its frames; the
+    KILLED status written next would wait on that lock and fail ("database is locked")."""
+    traceback.clear_frames(stop.__traceback__)
+    gc.collect()
 
 
 @functools.cache
