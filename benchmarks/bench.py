@@ -74,7 +74,7 @@ def roofline(rows: int, epochs: int) -> dict:
     epoch of gradient descent reads: once forward, once for the gradient), in the same run."""
     import torch
 
-    from pipeline import config, data
+    from pipeline import config, data, engine
     from pipeline.train import resolve_device, train
 
     results = {}
@@ -111,6 +111,23 @@ def roofline(rows: int, epochs: int) -> dict:
         results[f"{model} full-batch epoch (s)"] = round(per_epoch, 4)
         results[f"{model} epoch / roofline"] = round(per_epoch / (2 * one_read), 2)
         results[f"{model} epoch / the two products"] = round(per_epoch / (forward + gradient), 2)
+    # A sweep's loop program (ReLU: no closed form) trains K trials in one pass over X per
+    # product: an epoch of the batch, per trial, against one model's roofline.
+    relu = config.load("synthetic", [
+        f"data.n_rows={rows}", "data.n_features=32", "data.n_targets=1", "val_fraction=0",
+        "model=manual", "activation=relu", "batch_size=null", "shuffle=false"])
+    for count in (1, 8):
+        def sweep(epochs, count=count):
+            trained = engine.train_many(relu.train, dataset, None, [1e-3] * count,
+                                           [epochs] * count, program="loop")
+            assert all(t.epochs_run == epochs for t in trained), "a trial stopped early"
+
+        per_epoch = (timed(lambda: sweep(epochs), repeat=2) - timed(lambda: sweep(1), repeat=2)
+                     ) / (epochs - 1)
+        name = f"sweep loop, {count} trial{'s' * (count > 1)}"
+        results[f"{name}: epoch (s)"] = round(per_epoch, 4)
+        results[f"{name}: epoch per trial / roofline"] = round(
+            per_epoch / count / (2 * one_read), 2)
     return results
 
 

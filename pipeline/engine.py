@@ -21,6 +21,7 @@ Two programs:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -29,7 +30,6 @@ import torch
 from pipeline import models, theory
 from pipeline.config import TrainConfig
 from pipeline.dataset import Dataset
-from pipeline.loss import squared_error
 from pipeline.train import TrainResult, batches, diverging, finish, resolve_device
 
 # Called with (trial index, epoch, train_loss, val_loss); returning True stops that trial.
@@ -77,13 +77,30 @@ def train_many(config: TrainConfig, train_set: Dataset, val_set: Dataset | None,
 def _loop(state: _Stacked, data: _Rows, val: _Rows | None, config: TrainConfig,
           watch: _Stops) -> None:
     """Descend epoch by epoch; trials leave the batch when they stop (on the device: the
-    host looks only at report epochs)."""
-    watch.observe(0, data.losses(state), None if val is None else val.losses(state))
+    host looks only at report epochs). A full batch is read twice an epoch: the forward pass
+    that gives the curve's point also gives the next update's residual."""
+    def val_losses():
+        return None if val is None else val.losses(state)
+
+    if data.full:
+        losses, outputs = data.forward(state)
+        watch.observe(0, losses, val_losses())
+        for epoch in range(1, watch.last + 1):
+            if epoch % watch.report_every == 0 and not bool(watch.stepping.any()):
+                break
+            data.step(state, outputs, data.x, watch.stepping_at(epoch))
+            losses, outputs = data.forward(state)
+            watch.observe(epoch, losses, val_losses())
+        return
+    watch.observe(0, data.losses(state), val_losses())
     for epoch in range(1, watch.last + 1):
         if epoch % watch.report_every == 0 and not bool(watch.stepping.any()):
             break
-        data.descend(state, watch.stepping_at(epoch), config)
-        watch.observe(epoch, data.losses(state), None if val is None else val.losses(state))
+        mask = watch.stepping_at(epoch)
+        # The batches a lone run's DataLoader gives, drawn from the same global generator.
+        for x, y in batches(data.x, data.y, config):
+            data.step(state, data.residual(state, x, y), x, mask)
+        watch.observe(epoch, data.losses(state), val_losses())
 
 
 class _Stops:
@@ -156,17 +173,34 @@ def _next_multiple(value: int, step: int) -> int:
 
 
 class _Stacked:
-    """K models' weights (K, k, d), biases (K, k) and learning rates (K,)."""
+    """K models' weights (K, k, d), biases (K, k) and learning rates (K,).
+
+    Predictions are laid out (n, K, k), trials next to each other in every row, so the
+    forward pass is one product ``x @ W.T`` with W the (K·k, d) stack and the gradient one
+    product ``d.T @ x``: each reads x once for all K trials.
+    """
 
     def __init__(self, weight, bias, lrs, config: TrainConfig) -> None:
         self.weight, self.bias, self.lrs = weight, bias, lrs
         self.relu = config.activation == "relu"
         self.clamp = config.model == "manual"  # clamp(min=0) passes a gradient at 0, ReLU not
 
-    def predict(self, x: torch.Tensor):
-        pre = torch.einsum("nd,Kkd->Knk", x, self.weight)
-        out = pre.clamp(min=0) if self.relu else pre
-        return (out if self.bias is None else out + self.bias[:, None, :]), pre
+    def predict(self, x: torch.Tensor, space: _Workspace):
+        """(prediction, pre-activation), both (n, K, k) in ``space``; one tensor without ReLU."""
+        count, k, d = self.weight.shape
+        pre = space.get("pre", (len(x), count, k), x)
+        torch.mm(x, self.weight.reshape(count * k, d).T, out=pre.view(len(x), count * k))
+        out = torch.clamp(pre, min=0, out=space.get("out", pre.shape, x)) if self.relu else pre
+        return (out if self.bias is None else out.add_(self.bias)), pre
+
+    def gradients(self, d_out: torch.Tensor, pre: torch.Tensor, x: torch.Tensor):
+        """The squared error's gradients from d(loss)/d(prediction) (n, K, k), which is
+        overwritten with d(loss)/d(pre-activation)."""
+        grad_bias = None if self.bias is None else d_out.sum(0)
+        if self.relu:
+            d_out.mul_(pre >= 0 if self.clamp else pre > 0)  # what autograd passes
+        count, k, d = self.weight.shape
+        return (d_out.view(len(x), count * k).T @ x).view(count, k, d), grad_bias
 
     def step(self, grad_weight, grad_bias, mask) -> None:
         rate = torch.where(mask, self.lrs, torch.zeros_like(self.lrs))
@@ -181,25 +215,54 @@ class _Rows:
     def __init__(self, dataset: Dataset, device, dtype, config: TrainConfig) -> None:
         self.x = torch.as_tensor(dataset.features, dtype=dtype, device=device)
         self.y = torch.as_tensor(dataset.targets, dtype=dtype, device=device)
-        self.reduction = config.loss
+        self.mean = config.loss == "mean"
         size = config.batch_size or self.x.shape[0]
         self.full = size >= self.x.shape[0] and not config.shuffle
-        self.config = config
+        self.space = _Workspace()
+
+    def residual(self, state: _Stacked, x, y):
+        """(prediction - y, pre-activation), both (n, K, k), in the workspace."""
+        pred, pre = state.predict(x, self.space)
+        # In place: the prediction is a fresh tensor, and where it is the pre-activation
+        # itself (no ReLU) nothing reads that again.
+        return pred.sub_(y[:, None, :]), pre
+
+    def _reduce(self, squares: torch.Tensor) -> torch.Tensor:
+        """Per-trial loss from the squared residuals summed over rows and targets."""
+        return squares / (len(self.x) * self.y.shape[1]) if self.mean else squares
 
     def losses(self, state: _Stacked) -> torch.Tensor:
-        return squared_error(state.predict(self.x)[0], self.y, self.reduction, models=True)
+        residual, _ = self.residual(state, self.x, self.y)
+        return self._reduce(residual.square_().sum((0, 2)))
 
-    def descend(self, state: _Stacked, mask, config: TrainConfig) -> None:
-        # The batches a lone run's DataLoader gives, drawn from the same global generator.
-        for x, y in [(self.x, self.y)] if self.full else batches(self.x, self.y, self.config):
-            pred, pre = state.predict(x)
-            residual = pred - y
-            scale = 2.0 / residual[0].numel() if self.reduction == "mean" else 2.0
-            d_out = scale * residual
-            d_pre = d_out
-            if state.relu:
-                d_pre = d_out * ((pre >= 0) if state.clamp else (pre > 0))
-            state.step(torch.einsum("Knk,nd->Kkd", d_pre, x), d_out.sum(1), mask)
+    def forward(self, state: _Stacked):
+        """The full batch's per-trial losses and its residual (for :meth:`step`)."""
+        residual, pre = self.residual(state, self.x, self.y)
+        squares = torch.mul(residual, residual, out=self.space.get("squares", residual.shape,
+                                                                     residual))
+        return self._reduce(squares.sum((0, 2))), (residual, pre)
+
+    def step(self, state: _Stacked, outputs, x, mask) -> None:
+        """One update of every trial from a batch's (residual, pre-activation), consumed."""
+        d_out, pre = outputs
+        d_out.mul_(2.0 / d_out[:, 0].numel() if self.mean else 2.0)
+        state.step(*state.gradients(d_out, pre, x), mask)
+
+
+class _Workspace:
+    """Tensors reused from one batch to the next. A fresh tensor of tens of megabytes comes
+    from the kernel as new pages, zeroed on first touch, every time: for a million rows and
+    8 trials that was a third of an epoch."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        size = math.prod(shape)
+        held = self.tensors.get(name)
+        if held is None or held.numel() < size:
+            held = self.tensors[name] = like.new_empty(size)
+        return held[:size].view(shape)
 
 
 def _on(array: np.ndarray, like):
