@@ -4,7 +4,8 @@ Measures, on whatever machine runs it:
 - CLI start-up (`pipeline --help`), which must not import torch or mlflow;
 - training throughput (rows × epochs per second) of both models, full batch and mini-batch,
   on a synthetic set of --rows rows, and the peak memory of the process;
-- a full-batch epoch against the memory roofline (two reads of X at the measured bandwidth);
+- a full-batch epoch against the memory roofline (two reads of X at the measured bandwidth),
+  one model's (`pipeline train`) and, per trial, a sweep's loop program's;
 - `pipeline run` broken down by phase (imports, store, training, model export);
 - the cost of logging a curve to the tracking store: one batch against one call per epoch;
 - logging a model with explicit pip requirements;
@@ -12,7 +13,8 @@ Measures, on whatever machine runs it:
   pass over the data;
 - the project's 100-trial sweep against the naive peer (benchmarks/naive_peer.py), tracked and
   untracked, with and without per-trial models, side by side in one run, and the tracked
-  sweep's time split by phase (imports, store, runs, curves, training, plots, champion).
+  sweep's time split by phase (imports, store, runs, curves, training, plots, champion),
+  with its runs written again by MlflowClient alone (the floor of tracking them).
 """
 
 from __future__ import annotations
@@ -332,6 +334,46 @@ def sweep_phases(trials: int, folder: str) -> None:
     print(json.dumps(clock.seconds))
 
 
+def mlflow_alone(store: str, folder: str) -> dict:
+    """The tracked sweep's trial runs written again by MlflowClient alone, into a fresh store:
+    the same runs, tags, params and curve points, three calls per run. The floor for the
+    sweep's runs and log_batch phases that any code tracking these trials in MLflow pays."""
+    import logging
+
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial ... tables"
+    source = MlflowClient(store)
+    [experiment] = [e for e in source.search_experiments() if e.name != "Default"]
+    runs = [run for run in source.search_runs([experiment.experiment_id])
+            if "mlflow.parentRunId" in run.data.tags]
+    written = []
+    for run in runs:
+        points = [Metric(key, point.value, point.timestamp, point.step)
+                  for key in run.data.metrics
+                  for point in source.get_metric_history(run.info.run_id, key)]
+        tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
+        written.append((tags, run.data.params, points))
+    client = MlflowClient(f"sqlite:///{folder}/alone.db")
+    target = client.create_experiment("alone")
+    parent = client.create_run(target).info.run_id
+    clock = {"create and end": 0.0, "log_batch": 0.0}
+    for tags, params, points in written:
+        start = time.perf_counter()
+        run_id = client.create_run(target, tags={**tags, "mlflow.parentRunId": parent}).info.run_id
+        middle = time.perf_counter()
+        client.log_batch(run_id, metrics=points,
+                         params=[Param(k, v) for k, v in params.items()])
+        end = time.perf_counter()
+        client.set_terminated(run_id, "FINISHED")
+        clock["create and end"] += middle - start + time.perf_counter() - end
+        clock["log_batch"] += end - middle
+    count = sum(len(points) for *_, points in written)
+    return {f"  MLflow alone, the same {len(written)} runs ({count} points): {phase} (s)":
+            round(seconds, 3) for phase, seconds in clock.items()}
+
+
 def versus_naive_peer(trials: int, model_trials: int) -> dict:
     """Wall time of whole commands, start-up included, side by side in one run."""
     peer = [sys.executable, str(SCRIPT.with_name("naive_peer.py"))]
@@ -372,6 +414,7 @@ def versus_naive_peer(trials: int, model_trials: int) -> dict:
         phases = json.loads(subprocess.run(
             [sys.executable, str(SCRIPT), "--sweep-phases", str(trials), folder],
             check=True, capture_output=True, text=True, cwd=folder).stdout.splitlines()[-1])
+        floor = mlflow_alone(f"sqlite:///{folder}/phases.db", folder)
         ours_models = wall([*ours, "--n-trials", str(trials), "--log-models", "all",
                             "--tracking-uri", f"sqlite:///{folder}/models.db",
                             "--storage", f"{folder}/models.journal"],
@@ -388,6 +431,7 @@ def versus_naive_peer(trials: int, model_trials: int) -> dict:
     results[f"pipeline sweep, {trials} trials, by phase (s)"] = round(sum(phases.values()), 2)
     for name, seconds in phases.items():
         results[f"  sweep: {name} (s)"] = round(seconds, 3)
+    results.update(floor)
     return results
 
 
