@@ -1,19 +1,27 @@
 """Ctrl-C and SIGTERM, turned into a clean stop at a safe point.
 
-A signal only sets a flag; the long-running loops (an epoch of training, a worker waiting for
-its study) call :func:`check`, which raises :class:`Interrupted` there, where no store call is
-half done. So a sweep interrupted at any moment closes its MLflow runs and tells Optuna, and
-SQLite never sees a transaction cut in the middle ("database is locked"). A second Ctrl-C
-stops at once, as Python normally does.
+Sweeps and workers (:func:`deferred`): a signal only sets a flag; the long-running loops (an
+epoch of training, a worker waiting for its study) call :func:`check`, which raises
+:class:`Interrupted` there, where no store call is half done. So a sweep interrupted at any
+moment closes its MLflow runs and tells Optuna, and SQLite never sees a transaction cut in the
+middle ("database is locked"). A second Ctrl-C stops at once, as Python normally does.
+
+Other commands (:func:`raise_interrupted`) stop at once, except inside a :func:`shielded`
+store call: that call finishes first, so a run is never created without its id or left
+RUNNING by a status write cut short.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
+import threading
 from collections.abc import Iterator
 
 _requested: int | None = None
+_shields = 0  # shielded calls under way in the main thread (the one signals interrupt)
+_held: int | None = None  # a signal that came during one, raised as the call returns
 
 
 class Interrupted(KeyboardInterrupt):
@@ -37,14 +45,45 @@ class Interrupted(KeyboardInterrupt):
 
 
 def raise_interrupted(signum: int, _frame) -> None:
-    """A signal handler that stops at once, as Ctrl-C does, with the signal's exit status.
+    """A signal handler that stops at once, as Ctrl-C does, with the signal's exit status;
+    inside a :func:`shielded` call, as soon as it returns (a second signal: at once).
 
     The flag is set too: a signal that lands while Python runs a finalizer or a weakref
     callback has its exception printed and dropped ("Exception ignored in ..."), so the next
     :func:`check` (every epoch of training) raises it again."""
-    global _requested
+    global _requested, _held
+    again = _requested is not None
     _requested = signum
+    if _shields and not again:
+        _held = signum
+        return
     raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def shield() -> Iterator[None]:
+    """A block that a signal does not cut: one arriving meanwhile is raised at its end."""
+    global _shields, _held
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals interrupt the main thread only
+        return
+    _shields += 1
+    try:
+        yield
+    finally:
+        _shields -= 1
+    if not _shields and _held is not None:
+        signum, _held = _held, None
+        raise Interrupted(signum)
+
+
+def shielded(func):
+    """``func`` run under :func:`shield`: for calls to the tracking store."""
+    @functools.wraps(func)
+    def call(*args, **kwargs):
+        with shield():
+            return func(*args, **kwargs)
+    return call
 
 
 def _record(signum: int, _frame) -> None:

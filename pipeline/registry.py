@@ -14,6 +14,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from pipeline import interrupts
 from pipeline.errors import UserError, first_line
 
 CHAMPION = "champion"
@@ -28,6 +29,7 @@ class Decision:
     reason: str
 
 
+@interrupts.shielded
 def register(name: str, model_uri: str, objective: float, tags: dict[str, str],
              description: str) -> str:
     """Register ``model_uri`` as a new version of ``name``; return the version number."""
@@ -39,6 +41,7 @@ def register(name: str, model_uri: str, objective: float, tags: dict[str, str],
     return str(version.version)
 
 
+@interrupts.shielded
 def version_of_run(name: str, run_id: str) -> str | None:
     """The version of ``name`` registered from trial run ``run_id``, if any: a sweep killed
     between registering and recording it finds its version again instead of adding one."""
@@ -50,6 +53,7 @@ def version_of_run(name: str, run_id: str) -> str | None:
     return str(min(int(v.version) for v in found)) if found else None
 
 
+@interrupts.shielded
 def champion(name: str, alias: str = CHAMPION) -> tuple[str, float] | None:
     """The version holding ``alias`` and its objective, or None when no version holds it."""
     try:
@@ -60,6 +64,7 @@ def champion(name: str, alias: str = CHAMPION) -> tuple[str, float] | None:
     return str(version.version), float(objective) if objective is not None else float("inf")
 
 
+@interrupts.shielded
 def promote_if_better(name: str, version: str, objective: float,
                       alias: str = CHAMPION) -> Decision:
     """Give ``alias`` to ``version`` when its objective is lower than the holder's."""
@@ -81,6 +86,7 @@ class RegistryError(UserError):
     """A registered model, version or alias that does not exist, or an alias MLflow refuses."""
 
 
+@interrupts.shielded
 def versions_table(name: str | None = None):
     """Registered models and their versions as a DataFrame, newest version first per model."""
     import pandas as pd
@@ -129,6 +135,7 @@ def _registered_model(name: str):
         raise RegistryError(f"no registered model named {name!r}") from None
 
 
+@interrupts.shielded
 def promote(name: str, version: str, alias: str = CHAMPION, reason: str = "") -> str | None:
     """Move ``alias`` to ``version`` by hand; record who, when, why and from which version.
 

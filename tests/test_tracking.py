@@ -3,9 +3,11 @@ processes at once; passwords kept out of the store and off the screen."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -183,3 +185,81 @@ def test_a_run_interrupted_mid_read_is_closed_killed(store):
     from mlflow.tracking import MlflowClient
 
     assert MlflowClient(store).get_run(run_id).info.status == "KILLED"
+
+
+@pytest.fixture
+def sigterm_stops(monkeypatch):
+    """SIGTERM handled as `pipeline` commands handle it, in this process, state reset after."""
+    import signal
+
+    from pipeline import interrupts
+
+    monkeypatch.setattr(interrupts, "_requested", None)
+    monkeypatch.setattr(interrupts, "_held", None, raising=False)
+    previous = signal.signal(signal.SIGTERM, interrupts.raise_interrupted)
+    yield lambda: os.kill(os.getpid(), signal.SIGTERM)
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _signal_around(monkeypatch, method: str, send, before: bool) -> None:
+    from mlflow.tracking import MlflowClient
+
+    original = getattr(MlflowClient, method)
+
+    def call(self, *args, **kwargs):
+        if before:
+            send()
+        result = original(self, *args, **kwargs)
+        if not before:
+            send()
+        return result
+
+    monkeypatch.setattr(MlflowClient, method, call)
+
+
+def test_a_signal_as_a_run_is_created_stops_once_its_id_is_known(store, monkeypatch,
+                                                                 sigterm_stops):
+    from pipeline import interrupts, tracking
+
+    tracking.connect(store)
+    experiment = tracking.experiment_id("created")
+    _signal_around(monkeypatch, "create_run", sigterm_stops, before=False)
+    ran = []
+    with pytest.raises(interrupts.Interrupted):
+        with tracking.run(experiment, "stopped as it opens"):
+            ran.append(True)
+    assert ran == [] and run_statuses(Path(store.removeprefix("sqlite:///"))) == ["KILLED"]
+
+
+def test_a_signal_as_a_run_ends_lets_its_status_be_written(store, monkeypatch, sigterm_stops):
+    from pipeline import interrupts, tracking
+
+    tracking.connect(store)
+    experiment = tracking.experiment_id("ended")
+    _signal_around(monkeypatch, "set_terminated", sigterm_stops, before=True)
+    with pytest.raises(interrupts.Interrupted):
+        with tracking.run(experiment, "stopped as it closes"):
+            pass
+    assert run_statuses(Path(store.removeprefix("sqlite:///"))) == ["FINISHED"]
+
+
+def test_a_store_write_finishes_before_the_stop_and_a_second_signal_is_at_once(
+        store, monkeypatch, sigterm_stops):
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import interrupts, tracking
+
+    tracking.connect(store)
+    experiment = tracking.experiment_id("written")
+    _signal_around(monkeypatch, "log_batch", sigterm_stops, before=True)
+    with pytest.raises(interrupts.Interrupted):
+        with tracking.run(experiment, "logging") as run_id:
+            tracking.log_to_run(run_id, metrics={"m": 2.5})
+    run = MlflowClient(store).get_run(run_id)
+    assert run.data.metrics == {"m": 2.5} and run.info.status == "KILLED"
+    with pytest.raises(interrupts.Interrupted):  # asked again: no waiting
+        with interrupts.shield():
+            interrupts.raise_interrupted(signal.SIGINT, None)
+            pytest.fail("a second signal must not wait for the shielded block")

@@ -16,12 +16,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-from pipeline import redact, tables
+from pipeline import interrupts, redact, tables
 from pipeline.dataset import Dataset
 from pipeline.errors import first_line
 from pipeline.tracking.store import TrackingError
 
 
+@interrupts.shielded
 def log_dataset(run_id: str, dataset: Dataset, name: str, data_uri: str | None,
                 context: str) -> None:
     """Record ``dataset`` as an MLflow dataset input of the run (with its digest).
@@ -54,6 +55,7 @@ def _artifact_location(uri: str) -> str | None:
     return RunsArtifactRepository.get_underlying_uri(uri)
 
 
+@interrupts.shielded
 def write_dataset(dataset: Dataset, run_id: str) -> str:
     """Log the rows (Parquet) and schema as artifacts of ``run_id``; return their URI."""
 
@@ -72,6 +74,7 @@ def portable_uri(tracking_uri: str) -> str:
     return redact.split_credentials(tracking_uri)[0]
 
 
+@interrupts.shielded
 def read_dataset(uri: str) -> Dataset:
     """Read a dataset logged by :func:`write_dataset`, from a ``runs:/`` URI or a local folder."""
 
@@ -85,6 +88,7 @@ def read_dataset(uri: str) -> Dataset:
     return tables.read(Path(local))
 
 
+@interrupts.shielded
 def runs_frame(experiment_name: str):
     """Every run of an experiment as ``mlflow.search_runs`` gives it (a pandas DataFrame)."""
     found = MlflowClient().get_experiment_by_name(experiment_name)
@@ -93,6 +97,7 @@ def runs_frame(experiment_name: str):
     return mlflow.search_runs(experiment_ids=[found.experiment_id])
 
 
+@interrupts.shielded
 def find_cached_dataset(experiment: str, key: str) -> str | None:
     """The run id of a finished generate run whose data key is ``key``, if any."""
     runs = mlflow.search_runs(
@@ -111,6 +116,7 @@ def pip_requirements() -> list[str]:
     return [f"torch=={torch_version}", f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}"]
 
 
+@interrupts.shielded
 def log_model(run_id: str, module: torch.nn.Module, dataset: Dataset, dtype: str,
               validate: bool = True) -> str:
     """Log ``module`` as an MLflow model of the run; return its ``models:/`` URI.

@@ -25,6 +25,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from pipeline import interrupts
 from pipeline.tracking.store import NOTE
 
 
@@ -38,15 +39,15 @@ def run(experiment: str, name: str, parent_run_id: str | None = None,
     MLflow's active-run stack, so the same code is safe in worker processes and threads.
     """
     tags = {**(tags or {}), **({NOTE: description} if description else {})}
-    if parent_run_id is None:
-        run_id, _ = open_parent(experiment, name, tags)
-    else:
-        run_id = MlflowClient().create_run(
-            experiment, run_name=name,
-            tags={**environment_tags(), **tags, "mlflow.parentRunId": parent_run_id},
-        ).info.run_id
-    status = "FAILED"
+    run_id, status = None, "FAILED"
     try:
+        # Shielded (see interrupts.shield): a signal during the creation is raised once the
+        # id is known, so the run is closed below rather than left RUNNING.
+        with interrupts.shield():
+            if parent_run_id is None:
+                run_id, _ = open_parent(experiment, name, tags)
+            else:
+                run_id = open_child(experiment, parent_run_id, name, tags)
         yield run_id
         status = "FINISHED"
     except KeyboardInterrupt as stop:
@@ -54,7 +55,13 @@ def run(experiment: str, name: str, parent_run_id: str | None = None,
         _release(stop)
         raise
     finally:
-        MlflowClient().set_terminated(run_id, status)
+        if run_id is not None:
+            _terminate(run_id, status)
+
+
+@interrupts.shielded
+def _terminate(run_id: str, status: str) -> None:
+    MlflowClient().set_terminated(run_id, status)
 
 
 def _release(stop: BaseException) -> None:
@@ -93,6 +100,7 @@ def _param_value(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
 
 
+@interrupts.shielded
 def log_params(run_id: str, params: dict[str, Any]) -> None:
     """Log the flattened config; lists become JSON so the UI shows them as written."""
     log_to_run(run_id, params=params)
@@ -109,11 +117,13 @@ def _curve_metrics(curves: dict[str, list[float]], final: dict[str, float] | Non
     return metrics
 
 
+@interrupts.shielded
 def log_curves(run_id: str, curves: dict[str, list[float]]) -> None:
     """Log whole curves (step = epoch) in batches: one store call per 1,000 points."""
     MlflowClient().log_batch(run_id, metrics=_curve_metrics(curves))
 
 
+@interrupts.shielded
 def open_child(experiment: str, parent_run_id: str, name: str, tags: dict[str, str]) -> str:
     """Create a run under ``parent_run_id`` explicitly (one store call); return its id. Its
     params, like its curves, come with :func:`close_run`."""
@@ -124,6 +134,7 @@ def open_child(experiment: str, parent_run_id: str, name: str, tags: dict[str, s
     return run.info.run_id
 
 
+@interrupts.shielded
 def find_child(experiment: str, parent_run_id: str, tags: dict[str, str]) -> str | None:
     """The id of the run under ``parent_run_id`` carrying ``tags``, if there is one."""
     clauses = [f"tags.mlflow.parentRunId = '{parent_run_id}'", *_tag_clauses(tags)]
@@ -135,6 +146,7 @@ def _tag_clauses(tags: dict[str, str]) -> list[str]:
     return [f"tags.{key} = '{value}'" for key, value in tags.items()]
 
 
+@interrupts.shielded
 def close_running(experiment: str, tags: dict[str, str], status: str,
                   keep: str | None = None) -> list[str]:
     """End every RUNNING run of ``experiment`` carrying ``tags`` (but ``keep``) with ``status``:
@@ -148,6 +160,7 @@ def close_running(experiment: str, tags: dict[str, str], status: str,
     return found
 
 
+@interrupts.shielded
 def close_run(run_id: str, status: str, curves: dict[str, list[float]] | None = None,
               metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None,
               params: dict[str, Any] | None = None) -> None:
@@ -163,6 +176,7 @@ def close_run(run_id: str, status: str, curves: dict[str, list[float]] | None = 
     client.set_terminated(run_id, status)
 
 
+@interrupts.shielded
 def open_parent(experiment: str, name: str, tags: dict[str, str],
                 run_id: str | None = None) -> tuple[str, bool]:
     """Mark an existing top-level run RUNNING again, or start one; return (id, is_new).
@@ -188,6 +202,7 @@ def open_parent(experiment: str, name: str, tags: dict[str, str],
     return run.info.run_id, True
 
 
+@interrupts.shielded
 def log_to_run(run_id: str, params: dict[str, Any] | None = None,
                metrics: dict[str, float] | None = None,
                tags: dict[str, str] | None = None) -> None:
@@ -225,6 +240,7 @@ def system_metrics(run_id: str) -> Iterator[None]:
             monitor.mlflow_logger.flush()
 
 
+@interrupts.shielded
 def metric_histories(run_ids: dict[Any, str], key: str) -> dict[Any, list[float]]:
     """The ``key`` curve (by step) of each run; one store call per run."""
     client = MlflowClient()
@@ -236,10 +252,12 @@ def metric_histories(run_ids: dict[Any, str], key: str) -> dict[Any, list[float]
     return curves
 
 
+@interrupts.shielded
 def log_text(run_id: str, text: str, path: str) -> None:
     MlflowClient().log_text(run_id, text, path)
 
 
+@interrupts.shielded
 def log_figure(run_id: str, fig, path: str) -> None:
     from pipeline import plots
 
@@ -247,6 +265,7 @@ def log_figure(run_id: str, fig, path: str) -> None:
     plots.close(fig)
 
 
+@interrupts.shielded
 def run_tags(run_id: str) -> dict[str, str]:
     return MlflowClient().get_run(run_id).data.tags
 

@@ -21,7 +21,7 @@ from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline import lifetime, redact
+from pipeline import interrupts, lifetime, redact
 from pipeline.errors import UserError, first_line
 
 HEALTH_TIMEOUT_S = 5
@@ -42,6 +42,7 @@ def store_error(err: Exception) -> UserError | None:
     return None
 
 
+@interrupts.shielded
 def connect(tracking_uri: str) -> None:
     """Point MLflow at ``tracking_uri`` and make sure the store is usable, in one line if not.
 
@@ -179,6 +180,7 @@ def store_lock(uri: str) -> Iterator[None]:
         yield
 
 
+@interrupts.shielded
 def experiment_name(experiment: str) -> str:
     return MlflowClient().get_experiment(experiment).name
 
@@ -186,6 +188,7 @@ def experiment_name(experiment: str) -> str:
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI's training view
 
 
+@interrupts.shielded
 def experiment_id(name: str, description: str = "") -> str:
     """The MLflow experiment named after the config, created on first use with the config's
     description as its note, marked for the UI's model-training view (not the GenAI one).
