@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline import config, data, engine, theory
 from pipeline.train import train
@@ -23,6 +24,9 @@ CASES = {
                       "data.n_rows=500"], (0.001, 0.004, 0.008), (6, 9, 12)),
     "builtin ReLU, shuffled": ("synthetic", ["activation=relu", "data.n_rows=300"],
                                (0.05, 0.1, 0.2), (5, 10, 8)),
+    "manual ReLU, full batch, rows split across threads": (
+        "synthetic", ["model=manual", "activation=relu", "batch_size=null", "shuffle=false",
+                      "data.n_rows=90001", "data.n_features=5"], (0.05, 0.3, 0.9), (6, 4, 5)),
 }
 
 
@@ -138,3 +142,16 @@ def test_statistics_with_collinear_columns_and_divergence_match_the_loop():
         np.testing.assert_allclose(result.model.weight.detach(), loop.model.weight.detach(),
                                    rtol=1e-7, atol=1e-9)
     assert closed[2].diverged and not closed[1].diverged
+
+
+@pytest.mark.parametrize("rows", [engine.SPLIT_ROWS + 4, 17])  # 3 blocks and 2 rows left
+def test_products_over_row_blocks_equal_one_product(monkeypatch, rows):
+    monkeypatch.setattr(engine, "_row_blocks", lambda x: 1 if len(x) < engine.SPLIT_ROWS else 3)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, 6, dtype=torch.float64, generator=generator)
+    matrix = torch.randn(6, 4, dtype=torch.float64, generator=generator)
+    out = torch.empty(rows, 4, dtype=torch.float64)
+    engine._rows_times(x, matrix, out)
+    torch.testing.assert_close(out, x @ matrix, rtol=1e-12, atol=1e-12)
+    a = torch.randn(rows, 4, dtype=torch.float64, generator=generator)
+    torch.testing.assert_close(engine._transposed_times(a, x), a.T @ x, rtol=1e-12, atol=1e-9)
