@@ -263,20 +263,20 @@ class _Rows:
         # itself (no ReLU) nothing reads that again.
         return pred.sub_(y[:, None, :]), pre
 
-    def _reduce(self, squares: torch.Tensor) -> torch.Tensor:
-        """Per-trial loss from the squared residuals summed over rows and targets."""
+    def _losses(self, residual: torch.Tensor) -> torch.Tensor:
+        """Each trial's loss from the residual (n, K, k). The norm reads the residual once and
+        writes nothing; squaring it rounds once more, far below float tolerance."""
+        squares = torch.linalg.vector_norm(residual, dim=(0, 2)).square()
         return squares / (len(self.x) * self.y.shape[1]) if self.mean else squares
 
     def losses(self, state: _Stacked) -> torch.Tensor:
-        residual, _ = self.residual(state, self.x, self.y)
-        return self._reduce(residual.square_().sum((0, 2)))
+        """Each trial's loss over all the rows."""
+        return self._losses(self.residual(state, self.x, self.y)[0])
 
     def forward(self, state: _Stacked):
-        """The full batch's per-trial losses and its residual (for :meth:`step`)."""
+        """The full batch's per-trial losses, and its outputs for :meth:`step`."""
         residual, pre = self.residual(state, self.x, self.y)
-        # The norm reads the residual once and writes nothing (squaring it rounds once more).
-        return self._reduce(torch.linalg.vector_norm(residual, dim=(0, 2)).square()), (
-            residual, pre)
+        return self._losses(residual), (residual, pre)
 
     def step(self, state: _Stacked, outputs, x, mask) -> None:
         """One update of every trial from a batch's (residual, pre-activation), consumed."""
