@@ -20,6 +20,7 @@ import threading
 from collections.abc import Iterator
 
 _requested: int | None = None
+_shielding = True  # off for an MLflow server (see shield_store_calls)
 _shields = 0  # shielded calls under way in the main thread (the one signals interrupt)
 _held: int | None = None  # a signal that came during one, raised as the call returns
 
@@ -60,11 +61,19 @@ def raise_interrupted(signum: int, _frame) -> None:
     raise Interrupted(signum)
 
 
+def shield_store_calls(enabled: bool) -> None:
+    """Whether :func:`shield` holds a signal back: yes for a database this process writes,
+    no for an MLflow server, which keeps its own transactions whole and whose calls retry for
+    minutes when it does not answer (a stop must not wait that long)."""
+    global _shielding
+    _shielding = enabled
+
+
 @contextlib.contextmanager
 def shield() -> Iterator[None]:
     """A block that a signal does not cut: one arriving meanwhile is raised at its end."""
     global _shields, _held
-    if threading.current_thread() is not threading.main_thread():
+    if not _shielding or threading.current_thread() is not threading.main_thread():
         yield  # signals interrupt the main thread only
         return
     _shields += 1

@@ -11,13 +11,17 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+# The password runs to the last "@" of the URL: drivers accept "/" and "@" in it unescaped.
 _USERINFO = re.compile(
-    r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]*)@")
+    r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>\S*)@")
+_QUERY = re.compile(r"(?P<key>[?&](?:password|passwd|pwd)=)[^&\s'\"]*", re.IGNORECASE)
 
 
 def mask(text: str) -> str:
-    """``text`` with the password of every ``scheme://user:password@`` in it shown as ``***``."""
-    return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    """``text`` with the password of every ``scheme://user:password@`` in it, and of every
+    ``?password=`` query parameter, shown as ``***``."""
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    return _QUERY.sub(lambda m: f"{m['key']}***", text)
 
 
 def split_credentials(url: str) -> tuple[str, str | None, str | None]:

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import logging
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -151,30 +152,46 @@ def open_storage(url: str, total: int | None = None):
     return storage
 
 
+RDB_ATTEMPTS = 4  # opening a relational storage, for a race on its first use
+
+
 def _open_rdb(url: str) -> RDBStudyStorage:
     engine_kwargs = {"pool_pre_ping": True}
     if url.startswith("postgresql"):
         # One process holds a few connections (trials, heartbeats); keep each pool small so
         # that many workers fit under PostgreSQL's max_connections (100 by default).
         engine_kwargs.update(pool_size=2, max_overflow=3)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStudyStorage(
-                url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
-                grace_period=GRACE_S,
-            )
-    except Exception as err:  # SQLAlchemy raises many types for a bad or unreachable database
-        reason = first_line(err)
-        if "DB access module" in reason or isinstance(err, ImportError):
-            reason = ("its database driver is not installed (postgresql:// needs psycopg 3: "
-                      "pip install 'psycopg[binary]'; mysql:// needs PyMySQL)")
-        elif any(refusal in reason for refusal in (
-                "too many clients", "too many connections", "remaining connection slots")):
-            reason = ("the database refuses more connections; raise its max_connections "
-                      "or run fewer workers")
-        raise SweepError(f"cannot open storage {redact.mask(url)}: "
-                         f"{redact.mask(reason)[:200]}") from None
+    for attempt in range(RDB_ATTEMPTS):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStudyStorage(
+                    url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
+                    grace_period=GRACE_S,
+                )
+        except Exception as err:  # SQLAlchemy raises many types for a bad or unreachable one
+            # Optuna creates a fresh database's tables without a lock: of two processes
+            # starting at once, one sees the other's tables half made. Its second try finds
+            # them made.
+            if attempt + 1 < RDB_ATTEMPTS and any(race in str(err) for race in (
+                    "already exists", "duplicate key", "UNIQUE constraint failed",
+                    "database is locked")):
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            raise _rdb_error(url, err) from None
+    raise AssertionError("unreachable")
+
+
+def _rdb_error(url: str, err: Exception) -> SweepError:
+    reason = first_line(err)
+    if "DB access module" in reason or isinstance(err, ImportError):
+        reason = ("its database driver is not installed (postgresql:// needs psycopg 3: "
+                  "pip install 'psycopg[binary]'; mysql:// needs PyMySQL)")
+    elif any(refusal in reason for refusal in (
+            "too many clients", "too many connections", "remaining connection slots")):
+        reason = ("the database refuses more connections; raise its max_connections "
+                  "or run fewer workers")
+    return SweepError(f"cannot open storage {redact.mask(url)}: {redact.mask(reason)[:200]}")
 
 
 # --- what a worker needs ------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,15 @@ def read_frame(path: str | Path):
             header = pd.read_csv(path, header=None, nrows=1, dtype=str, keep_default_na=False)
             header = header.iloc[0].tolist()
             # "NaN" or "NA" stays text, so the error can quote it; only "" becomes missing.
-            frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
+            # index_col=False: rows longer than the header are an error, not an index that
+            # shifts every value one column along.
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", pd.errors.ParserWarning)
+                frame = pd.read_csv(path, keep_default_na=False, na_values=[""],
+                                    index_col=False)
+    except pd.errors.ParserWarning:
+        raise DataError(f"{path}: its data rows have more fields than its header "
+                        f"({len(header)} columns)") from None
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: the file is empty") from None
     except OSError as err:

@@ -280,8 +280,10 @@ def write_csv(path: Path, text: str) -> Path:
         (None, "no such file"),
         ("", "empty"),
         ("a,b\n", "no data rows"),
+        # pandas would make the first field the index and shift the rest one column along.
+        ("a,b\n7,1,2\n8,2,3\n", "more fields than its header"),
     ],
-    ids=["missing", "zero-bytes", "header-only"],
+    ids=["missing", "zero-bytes", "header-only", "rows-longer-than-the-header"],
 )
 def test_unusable_csv_files_are_data_errors(tmp_path, text, message):
     path = tmp_path / "table.csv"
@@ -530,3 +532,23 @@ def test_standard_scaling_uses_the_training_rows_statistics():
     np.testing.assert_allclose(val_set.features, (raw_val.features - mean) / [std[0], 1.0])
     np.testing.assert_allclose(train_set.scaler.undo(train_set.features), raw_train.features)
     assert data.split(dataset, 0.4, seed=0)[0].scaler is None
+
+
+@pytest.mark.parametrize("overrides", [
+    ["data.x_range=[]", "data.x=[1,2,.nan]"],
+    ["data.x_range=[]", "data.x=[1,.inf]"],
+])
+def test_inline_data_that_is_not_finite_is_refused(overrides):
+    exp = config.load("line_2x_plus_1", overrides)
+    with pytest.raises(DataError, match="inf or NaN"):
+        data.build(exp.data, exp.seed)
+
+
+@pytest.mark.parametrize("names", [
+    {"feature_names": ("a", "a")},
+    {"feature_names": ("a", "b"), "target_names": ("a",)},
+])
+def test_a_table_naming_a_column_twice_is_refused(names):
+    recipe = TableData(features=((1.0, 2.0), (2.0, 3.0)), targets=((1.0,), (2.0,)), **names)
+    with pytest.raises(DataError, match="names column a more than once"):
+        data.build(recipe, seed=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 
 import optuna
 import pytest
@@ -84,3 +85,18 @@ def test_no_trial_slips_in_between_failing_a_dead_trial_and_queueing_its_retry(j
     assert outcome == ["budget reached"]
     held = study.get_trials(states=studies.IN_BUDGET)
     assert len(held) == 2
+
+
+def test_processes_opening_a_fresh_database_storage_at_once_all_get_it(tmp_path):
+    # Optuna creates a new database's tables without a lock; the losers of that race retry.
+    url, go = f"sqlite:///{tmp_path / 'optuna.db'}", tmp_path / "go"
+    code = ("import os, sys, time; from pipeline import study\n"
+            "while not os.path.exists(sys.argv[2]): time.sleep(0.001)\n"
+            "study.open_storage(sys.argv[1], total=1); print('opened')")
+    processes = [subprocess.Popen([sys.executable, "-c", code, url, str(go)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(4)]
+    time.sleep(3)  # all have imported and wait for the same moment
+    go.touch()
+    outcomes = [process.communicate(timeout=120) for process in processes]
+    assert [out.strip() for out, _ in outcomes] == ["opened"] * 4, [err for _, err in outcomes]

@@ -25,6 +25,11 @@ from tests.conftest import run_statuses, subprocess_env
         ("could not connect to postgresql+psycopg://u:pw@h/db: refused",
          "could not connect to postgresql+psycopg://u:***@h/db: refused"),
         ("sqlite:///mlflow.db", "sqlite:///mlflow.db"),
+        # Drivers take "/" and "@" in a password unescaped, and a password as a parameter.
+        ("postgresql://u:s3c/ret@127.0.0.1:1/db", "postgresql://u:***@127.0.0.1:1/db"),
+        ("'http://u:s3c@ret@127.0.0.1:1' refused", "'http://u:***@127.0.0.1:1' refused"),
+        ("postgresql://optuna@h/optuna?sslmode=require&password=s3cret",
+         "postgresql://optuna@h/optuna?sslmode=require&password=***"),
         ("http://user@host/path", "http://user@host/path"),
     ],
 )
@@ -263,3 +268,13 @@ def test_a_store_write_finishes_before_the_stop_and_a_second_signal_is_at_once(
         with interrupts.shield():
             interrupts.raise_interrupted(signal.SIGINT, None)
             pytest.fail("a second signal must not wait for the shielded block")
+
+
+@pytest.mark.parametrize("uri, message", [
+    ("sqlite://", "in memory"), ("sqlite:///:memory:", "in memory"),
+    ("http://[::1", "malformed"),
+])
+def test_a_store_that_keeps_nothing_or_a_malformed_uri_is_refused(workdir, uri, message):
+    result = CliRunner().invoke(cli, ["train", "-e", "line_fit_15pts", "--tracking-uri", uri])
+    assert result.exit_code == 1 and message in result.output
+    assert "Traceback" not in result.output

@@ -42,7 +42,6 @@ def store_error(err: Exception) -> UserError | None:
     return None
 
 
-@interrupts.shielded
 def connect(tracking_uri: str) -> None:
     """Point MLflow at ``tracking_uri`` and make sure the store is usable, in one line if not.
 
@@ -64,8 +63,12 @@ def connect(tracking_uri: str) -> None:
             tracking_uri.startswith(("sqlite:", "databricks")) or MLFLOW_ALLOW_FILE_STORE.get()):
         raise TrackingError(f"tracking store {shown} is a folder: MLflow 3 no longer writes "
                             "its file store; use sqlite:///mlflow.db or an MLflow server")
+    interrupts.shield_store_calls(not tracking_uri.startswith(("http://", "https://")))
     if tracking_uri.startswith(("http://", "https://")):
-        tracking_uri, user, password = redact.split_credentials(tracking_uri)
+        try:
+            tracking_uri, user, password = redact.split_credentials(tracking_uri)
+        except ValueError as err:  # urllib: "Invalid IPv6 URL", a bad port
+            raise TrackingError(f"tracking URI {shown} is malformed ({err})") from None
         if user:
             os.environ["MLFLOW_TRACKING_USERNAME"] = user
         if password is not None:
@@ -140,7 +143,8 @@ def _check_sqlite_file(uri: str, shown: str) -> None:
     # sqlite:///relative.db and sqlite:////absolute.db; sqlite:// alone is in memory.
     name = uri.partition(":///")[2].partition("?")[0]
     if name in ("", ":memory:"):
-        return
+        raise TrackingError(f"tracking store {shown} is a database in memory: nothing would be "
+                            "kept; give a file, e.g. sqlite:///mlflow.db")
     path = Path(name).absolute()
     folder = path.parent
     if not folder.is_dir():
@@ -176,7 +180,9 @@ def store_lock(uri: str) -> Iterator[None]:
     import filelock
 
     digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
-    with filelock.FileLock(Path(tempfile.gettempdir()) / f"pipeline-store-{digest}.lock"):
+    # One lock per user: another user's lock file would not be writable here.
+    user = os.getuid() if hasattr(os, "getuid") else os.getlogin()
+    with filelock.FileLock(Path(tempfile.gettempdir()) / f"pipeline-store-{user}-{digest}.lock"):
         yield
 
 
@@ -217,4 +223,8 @@ def experiment_id(name: str, description: str = "") -> str:
                 client.set_experiment_tag(found.experiment_id, key, value)
         return found.experiment_id
     except MlflowException as err:
-        raise TrackingError(f"tracking store refused experiment {name!r}: {err.message}") from None
+        # The first line, and not all of it: a web server that is not MLflow's answers with
+        # a whole HTML page, which MLflow quotes.
+        reason = redact.mask(first_line(err))
+        reason = reason if len(reason) <= 200 else reason[:200] + "..."
+        raise TrackingError(f"tracking store refused experiment {name!r}: {reason}") from None
