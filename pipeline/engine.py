@@ -30,6 +30,7 @@ import torch
 from pipeline import models, theory
 from pipeline.config import TrainConfig
 from pipeline.dataset import Dataset
+from pipeline.errors import UserError
 from pipeline.train import TrainResult, batches, diverging, finish, resolve_device
 
 # Called with (trial index, epoch, train_loss, val_loss); returning True stops that trial.
@@ -113,8 +114,12 @@ class _Stops:
         self.limits, self.on_epoch, self.report_every = limits, on_epoch, max(1, report_every)
         self.last = int(limits.max()) if len(limits) else 0
         count, device = len(limits), limits.device
-        self.train = torch.full((self.last + 1, count), float("nan"), dtype=torch.float64,
-                                device=device)
+        try:
+            self.train = torch.full((self.last + 1, count), float("nan"), dtype=torch.float64,
+                                    device=device)
+        except (RuntimeError, MemoryError):  # torch: "can't allocate memory"
+            raise UserError(f"the loss curves of {count} trials of {self.last} epochs do not fit "
+                            "in memory; ask for fewer epochs") from None
         self.val = self.train.clone() if has_val else None
         self.end = limits.clone()  # the last epoch of each curve
         self.diverged = torch.zeros(count, dtype=torch.bool, device=device)

@@ -155,3 +155,11 @@ def test_products_over_row_blocks_equal_one_product(monkeypatch, rows):
     torch.testing.assert_close(out, x @ matrix, rtol=1e-12, atol=1e-12)
     a = torch.randn(rows, 4, dtype=torch.float64, generator=generator)
     torch.testing.assert_close(engine._transposed_times(a, x), a.T @ x, rtol=1e-12, atol=1e-9)
+
+
+def test_curves_too_long_for_memory_are_refused_in_one_line():
+    from pipeline.errors import UserError
+
+    exp, train_set, _, edge = prepared("slope_only", [])
+    with pytest.raises(UserError, match="do not fit in memory"):
+        engine.train_many(exp.train, train_set, None, [0.5 * edge], [10**11])
