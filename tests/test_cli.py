@@ -372,6 +372,15 @@ def test_unreachable_tracking_server(workdir):
     assert_one_line_failure(result, "not reachable")
 
 
+def test_unreachable_database_store_fails_at_once(workdir):
+    # MLflow alone retries for about 100 s, with a warning line a try.
+    port = free_port()
+    result = pipeline(workdir, "train", "-e", "line_fit_15pts", "--tracking-uri",
+                      f"postgresql://u:s3cret@127.0.0.1:{port}/mlflow")
+    assert_one_line_failure(result, "not reachable")
+    assert "s3cret" not in result.stderr + result.stdout
+
+
 def test_divergence_is_recorded_not_crashed(workdir):
     result = pipeline(workdir, "run", "-e", "slope_only", "--set", "lr=10 epochs=500")
     assert_one_line_failure(result, "diverged at epoch")

@@ -78,6 +78,8 @@ def connect(tracking_uri: str) -> None:
         return
     if tracking_uri.startswith("sqlite:"):
         _check_sqlite_file(tracking_uri, shown)
+    elif "://" in tracking_uri and not tracking_uri.startswith(("file:", "databricks")):
+        _check_database_server(tracking_uri, shown)
     mlflow.set_tracking_uri(tracking_uri)
     if "://" in tracking_uri:
         with store_lock(tracking_uri):
@@ -136,6 +138,31 @@ def _check_server(url: str, shown: str) -> None:
     except requests.RequestException as err:
         reason = type(err).__name__
         raise TrackingError(f"tracking server {shown} is not reachable ({reason})") from None
+
+
+def _check_database_server(uri: str, shown: str) -> None:
+    """A database server (PostgreSQL, MySQL) that does not take connections, in seconds: MLflow
+    would retry for about 100 s, printing a warning a try."""
+    import socket
+
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(uri)
+    except (ArgumentError, ValueError) as err:
+        raise TrackingError(f"tracking URI {shown} is malformed ({first_line(err)})") from None
+    if not url.host:
+        return  # a local socket, or a driver's own way of naming the server
+    default = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}.get(url.get_backend_name())
+    if (port := url.port or default) is None:
+        return
+    try:
+        socket.create_connection((url.host, port), timeout=HEALTH_TIMEOUT_S).close()
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise TrackingError(f"tracking store {shown} is not reachable "
+                            f"({url.host}:{port}: {reason.lower()})") from None
 
 
 def _check_sqlite_file(uri: str, shown: str) -> None:
