@@ -24,10 +24,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 
-from pipeline import models, theory
+from pipeline import closed_form, models, theory
 from pipeline.config import TrainConfig
 from pipeline.dataset import Dataset
 from pipeline.errors import UserError
@@ -59,7 +58,7 @@ def train_many(config: TrainConfig, train_set: Dataset, val_set: Dataset | None,
     watch = _Stops(torch.tensor(list(epochs), device=device), on_epoch, report_every,
                    val_set is not None)
     if program == "statistics":
-        _closed_form(state, train_set, val_set, config, watch)
+        closed_form.descend(state, train_set, val_set, config, watch)
     else:
         _loop(state, _Rows(train_set, device, dtype, config),
               None if val_set is None else _Rows(val_set, device, dtype, config), config, watch)
@@ -305,100 +304,3 @@ class _Workspace:
         if held is None or held.numel() < size:
             held = self.tensors[name] = like.new_empty(size)
         return held[:size].view(shape)
-
-
-def _on(array: np.ndarray, like):
-    """``array`` where ``like`` lives: itself for numpy, a copy on the device for a tensor."""
-    return array if isinstance(like, np.ndarray) else torch.as_tensor(array, device=like.device)
-
-
-class _Statistics:
-    """X̃ᵀX̃, X̃ᵀY and YᵀY in float64: the loss of any parameters. On the CPU they come from
-    one symmetric product of [X 1 Y] per block of rows (BLAS syrk, half a general product's
-    work), in one pass over the data."""
-
-    ROWS = 1 << 13  # rows cast to float64 at a time: the block stays in cache
-
-    def __init__(self, dataset: Dataset, device, config: TrainConfig) -> None:
-        features, targets = dataset.features, dataset.targets
-        (n, d), k = features.shape, targets.shape[1]
-        self.has_bias = config.has_bias
-        self.scale = 1.0 / targets.size if config.loss == "mean" else 1.0
-        moments = torch.zeros(d + 1 + k, d + 1 + k, dtype=torch.float64, device=device)
-        block = torch.empty(min(n, self.ROWS), d + 1 + k, dtype=torch.float64, device=device)
-        if device.type == "cpu":
-            moments, block = moments.numpy(), block.numpy()  # numpy's a.T @ a calls syrk
-        block[:, d] = 1.0
-        for start in range(0, n, self.ROWS):
-            rows = block[:min(self.ROWS, n - start)]
-            rows[:, :d] = _on(features[start:start + self.ROWS], block)
-            rows[:, d + 1:] = _on(targets[start:start + self.ROWS], block)
-            moments += rows.T @ rows
-        size = d + self.has_bias
-        moments = torch.as_tensor(moments, device=device)
-        self.gram = moments[:size, :size]
-        self.cross = moments[:size, d + 1:]
-        self.y_square = moments[d + 1:, d + 1:].trace()
-
-    def theta(self, state: _Stacked) -> torch.Tensor:
-        """Parameters as (K, d+1, k): weight transposed, bias as the last row."""
-        theta = state.weight.transpose(1, 2)
-        return torch.cat([theta, state.bias[:, None, :]], dim=1) if self.has_bias else theta
-
-    def set_theta(self, state: _Stacked, theta: torch.Tensor) -> None:
-        d = state.weight.shape[2]
-        state.weight.copy_(theta[:, :d, :].transpose(1, 2))
-        if self.has_bias:
-            state.bias.copy_(theta[:, d, :])
-
-
-def _closed_form(state: _Stacked, train_set: Dataset, val_set: Dataset | None,
-                 config: TrainConfig, watch: _Stops) -> None:
-    """Full-batch descent on the squared error, every epoch of every trial at once.
-
-    In the eigenbasis of G = X̃ᵀX̃ (G = QΛQᵀ, z = Qᵀθ, c = QᵀX̃ᵀY) an update of the loop,
-    θ ← θ - 2s·lr·(Gθ - X̃ᵀY), moves each coordinate on its own: z_i ← z*_i + r_i·(z_i - z*_i)
-    with z*_i = c_i/λ_i and r_i = 1 - 2s·lr·λ_i. So after t epochs z_i = z*_i + r_iᵗ·e_i
-    (e = z0 - z*) and the loss is L* + s·Σ λ_i·e_i²·r_i²ᵗ: the loop's curve, in O(D·K) per
-    epoch after one eigendecomposition. Directions with λ_i = 0 (to rounding: collinear
-    columns) do not move.
-    """
-    device = state.lrs.device
-    stats = _Statistics(train_set, device, config)
-    lam, q = torch.linalg.eigh(stats.gram)
-    moving = lam > lam.max().clamp(min=0) * 1e-12
-    safe = torch.where(moving, lam, torch.ones_like(lam))
-    z0 = q.T @ stats.theta(state)[0]  # (D, k): every trial starts from the same parameters
-    c = q.T @ stats.cross
-    z_star = torch.where(moving[:, None], c / safe[:, None], z0)
-    e = torch.where(moving[:, None], z0 - z_star, torch.zeros_like(z0))
-    r = 1 - 2 * stats.scale * state.lrs[:, None] * lam[None, :]  # (K, D)
-    # The loss at z* + rᵗ∘e: constant + Σ_i λ_i·|e_i|²·r_i²ᵗ.
-    at_rest = stats.scale * ((lam[:, None] * z_star.square() - 2 * c * z_star).sum()
-                             + stats.y_square)
-    weight = stats.scale * lam * e.square().sum(1)  # (D,)
-    val = None
-    if val_set is not None:
-        v = _Statistics(val_set, device, config)
-        gram, cross = q.T @ v.gram @ q, q.T @ v.cross
-        val = (v.scale, gram, v.scale * (
-            (z_star * (gram @ z_star)).sum() - 2 * (cross * z_star).sum() + v.y_square),
-            2 * v.scale * (gram @ z_star - cross))
-
-    def losses(epochs: torch.Tensor):
-        powers = r[None] ** epochs.double()[:, None, None]  # (T, K, D)
-        train = at_rest + (powers.square() * weight).sum(-1)
-        if val is None:
-            return train, None
-        scale, gram, rest, slope = val
-        moved = powers[..., None] * e  # (T, K, D, k)
-        quadratic = torch.einsum("tKik,ij,tKjk->tK", moved, gram, moved)
-        return train, rest + (slope * moved).sum((-2, -1)) + scale * quadratic
-
-    size = len(lam) * z0.shape[1] * len(r)
-    chunk = max(1, (1 << 22) // max(1, size))  # epochs per block: ~32 MiB of (T, K, D, k)
-    for first in range(0, watch.last + 1, chunk):
-        watch.observe_all(first, *losses(torch.arange(
-            first, min(first + chunk, watch.last + 1), device=device)))
-    ends = r ** watch.end.double()[:, None]  # (K, D)
-    stats.set_theta(state, q @ (z_star + ends[..., None] * e))
