@@ -83,6 +83,8 @@ class TableData(DataRecipe):
             if names and len(names) != len(rows[0]):
                 raise ValueError(
                     f"{key} names {len(names)} columns but the data has {len(rows[0])}")
+        _each_column_once(self.feature_names, self.target_names, "data.feature_names",
+                          "data.target_names")
         return self
 
 
@@ -132,13 +134,18 @@ class CsvData(DataRecipe):
     def _columns_once(self) -> CsvData:
         if not self.features or not self.targets:
             raise ValueError("data.features and data.targets must each name at least one column")
-        for key, names in (("data.features", self.features), ("data.targets", self.targets)):
-            if twice := [name for i, name in enumerate(names) if name in names[:i]]:
-                raise ValueError(f"{key} lists column {twice[0]} more than once")
-        if both := [name for name in self.features if name in self.targets]:
-            raise ValueError(f"column {both[0]} is in both data.features and data.targets; "
-                              "a column is either a feature or a target")
+        _each_column_once(self.features, self.targets, "data.features", "data.targets")
         return self
+
+
+def _each_column_once(features, targets, feature_key: str, target_key: str) -> None:
+    """Every column name once: a name twice in a role, or in both roles, is refused."""
+    for key, names in ((feature_key, features), (target_key, targets)):
+        if twice := [name for i, name in enumerate(names) if name in names[:i]]:
+            raise ValueError(f"{key} lists column {twice[0]} more than once")
+    if both := [name for name in features if name in targets]:
+        raise ValueError(f"column {both[0]} is in both {feature_key} and {target_key}; "
+                         "a column is either a feature or a target")
 
 
 DataConfig = TableData | LineData | SyntheticData | CsvData

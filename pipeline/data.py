@@ -58,10 +58,6 @@ def build(config: DataConfig, seed: int) -> Dataset:
         raise TypeError(f"unknown data config {config!r}")
     if dataset.n_rows == 0:
         raise DataError(f"the {config.source} recipe gives no rows; check its range or values")
-    names = (*dataset.feature_names, *dataset.target_names)
-    if repeated := sorted({name for name in names if names.count(name) > 1}):
-        raise DataError(f"the {config.source} recipe names column {repeated[0]} more than once "
-                        "(features and targets need a name each)")
     for role, values in (("features", dataset.features), ("targets", dataset.targets)):
         if not np.isfinite(values).all():
             raise DataError(f"the {config.source} recipe gives {role} that are inf or NaN; "
