@@ -62,7 +62,26 @@ def build(config: DataConfig, seed: int) -> Dataset:
         if not np.isfinite(values).all():
             raise DataError(f"the {config.source} recipe gives {role} that are inf or NaN; "
                             "check its values")
+    where = f"{Path(config.csv).absolute()}: " if isinstance(config, CsvData) else ""
+    _check_magnitude(dataset, where)
     return dataset
+
+
+def _check_magnitude(dataset: Dataset, where: str) -> None:
+    """Refuse a column whose sum of squares overflows float64: no loss, gradient or theory can
+    be computed on it (a CSV cell of 1e308 is a finite number, but not one to train on)."""
+    for values, names in ((dataset.features, dataset.feature_names),
+                          (dataset.targets, dataset.target_names)):
+        with np.errstate(over="ignore", invalid="ignore"):
+            squares = np.einsum("ij,ij->j", values, values)
+        if np.isfinite(squares).all():
+            continue
+        column = int(np.flatnonzero(~np.isfinite(squares))[0])
+        row = int(np.abs(values[:, column]).argmax())
+        raise DataError(
+            f"{where}column {names[column]} holds values too large to train on "
+            f"({values[row, column]:g} in data row {row + 1}): the sum of their squares "
+            "overflows; rescale the column")
 
 
 def column_names(config: DataConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:

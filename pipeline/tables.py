@@ -91,13 +91,18 @@ def numeric_matrix(frame, columns: tuple[str, ...], path: str | Path) -> np.ndar
 
     matrix = np.empty((len(frame), len(columns)), dtype=np.float64)
     for j, column in enumerate(columns):
+        kind = frame[column].dtype
+        if kind.kind in "mM" or isinstance(kind, pd.PeriodDtype):  # pandas would give nanoseconds
+            raise DataError(f"{path}: column {column} holds dates or times ({kind}), not "
+                            "numbers; convert it to a number first")
         values = pd.to_numeric(frame[column], errors="coerce")
         matrix[:, j] = values.to_numpy(dtype=np.float64, na_value=np.nan)
         bad = ~np.isfinite(matrix[:, j])  # text, an empty cell, NaN or inf
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
             raw = frame[column].iloc[row]
-            shown = "an empty cell" if pd.isna(raw) else f"'{raw}'"
+            empty = pd.api.types.is_scalar(raw) and pd.isna(raw)  # a list cell is no scalar
+            shown = "an empty cell" if empty else f"'{raw}'"
             raise DataError(
                 f"{path}: column {column} holds a non-numeric or missing value "
                 f"({shown}) in data row {row + 1}"

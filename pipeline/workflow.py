@@ -6,6 +6,7 @@ calls the pure stage (``data``, ``train``, ``evaluate``) and records the outcome
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -109,14 +110,7 @@ def train(exp: Experiment, dataset: Dataset, experiment: str,
             epoch = result.diverged_at
             loss = result.train_loss[-1]
             tracking.set_tags(run_id, {"diverged": "true", "diverged_at_epoch": str(epoch)})
-            edge = theory.learning_rates(train_set, config.has_bias, config.loss)["lr_max_stable"]
-            guide = "" if theory.exact_for(config, train_set.n_rows) else (
-                ", exact for full batches, a guide here")
-            raise DivergedError(
-                f"training diverged at epoch {epoch}: train_loss became {loss:.6g} "
-                f"with lr={config.lr:g}; the largest stable lr for this data is {edge:.4g} "
-                f"(theory{guide}): try --set lr={edge / 2:.2g} (run {run_id} marked FAILED)"
-            )
+            raise DivergedError(_divergence(config, train_set, epoch, loss, run_id))
         tracking.set_tags(run_id, {"diverged": "false"})
         model_uri = tracking.log_model(run_id, result.model.to_module(), train_set, config.dtype)
     echo(
@@ -124,6 +118,21 @@ def train(exp: Experiment, dataset: Dataset, experiment: str,
         f"{result.train_loss[-1]:.6g}; model {model_uri}"
     )
     return Trained(run_id, model_uri)
+
+
+def _divergence(config, train_set: Dataset, epoch: int, loss: float, run_id: str) -> str:
+    """Why training diverged and what to try: a smaller lr, or data that fit the dtype."""
+    said = f"training diverged at epoch {epoch}: train_loss became {loss:.6g}"
+    if epoch == 0 and not math.isfinite(loss):  # no lr helps: the first loss overflowed
+        largest = max(abs(train_set.features).max(), abs(train_set.targets).max())
+        return (f"{said} before the first step: the data's values (up to {largest:.3g}) "
+                f"overflow {config.dtype} arithmetic; rescale them, or set scale=standard or "
+                f"dtype=float64 (run {run_id} marked FAILED)")
+    edge = theory.learning_rates(train_set, config.has_bias, config.loss)["lr_max_stable"]
+    guide = "" if theory.exact_for(config, train_set.n_rows) else (
+        ", exact for full batches, a guide here")
+    return (f"{said} with lr={config.lr:g}; the largest stable lr for this data is {edge:.4g} "
+            f"(theory{guide}): try --set lr={edge / 2:.2g} (run {run_id} marked FAILED)")
 
 
 def describe_training(exp: Experiment) -> str:

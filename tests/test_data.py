@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 import numpy as np
+import pandas as pd
 import pytest
 
 from pipeline import config, data, tables
@@ -352,6 +353,34 @@ def test_bad_parquet_value_is_named(tmp_path, value, shown):
     assert info.value.message == (
         f"{path}: column b holds a non-numeric or missing value ({shown}) in data row 2"
     )
+
+
+@pytest.mark.parametrize(("cells", "message"), [
+    (pd.to_datetime(["2020-01-01", "2020-01-02"]), "holds dates or times (datetime64"),
+    (pd.to_timedelta([1, 2], unit="s"), "holds dates or times (timedelta64"),
+    (pd.period_range("2020-01", periods=2, freq="M"), "holds dates or times (period[M])"),
+    ([[1.0, 2.0], [3.0]], "holds a non-numeric or missing value ('[1. 2.]') in data row 1"),
+])
+def test_parquet_cells_that_are_not_numbers_are_refused(tmp_path, cells, message):
+    # pandas would read times as nanoseconds; a list cell once ended in a traceback.
+    path = tmp_path / "table.parquet"
+    pd.DataFrame({"a": cells, "b": [1.0, 2.0]}).to_parquet(path)
+    with pytest.raises(DataError) as info:
+        tables.read_table(path, ("a",), ("b",))
+    assert info.value.message.startswith(f"{path}: column a {message}")
+
+
+@pytest.mark.parametrize("big", [1e308, 1e200])
+def test_values_whose_squares_overflow_are_refused(tmp_path, big):
+    path = write_csv(tmp_path / "table.csv", f"a,b\n1,2\n{big:g},3\n")
+    with pytest.raises(DataError) as info:
+        data.build(CsvData(csv=str(path), features=("a",), targets=("b",)), seed=0)
+    assert info.value.message == (
+        f"{path}: column a holds values too large to train on ({big:g} in data row 2): the "
+        "sum of their squares overflows; rescale the column")
+    # 1e150 squared is 1e300: large, but still a number to compute with.
+    path = write_csv(tmp_path / "table.csv", "a,b\n1,2\n1e150,3\n")
+    assert data.build(CsvData(csv=str(path), features=("a",), targets=("b",)), 0).n_rows == 2
 
 
 def test_repeated_header_column_is_refused(tmp_path):

@@ -3,6 +3,7 @@ under one parent. Runs, statuses, params and metrics are checked against direct 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +156,20 @@ def test_divergence_fails_the_train_run_and_logs_no_model(experiment):
     assert int(run.data.tags["diverged_at_epoch"]) == len(losses) - 1
     assert losses[-1] > 100 * losses[0]
     assert MlflowClient().search_logged_models([experiment]) == []
+
+
+def test_data_that_overflow_float32_are_named_not_blamed_on_the_lr(experiment):
+    # 3e30 squared is 9e60: finite in float64 (the data check passes), inf in float32, so the
+    # first loss overflows and no learning rate can help.
+    exp = load("line_2x_plus_1", "data.x_range=[]", "data.x=[1e30,2e30,3e30]")
+    with pytest.raises(DivergedError) as info:
+        workflow.train(exp, data.build(exp.data, exp.seed), experiment, echo=quiet)
+    assert re.search(r"before the first step: the data's values \(up to \de\+30\) overflow "
+                     "float32 arithmetic", str(info.value))
+    assert "try --set lr" not in str(info.value)
+    (run,) = runs_of(experiment)["train"]
+    assert run.info.status == "FAILED"
+    assert run.data.tags["diverged_at_epoch"] == "0"
 
 
 # --- evaluate ------------------------------------------------------------------------------------
