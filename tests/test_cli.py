@@ -266,6 +266,51 @@ def test_a_web_server_that_is_not_mlflow(workdir):
     assert "hunter2" not in result.stderr + result.stdout
 
 
+class _HealthyButFailing:
+    """An MLflow server whose /health passes while every request fails, as one does when its
+    own store is broken: MLflow's client would retry each request for minutes."""
+
+    def __init__(self, status: int):
+        import http.server
+        import json
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802  (http.server's name)
+                if self.path == "/health":
+                    self.send_response(200)
+                    self.end_headers()
+                    self.wfile.write(b"OK")
+                    return
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(json.dumps({"error_code": "INTERNAL_ERROR", "message":
+                                             "attempt to write a readonly database"}).encode())
+
+            do_POST = do_GET
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.port = self.server.server_address[1]
+
+
+@pytest.mark.parametrize("status", [500, 403])
+def test_a_healthy_server_that_fails_requests_is_named_at_once(workdir, status):
+    server = _HealthyButFailing(status)
+    try:
+        url = f"http://someone:hunter2@127.0.0.1:{server.port}"
+        result = pipeline(workdir, "train", "-e", "line_fit_15pts", "--tracking-uri", url)
+    finally:
+        server.server.shutdown()
+    assert_one_line_failure(result, f"answered HTTP {status} to a search for experiments: "
+                            "attempt to write a readonly database")
+    assert "hunter2" not in result.stderr + result.stdout
+
+
 def test_a_split_without_training_rows_is_refused_before_any_run(workdir):
     result = pipeline(workdir, "run", "-e", "synthetic", "--set", "data.n_rows=1")
     assert_one_line_failure(result, "val_fraction 0.2 leaves no training rows out of 1")

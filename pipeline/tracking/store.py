@@ -138,6 +138,44 @@ def _check_server(url: str, shown: str) -> None:
     except requests.RequestException as err:
         reason = type(err).__name__
         raise TrackingError(f"tracking server {shown} is not reachable ({reason})") from None
+    # A server can be healthy and still fail every request (its own store broken, full or
+    # locked; credentials refused). One real request, tried once: MLflow would retry it with
+    # backoff for minutes before saying so.
+    try:
+        answer = requests.get(url.rstrip("/") + "/api/2.0/mlflow/experiments/search",
+                              params={"max_results": 1}, timeout=HEALTH_TIMEOUT_S,
+                              **_request_credentials())
+    except requests.RequestException as err:
+        reason = type(err).__name__
+        raise TrackingError(f"tracking server {shown} is not reachable ({reason})") from None
+    if not answer.ok:
+        raise TrackingError(f"tracking server {shown} answered HTTP {answer.status_code} to "
+                            f"a search for experiments: {redact.mask(_server_message(answer))}")
+
+
+def _request_credentials() -> dict:
+    """What MLflow would send to a server: basic auth or a token, and its TLS settings."""
+    env = os.environ
+    options: dict = {}
+    if user := env.get("MLFLOW_TRACKING_USERNAME"):
+        options["auth"] = (user, env.get("MLFLOW_TRACKING_PASSWORD", ""))
+    elif token := env.get("MLFLOW_TRACKING_TOKEN"):
+        options["headers"] = {"Authorization": f"Bearer {token}"}
+    if env.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+        options["verify"] = False
+    elif cert := env.get("MLFLOW_TRACKING_SERVER_CERT_PATH"):
+        options["verify"] = cert
+    return options
+
+
+def _server_message(answer) -> str:
+    """An MLflow error's own message, else the first line of what the server sent."""
+    try:
+        message = answer.json().get("message")
+    except (ValueError, AttributeError):
+        message = None
+    text = str(message or answer.text).strip() or answer.reason or "no message"
+    return text.splitlines()[0][:200]
 
 
 def _check_database_server(uri: str, shown: str) -> None:
