@@ -3,7 +3,8 @@ squared error of a linear model, every epoch of every trial at once, from X̃ᵀ
 
 ``state`` and ``watch`` are the engine's stacked trials and their curves: this module reads
 ``state.weight``, ``state.bias`` and ``state.lrs`` and writes the final parameters back, and
-gives ``watch`` each block of epochs' losses.
+gives ``watch`` each block of epochs' losses. The engine makes each set of rows'
+:class:`Statistics` once for a whole sweep.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def _on(array: np.ndarray, like):
     return array if isinstance(like, np.ndarray) else torch.as_tensor(array, device=like.device)
 
 
-class _Statistics:
+class Statistics:
     """X̃ᵀX̃, X̃ᵀY and YᵀY in float64: the loss of any parameters. On the CPU they come from
     one symmetric product of [X 1 Y] per block of rows (BLAS syrk, half a general product's
     work), in one pass over the data."""
@@ -65,8 +66,7 @@ class _Statistics:
             state.bias.copy_(theta[:, d, :])
 
 
-def descend(state: _Stacked, train_set: Dataset, val_set: Dataset | None,
-            config: TrainConfig, watch: _Stops) -> None:
+def descend(state: _Stacked, stats: Statistics, v: Statistics | None, watch: _Stops) -> None:
     """Full-batch descent on the squared error, every epoch of every trial at once.
 
     In the eigenbasis of G = X̃ᵀX̃ (G = QΛQᵀ, z = Qᵀθ, c = QᵀX̃ᵀY) an update of the loop,
@@ -77,7 +77,6 @@ def descend(state: _Stacked, train_set: Dataset, val_set: Dataset | None,
     columns) do not move.
     """
     device = state.lrs.device
-    stats = _Statistics(train_set, device, config)
     lam, q = torch.linalg.eigh(stats.gram)
     moving = lam > lam.max().clamp(min=0) * 1e-12
     safe = torch.where(moving, lam, torch.ones_like(lam))
@@ -91,8 +90,7 @@ def descend(state: _Stacked, train_set: Dataset, val_set: Dataset | None,
                              + stats.y_square)
     weight = stats.scale * lam * e.square().sum(1)  # (D,)
     val = None
-    if val_set is not None:
-        v = _Statistics(val_set, device, config)
+    if v is not None:
         gram, cross = q.T @ v.gram @ q, q.T @ v.cross
         val = (v.scale, gram, v.scale * (
             (z_star * (gram @ z_star)).sum() - 2 * (cross * z_star).sum() + v.y_square),

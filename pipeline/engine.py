@@ -39,10 +39,13 @@ TrialCallback = Callable[[int, int, float, "float | None"], bool]
 def train_many(config: TrainConfig, train_set: Dataset, val_set: Dataset | None,
                lrs: Sequence[float], epochs: Sequence[int],
                on_epoch: TrialCallback | None = None, program: str = "auto",
-               report_every: int = 1) -> list[TrainResult]:
+               report_every: int = 1, kept: dict | None = None) -> list[TrainResult]:
     """Train one model per (lr, epochs) pair; their curves, as :func:`train.train` gives them.
 
     ``on_epoch`` is called for each trial still training at every ``report_every``-th epoch.
+    ``kept``, one dict held across the calls of a sweep (the same rows, the same config but
+    for lr and epochs), keeps what the rows give every batch: their tensors on the device, or
+    their statistics, made once instead of once a batch (on a million rows, 0.1-0.3 s each).
     """
     if program == "auto":
         program = "statistics" if theory.exact_for(config, train_set.n_rows) else "loop"
@@ -58,10 +61,17 @@ def train_many(config: TrainConfig, train_set: Dataset, val_set: Dataset | None,
     watch = _Stops(torch.tensor(list(epochs), device=device), on_epoch, report_every,
                    val_set is not None)
     if program == "statistics":
-        closed_form.descend(state, train_set, val_set, config, watch)
+        def statistics(rows):
+            return closed_form.Statistics(rows, device, config)
+
+        closed_form.descend(state, _derived(kept, "statistics", train_set, statistics),
+                            _derived(kept, "statistics", val_set, statistics), watch)
     else:
-        _loop(state, _Rows(train_set, device, dtype, config),
-              None if val_set is None else _Rows(val_set, device, dtype, config), config, watch)
+        def tensors(rows):
+            return _Rows(rows, device, dtype, config)
+
+        _loop(state, _derived(kept, f"rows {dtype}", train_set, tensors),
+              _derived(kept, f"rows {dtype}", val_set, tensors), config, watch)
     results = []
     for k, (train_curve, val_curve, diverged_at, stopped_at) in enumerate(watch.curves()):
         model = models.LinearRegressor(
@@ -72,6 +82,18 @@ def train_many(config: TrainConfig, train_set: Dataset, val_set: Dataset | None,
                                           val_loss=val_curve, diverged_at=diverged_at,
                                           stopped_at=stopped_at)))
     return results
+
+
+def _derived(kept: dict | None, kind: str, rows: Dataset | None, make):
+    """``make(rows)``, or what an earlier call made from the same rows (``None`` for none)."""
+    if rows is None:
+        return None
+    if kept is None:
+        return make(rows)
+    key = (kind, id(rows))
+    if key not in kept:
+        kept[key] = (rows, make(rows))  # the rows are held too: their id stays theirs
+    return kept[key][1]
 
 
 def _loop(state: _Stacked, data: _Rows, val: _Rows | None, config: TrainConfig,

@@ -103,7 +103,7 @@ def run(exp: Experiment, settings: SweepSettings, tracking_uri: str,
         try:
             dead_trials.recover_dead_trials(study, storage, trials.close_dead_trial_run)
             before = studies.finished(study)
-            ctx = worker.context(spec, study_name)
+            ctx = worker.context(spec, study_name, dataset)
             with tracking.system_metrics(spec.parent_run_id):
                 _have_trials_run(study, storage, ctx, settings, tracking_uri, echo)
             if (finished := studies.finished(study)) < settings.n_trials:  # --timeout
@@ -131,6 +131,10 @@ def _set_up(study: optuna.Study, exp: Experiment, settings: SweepSettings, datas
         raise SweepError(f"study {study.study_name!r} was made with other settings than "
                          f"{exp.name!r} has now; pass --study-name to start another study")
     data_key = data.content_key(exp.data, exp.seed)
+    if old is not None and old.get("data_key", data_key) != data_key:
+        raise SweepError(f"study {study.study_name!r} was made with other data than "
+                         f"{exp.name!r} gives now (its CSV changed?); pass --study-name to "
+                         "start another study")
     # A set-up killed before it recorded its new parent left that run RUNNING: close it. The
     # token, stored before a parent is made and tagged on it, finds it whatever the timing.
     if token := study.user_attrs.get(PARENT_TOKEN_ATTR):

@@ -45,7 +45,7 @@ def summarise(study: optuna.Study, exp: configs.Experiment, ctx, rates: dict[str
     states = studies.counts(study)
     summary = Summary(study.study_name, ctx.experiment_id, ctx.parent_run_id,
                       sum(states.values()), new_trials, states, None, {}, rates)
-    train_set, val_set = data.split(ctx.dataset, exp.val_fraction, exp.seed, exp.train.scale)
+    train_set, val_set = ctx.split
     rows = val_set if val_set is not None else train_set
     log_study(study, ctx.parent_run_id, rates, "val_loss" if val_set is not None else "train_loss",
               theory.optimum_loss(rows, exp.train.has_bias, exp.train.loss))
@@ -196,11 +196,10 @@ def register_best(best: optuna.trial.FrozenTrial, exp: configs.Experiment, ctx) 
 
 def _log_best_model(best, exp: configs.Experiment, ctx, run_id: str) -> str:
     best_exp = configs.with_train(exp, lr=best.params["lr"], epochs=best.params["epochs"])
-    train_set, val_set = data.split(ctx.dataset, best_exp.val_fraction, best_exp.seed,
-                                    best_exp.train.scale)
+    train_set, val_set = ctx.split
     # The program the trial ran (pipeline.engine), so the model is the one its curve describes.
     [result] = engine.train_many(best_exp.train, train_set, val_set, [best.params["lr"]],
-                                 [best.params["epochs"]])
+                                 [best.params["epochs"]], kept=ctx.kept)
     model_uri = tracking.log_model(run_id, result.model.to_module(), train_set,
                                    best_exp.train.dtype)
     tracking.set_tags(run_id, {"model_uri": model_uri})

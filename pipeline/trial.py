@@ -8,6 +8,7 @@ its user attribute ``mlflow_run_id``, and the process that runs it as ``worker``
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,6 +46,17 @@ class TrialContext:
     def report_every(self) -> int:
         return max(1, self.epochs[1] // REPORTS_PER_TRIAL)
 
+    @functools.cached_property
+    def split(self) -> tuple[Dataset, Dataset | None]:
+        """The training and validation rows, split once for every batch."""
+        return data.split(self.dataset, self.exp.val_fraction, self.exp.seed,
+                          self.exp.train.scale)
+
+    @functools.cached_property
+    def kept(self) -> dict:
+        """What the engine derives from the rows once for every batch (``train_many``)."""
+        return {}
+
 
 def objective_value(result: training.TrainResult, exp: Experiment,
                     val_set: Dataset | None) -> float:
@@ -64,14 +76,14 @@ def run_batch(study: optuna.Study, asked: list[optuna.Trial], ctx: TrialContext,
     """
     lrs = [trial.suggest_float("lr", *ctx.lr, log=True) for trial in asked]
     epochs = [trial.suggest_int("epochs", *ctx.epochs) for trial in asked]
-    train_set, val_set = data.split(ctx.dataset, ctx.exp.val_fraction, ctx.exp.seed,
-                                    ctx.exp.train.scale)
+    train_set, val_set = ctx.split
     run_ids = [_open_run(trial, ctx, lr, count)
                for trial, lr, count in zip(asked, lrs, epochs, strict=True)]
     watch = _Watch(asked, report=not isinstance(study.pruner, optuna.pruners.NopPruner))
     try:
         results = engine.train_many(ctx.exp.train, train_set, val_set, lrs, epochs,
-                                    on_epoch=watch, report_every=ctx.report_every)
+                                    on_epoch=watch, report_every=ctx.report_every,
+                                    kept=ctx.kept)
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         for trial, run_id in zip(asked, run_ids, strict=True):

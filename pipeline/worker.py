@@ -58,10 +58,13 @@ def join(storage_url: str, study_name: str, offset: int = 0, wait_s: float = CON
     return study, storage, spec
 
 
-def context(spec: studies.Spec, study_name: str) -> trials.TrialContext:
+def context(spec: studies.Spec, study_name: str, dataset=None) -> trials.TrialContext:
+    """What the study's trials need; the dataset is read from the sweep's run unless this
+    process has it already (the coordinator built it from the same recipe)."""
     exp = configs.build(spec.experiment_name, spec.experiment)
     return trials.TrialContext(
-        exp=exp, dataset=tracking.read_dataset(spec.data_uri), lr=spec.lr, epochs=spec.epochs,
+        exp=exp, dataset=dataset or tracking.read_dataset(spec.data_uri), lr=spec.lr,
+        epochs=spec.epochs,
         experiment_id=spec.experiment_id, parent_run_id=spec.parent_run_id,
         study_name=study_name, log_models=spec.log_models, batch=spec.batch)
 

@@ -60,6 +60,29 @@ def test_each_trial_matches_training_it_alone(case):
         assert result.diverged == single.diverged
 
 
+@pytest.mark.parametrize("program", ["loop", "statistics"])
+def test_batches_sharing_what_the_rows_give_train_as_batches_alone(monkeypatch, program):
+    # A sweep keeps the rows' tensors or statistics for all its batches: made once, and each
+    # batch trains as it would with its own.
+    exp, train_set, val_set, edge = prepared("synthetic", [
+        "data.n_rows=400", "model=manual", "batch_size=null", "shuffle=false"])
+    made = []
+    for name, owner in (("Statistics", engine.closed_form), ("_Rows", engine)):
+        real = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, real=real: made.append(a[0]) or real(*a))
+    kept = {}
+    for lrs, epochs in (([0.1 * edge, 0.5 * edge], [20, 30]), ([0.9 * edge], [25])):
+        shared = engine.train_many(exp.train, train_set, val_set, lrs, epochs, program=program,
+                                   kept=kept)
+        own = engine.train_many(exp.train, train_set, val_set, lrs, epochs, program=program)
+        for a, b in zip(shared, own, strict=True):
+            assert a.train_loss == b.train_loss and a.val_loss == b.val_loss
+            torch.testing.assert_close(a.model.weight, b.model.weight, rtol=0, atol=0)
+    # Twice for the batches' own (train and validation rows each), once for the shared.
+    assert [id(rows) for rows in made].count(id(train_set)) == 3
+    assert [id(rows) for rows in made].count(id(val_set)) == 3
+
+
 FULL_BATCH = ["line_fit_15pts", "crop_yields_manual", "line_2x_plus_1", "slope_only"]
 
 

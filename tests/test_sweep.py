@@ -286,6 +286,24 @@ def test_log_models_all_logs_a_model_per_completed_trial(store):
     assert finished and all(c.data.tags["model_uri"].startswith("models:/") for c in finished)
 
 
+def test_a_study_resumed_on_changed_data_is_refused(workdir, store):
+    # The config is the same, the CSV's rows are not: the study's trials would no longer be
+    # comparable, and the data the workers read (the sweep's copy) would not be the file's.
+    (workdir / "rows.csv").write_text("x,y\n1,3\n2,5\n3,7\n4,9\n")
+    (workdir / "rows.yaml").write_text(
+        "seed: 0\nmodel: manual\nlr: 0.01\nepochs: 5\ndata:\n  source: csv\n"
+        "  csv: rows.csv\n  features: [x]\n  targets: [y]\n"
+        "sweep:\n  lr: [0.001, 0.05]\n  epochs: [2, 5]\n")
+    sweep(store, "-e", "rows.yaml", "--n-trials", "2")
+    (workdir / "rows.csv").write_text("x,y\n1,3\n2,5\n3,7\n4,10\n")
+    result = CliRunner().invoke(cli, ["sweep", "-e", "rows.yaml", "--n-trials", "4",
+                                      "--tracking-uri", store])
+    assert result.exit_code != 0
+    assert "was made with other data than 'rows' gives now" in result.output
+    assert len(study_of("rows").trials) == 2
+    assert "RUNNING" not in run_statuses(workdir / "mlflow.db")
+
+
 def test_a_study_made_with_other_settings_is_refused(workdir, store):
     sweep(store, "-e", "line_fit_15pts", "--n-trials", "2", "--epochs-range", "5", "20")
     result = subprocess.run(
