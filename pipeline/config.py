@@ -31,6 +31,7 @@ from pipeline.experiment_files import (  # noqa: F401  (re-exported: configs.ava
     EXPERIMENTS_ENV,
     ConfigError,
     Count,
+    Epochs,
     Finite,
     Flag,
     Integer,
@@ -188,7 +189,7 @@ class TrainConfig(Schema):
 
     lr: Annotated[Number, must(lambda x: math.isfinite(x) and x > 0,
                                "must be a finite number > 0")]
-    epochs: Count
+    epochs: Epochs
     model: Literal["manual", "builtin"] = "manual"
     weight_init: WeightInit = "torch"
     bias_init: BiasInit = "torch"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -87,6 +88,11 @@ def must(test: Callable[[Any], bool], phrase: str) -> AfterValidator:
 
 
 Count = Annotated[Integer, must(lambda n: n >= 1, "must be >= 1")]
+# Each epoch is a point of a run's loss curves, held in memory and logged to MLflow: a million
+# takes minutes to log; a hundred million would not fit in memory.
+EPOCHS_MAX = 1_000_000
+Epochs = Annotated[Count, must(lambda n: n <= EPOCHS_MAX,
+                               f"must be at most {EPOCHS_MAX:,} (one loss-curve point each)")]
 Finite = Annotated[Number, must(math.isfinite, "must be finite")]
 NonNegative = Annotated[Number, must(lambda x: math.isfinite(x) and x >= 0,
                                      "must be a finite number >= 0")]
@@ -226,16 +232,23 @@ def _unique_key_loader():
     return Loader
 
 
+NEXT_ASSIGNMENT = re.compile(r"\s+(?=[^\s=\[\]{},]+=)")  # a space, then key=
+
+
 def parse_overrides(assignments: typing.Iterable[str]) -> list[tuple[str, Any]]:
     """``["lr=0.05", "data.noise=0.2 epochs=3"]`` -> ``[("lr", 0.05), ...]``.
 
-    Each item may hold several space-separated assignments (MLproject passes one string).
+    Each item may hold several space-separated assignments (MLproject passes one string); an
+    item splits only where a space comes before the next ``key=``, so values such as
+    ``sweep.epochs=[5, 50]`` keep their spaces.
     """
     import yaml
 
     parsed = []
     for item in assignments:
-        for assignment in item.split():
+        if not item.strip():
+            continue
+        for assignment in NEXT_ASSIGNMENT.split(item.strip()):
             key, sep, text = assignment.partition("=")
             if not sep or not key:
                 raise ConfigError(f"override {assignment!r} must look like key=value")

@@ -13,7 +13,7 @@ from typing import Annotated, Literal, NamedTuple
 
 from pydantic import AfterValidator
 
-from pipeline.experiment_files import Count, Integer, Number, Schema, Seed, must
+from pipeline.experiment_files import EPOCHS_MAX, Count, Integer, Number, Schema, Seed, must
 
 
 class Range(NamedTuple):
@@ -49,6 +49,9 @@ class Range(NamedTuple):
     def epochs(cls, bounds: tuple[int, ...] | None) -> Range | None:
         if (found := cls.of(bounds)) and found.low < 1:
             raise ValueError(f"must start at 1 or more, got [{found.low}, {found.high}]")
+        if found and found.high > EPOCHS_MAX:
+            raise ValueError(f"must end at {EPOCHS_MAX:,} or less (one loss-curve point an "
+                             f"epoch), got [{found.low}, {found.high}]")
         return found
 
 

@@ -250,6 +250,23 @@ def test_override_values_are_coerced_to_the_field_type(override, key, expected):
     assert type(value) is type(expected)
 
 
+def test_one_override_string_splits_only_before_a_key():
+    # MLproject passes all overrides as one string; a list value keeps its spaces.
+    assert config.parse_overrides(["lr=0.05 epochs=200", "sweep.epochs=[5, 50] seed=3",
+                                   "description=two words", "   "]) == [
+        ("lr", 0.05), ("epochs", 200), ("sweep.epochs", [5, 50]), ("seed", 3),
+        ("description", "two words")]
+
+
+def test_epochs_beyond_what_a_curve_can_hold_are_refused():
+    # A hundred million epochs once filled 21 GB of memory before any error.
+    with pytest.raises(ConfigError, match="^epochs must be at most 1,000,000"):
+        config.load("slope_only", ["epochs=1000001"])
+    with pytest.raises(ConfigError, match="^sweep.epochs must end at 1,000,000 or less"):
+        config.load("slope_only", ["sweep.epochs=[5, 100000000]"])
+    assert config.load("slope_only", ["epochs=1000000"]).train.epochs == 1_000_000
+
+
 @pytest.mark.parametrize("bad", ["lr", "=3", "lr:0.1"])
 def test_override_without_key_and_value_is_rejected(bad):
     with pytest.raises(ConfigError, match="key=value"):

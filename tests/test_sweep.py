@@ -211,6 +211,7 @@ def test_theory_for_several_parameters_matches_eigenvalues():
         (["--lr-range", "0", "0.1"], "--lr-range must lie above 0"),
         (["--epochs-range", "50", "5"], "--epochs-range must be a range [low, high] with"),
         (["--epochs-range", "0", "5"], "--epochs-range must start at 1 or more"),
+        (["--epochs-range", "5", "100000000"], "--epochs-range must end at 1,000,000 or less"),
         (["--n-trials", "0"], "--n-trials must be >= 1"),
         (["--workers", "-1"], "--workers must be >= 0"),
         (["--seed", "-5"], "--seed must lie in [0, 2**32)"),
