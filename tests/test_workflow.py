@@ -123,6 +123,13 @@ def test_train_logs_params_the_curve_and_a_model_that_predicts_like_the_trained_
         expected = direct.model(torch.as_tensor(dataset.features, dtype=torch.float32))
     predicted = serving.load(trained.model_uri).predict(dataset.features)
     np.testing.assert_array_equal(predicted, expected.numpy().astype(np.float64))
+    # The model belongs to the run's experiment, so the run's own URI finds it too.
+    (model,) = MlflowClient().search_logged_models([experiment])
+    assert (model.source_run_id, model.model_id) == (run.info.run_id,
+                                                     trained.model_uri.removeprefix("models:/"))
+    assert model.params["lr"] == "1e-05"
+    by_run = serving.load(f"runs:/{run.info.run_id}/model").predict(dataset.features)
+    np.testing.assert_array_equal(by_run, predicted)
 
 
 def test_a_single_weight_gets_a_loss_surface(experiment):

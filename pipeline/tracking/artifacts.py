@@ -117,6 +117,20 @@ def pip_requirements() -> list[str]:
 
 
 @interrupts.shielded
+def _new_logged_model(run_id: str) -> str:
+    """A logged model in its run's experiment, with the run's params and source tags, as
+    ``Model.log`` would make it, except that ``Model.log`` alone files it under the active
+    experiment: with no active run, the Default one, where ``runs:/<id>/model`` is not found.
+    """
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    tags = {key: value for key, value in run.data.tags.items()
+            if key == "mlflow.user" or key.startswith("mlflow.source.")}
+    return client.create_logged_model(
+        run.info.experiment_id, name="model", source_run_id=run_id, tags=tags,
+        params={key: str(value) for key, value in run.data.params.items()}).model_id
+
+
 def log_model(run_id: str, module: torch.nn.Module, dataset: Dataset, dtype: str,
               validate: bool = True) -> str:
     """Log ``module`` as an MLflow model of the run; return its ``models:/`` URI.
@@ -139,6 +153,7 @@ def log_model(run_id: str, module: torch.nn.Module, dataset: Dataset, dtype: str
         artifact_path=None,
         name="model",
         run_id=run_id,
+        model_id=_new_logged_model(run_id),
         flavor=model_format,
         module=module,
         example=example.astype(dtype),
