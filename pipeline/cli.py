@@ -168,7 +168,7 @@ def evaluate(experiment, tracking_uri: str, model_uri: str, data_uri: str | None
         dataset = tracking.read_dataset(data_uri)
         data.check_columns(experiment.data, dataset, data_uri, experiment.name)
     model = serving.load(model_uri)
-    workflow.check_fits(experiment, dataset, model, model_uri)
+    workflow.model_columns(experiment, dataset, model, model_uri)  # before any run
     experiment_id = connect_experiment(experiment, tracking_uri)  # the input is good
     workflow.evaluate_model(experiment, dataset, model_uri, experiment_id, echo=click.echo,
                             model=model)

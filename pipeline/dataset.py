@@ -54,6 +54,18 @@ class Dataset:
     def rows(self, index: np.ndarray) -> Dataset:
         return dataclasses.replace(self, features=self.features[index], targets=self.targets[index])
 
+    def columns(self, features: tuple[str, ...], targets: tuple[str, ...]) -> Dataset:
+        """The named features and targets, in that order; the true weights follow them."""
+        if self.scaler is not None:
+            raise ValueError("columns are picked from raw rows, before any scaling")
+        f = [self.feature_names.index(name) for name in features]
+        t = [self.target_names.index(name) for name in targets]
+        return dataclasses.replace(
+            self, features=self.features[:, f], targets=self.targets[:, t],
+            feature_names=tuple(features), target_names=tuple(targets),
+            true_weight=None if self.true_weight is None else self.true_weight[np.ix_(t, f)],
+            true_bias=None if self.true_bias is None else self.true_bias[t])
+
     def frame(self):
         """Features then targets as one pandas DataFrame, named columns."""
         import pandas as pd

@@ -154,9 +154,10 @@ def _single_weight(result: training.TrainResult) -> bool:
 def evaluate_model(exp: Experiment, dataset: Dataset, model_uri: str, experiment: str,
                    parent_run_id: str | None = None, echo: Echo = print,
                    model: serving.LoadedModel | None = None) -> dict[str, float]:
-    """Score a logged model on the evaluation split (validation rows, else the training rows)."""
+    """Score a logged model on the evaluation split (validation rows, else the training rows),
+    fed the data's columns by the names the model takes."""
     model = model or serving.load(model_uri)
-    check_fits(exp, dataset, model, model_uri)
+    dataset = model_columns(exp, dataset, model, model_uri)
     train_set, val_set = data.split(dataset, exp.val_fraction, exp.seed)
     eval_set, split_name = (val_set, "validation") if val_set is not None else (train_set, "train")
     tags = {"stage": "evaluate", "model_uri": model_uri, "eval_split": split_name}
@@ -181,14 +182,26 @@ def evaluate_model(exp: Experiment, dataset: Dataset, model_uri: str, experiment
     return metrics
 
 
-def check_fits(exp: Experiment, dataset: Dataset, model: serving.LoadedModel,
-               model_uri: str) -> None:
-    """A model scores an experiment's data only if it takes the same features."""
-    if len(model.feature_names) != dataset.features.shape[1]:
-        raise serving.ModelError(
-            f"model {model_uri} takes {len(model.feature_names)} features "
-            f"({', '.join(model.feature_names)}) but {exp.name}'s data has "
-            f"{dataset.features.shape[1]}; was it trained on another experiment?")
+def model_columns(exp: Experiment, dataset: Dataset, model: serving.LoadedModel,
+                  model_uri: str) -> Dataset:
+    """The data's columns a model takes and gives, by name and in the model's order; a model
+    whose features or targets the data lack (or name otherwise) is refused."""
+    targets = model.target_names
+    if not targets:  # a model that records no target names: its outputs, by position
+        width = model.predict(dataset.features[:1, :len(model.feature_names)]).shape[1]
+        if width != dataset.targets.shape[1]:
+            raise serving.ModelError(
+                f"model {model_uri} gives {width} outputs but {exp.name}'s data has "
+                f"{dataset.targets.shape[1]} targets; was it trained on another experiment?")
+        targets = dataset.target_names
+    for role, wanted, present in (("features", model.feature_names, dataset.feature_names),
+                                  ("targets", targets, dataset.target_names)):
+        if missing := [name for name in wanted if name not in present]:
+            raise serving.ModelError(
+                f"model {model_uri} takes {role} {', '.join(wanted)} but {exp.name}'s data "
+                f"has {', '.join(present)} (no {', '.join(missing)}); was it trained on "
+                "another experiment?")
+    return dataset.columns(model.feature_names, targets)
 
 
 def run_all(exp: Experiment, experiment: str, built: Dataset | None = None,

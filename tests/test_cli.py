@@ -397,7 +397,8 @@ def test_evaluate_refuses_a_model_of_another_width(store):
     result = CliRunner().invoke(cli, ["evaluate", "-e", "crop_yields_builtin", "--model",
                                       model_uri, "--tracking-uri", store])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
-    assert "takes 1 features" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert "takes features x but crop_yields_builtin's data has temp, rainfall, humidity " \
+           "(no x)" in result.stderr and len(result.stderr.splitlines()) == 1
 
 
 def test_cuda_asked_for_where_there_is_none(workdir):

@@ -248,9 +248,53 @@ def test_evaluate_refuses_a_model_of_another_width_before_any_run(experiment):
     line = load("line_fit_15pts")
     trained = workflow.train(line, data.build(line.data, line.seed), experiment, echo=quiet)
     crops = load("crop_yields_manual")
-    with pytest.raises(serving.ModelError, match="takes 1 features .* has 3"):
+    with pytest.raises(serving.ModelError, match="takes features x but crop_yields_manual's "
+                       "data has temp, rainfall, humidity"):
         workflow.evaluate_model(crops, data.build(crops.data, crops.seed), trained.model_uri,
                                 experiment, echo=quiet)
+    assert "evaluate" not in runs_of(experiment)
+
+
+def crop_csv(folder: Path, header: list[str], features: list[str], targets: list[str],
+             renamed: dict[str, str] | None = None):
+    """The crop tutorial's rows as a CSV with its columns (``renamed``) in the order
+    ``header`` gives, and a config reading it."""
+    crops = load("crop_yields_manual")
+    rows = data.build(crops.data, crops.seed).frame().rename(columns=renamed or {})
+    rows[header].to_csv(folder / "crops.csv", index=False)
+    (folder / "crops.yaml").write_text(
+        f"seed: 0\nlr: 1.0e-5\nepochs: 5\ndata:\n  source: csv\n  csv: {folder / 'crops.csv'}\n"
+        f"  features: [{', '.join(features)}]\n  targets: [{', '.join(targets)}]\n")
+    exp = config.load(str(folder / "crops.yaml"))
+    return exp, data.build(exp.data, exp.seed)
+
+
+def test_evaluate_feeds_the_model_its_columns_by_name(experiment, tmp_path):
+    crops = load("crop_yields_manual")
+    dataset = data.build(crops.data, crops.seed)
+    trained = workflow.train(crops, dataset, experiment, echo=quiet)
+    expected = workflow.evaluate_model(crops, dataset, trained.model_uri, experiment, echo=quiet)
+    # The same rows with the columns shuffled, and features and targets listed in other orders.
+    exp, shuffled = crop_csv(tmp_path, ["humidity", "apples", "temp", "oranges", "rainfall"],
+                             ["rainfall", "humidity", "temp"], ["oranges", "apples"])
+    assert shuffled.feature_names == ("rainfall", "humidity", "temp")
+    metrics = workflow.evaluate_model(exp, shuffled, trained.model_uri, experiment, echo=quiet)
+    for key in ("mse", "mae", "r2", "optimality_gap"):
+        assert metrics[key] == pytest.approx(expected[key], rel=1e-9), key
+
+
+def test_evaluate_refuses_data_without_the_models_columns_before_any_run(experiment, tmp_path):
+    crops = load("crop_yields_manual")
+    trained = workflow.train(crops, data.build(crops.data, crops.seed), experiment, echo=quiet)
+    exp, renamed = crop_csv(tmp_path, ["a", "b", "c", "apples", "oranges"], ["a", "b", "c"],
+                            ["apples", "oranges"], {"temp": "a", "rainfall": "b", "humidity": "c"})
+    with pytest.raises(serving.ModelError, match="takes features temp, rainfall, humidity but "
+                       "crops's data has a, b, c \\(no temp, rainfall, humidity\\)"):
+        workflow.evaluate_model(exp, renamed, trained.model_uri, experiment, echo=quiet)
+    exp, fewer = crop_csv(tmp_path, ["temp", "rainfall", "humidity", "oranges"],
+                          ["temp", "rainfall", "humidity"], ["oranges"])
+    with pytest.raises(serving.ModelError, match="takes targets apples, oranges .* \\(no apples"):
+        workflow.evaluate_model(exp, fewer, trained.model_uri, experiment, echo=quiet)
     assert "evaluate" not in runs_of(experiment)
 
 
