@@ -41,7 +41,7 @@ def predict(model_uri: str, input_path: str, output_path: str | None, device: st
     target_device = resolve_device(device or "auto")
     connect_store(tracking_uri)
     model = serving.load(model_uri, target_device, allow_pickle)
-    features = serving.read_features(input_path, model.feature_names)
+    features = serving.read_features(input_path, model)
     frame = serving.prediction_frame(model.predict(features), model.target_names)
     if output_path:
         try:

@@ -33,11 +33,20 @@ class ExportedProgram(PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         if isinstance(model_input, pd.DataFrame):
-            values = model_input[self.features].to_numpy(dtype=self.dtype)
+            values = model_input[self.features].to_numpy(dtype=np.float64)
             index = model_input.index
         else:
-            values = np.asarray(model_input, dtype=self.dtype)
+            values = np.asarray(model_input, dtype=np.float64)
             index = None
+        # inf, NaN, or beyond what the model's dtype holds (cast, it would become inf): no
+        # number to predict from.
+        bad = ~(np.abs(values) <= np.finfo(self.dtype).max)
+        if bad.any():
+            row, column = np.argwhere(bad)[0] if values.ndim == 2 else (0, 0)
+            raise ValueError(f"column {self.features[column]} holds {values[row, column]:g} in "
+                             f"row {row + 1}: not a finite number the model's {self.dtype} "
+                             "holds")
+        values = values.astype(self.dtype)
         outputs = []
         with torch.no_grad():
             for start in range(0, len(values), CHUNK_ROWS):

@@ -180,8 +180,31 @@ def _names(prefix: str, count: int | None) -> tuple[str, ...]:
     return (prefix,) if count == 1 else tuple(f"{prefix}{i}" for i in range(count))
 
 
-def read_features(path: str | Path, feature_names: tuple[str, ...]) -> np.ndarray:
-    """The model's feature columns from a CSV, by name; missing or extra columns are refused."""
+def read_features(path: str | Path, model: LoadedModel) -> np.ndarray:
+    """The model's feature columns from a CSV, by name; missing or extra columns are refused,
+    and so are values the model's dtype cannot hold."""
+    features = _named_columns(path, model.feature_names)
+    check_range(features, model.feature_names, model.dtype, f"{path}: ")
+    return features
+
+
+def check_range(values: np.ndarray, names: tuple[str, ...], dtype: torch.dtype,
+                where: str = "") -> None:
+    """Refuse values beyond what ``dtype`` holds: cast, they would become inf, and so would
+    every prediction made from them."""
+    limit = torch.finfo(dtype).max
+    if not len(values) or limit >= np.finfo(values.dtype).max:
+        return
+    beyond = np.abs(values) > limit
+    if beyond.any():
+        row, column = np.argwhere(beyond)[0]
+        raise data.DataError(
+            f"{where}column {names[column]} holds {values[row, column]:g} in data row "
+            f"{row + 1}, beyond the model's {str(dtype).removeprefix('torch.')} range "
+            f"(±{limit:.3g}); rescale it")
+
+
+def _named_columns(path: str | Path, feature_names: tuple[str, ...]) -> np.ndarray:
     frame = tables.read_frame(path)
     columns = [str(c) for c in frame.columns]
     missing = [name for name in feature_names if name not in columns]

@@ -201,7 +201,9 @@ def model_columns(exp: Experiment, dataset: Dataset, model: serving.LoadedModel,
                 f"model {model_uri} takes {role} {', '.join(wanted)} but {exp.name}'s data "
                 f"has {', '.join(present)} (no {', '.join(missing)}); was it trained on "
                 "another experiment?")
-    return dataset.columns(model.feature_names, targets)
+    picked = dataset.columns(model.feature_names, targets)
+    serving.check_range(picked.features, picked.feature_names, model.dtype, f"{exp.name}'s data: ")
+    return picked
 
 
 def run_all(exp: Experiment, experiment: str, built: Dataset | None = None,

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import warnings
 import zipfile
@@ -72,6 +73,18 @@ def test_pyfunc_refuses_unknown_columns(genuine):
     model = mlflow.pyfunc.load_model(str(genuine))
     frame = rows(2).rename(columns={"temp": "tmp"})
     with pytest.raises(mlflow.exceptions.MlflowException, match=r"missing inputs \['temp'\]"):
+        model.predict(frame)
+
+
+@pytest.mark.parametrize("value", [1e39, -np.inf, np.nan])
+def test_pyfunc_refuses_values_the_model_cannot_hold(genuine, value):
+    # Cast to float32, 1e39 would become inf, and the row's predictions with it.
+    model = mlflow.pyfunc.load_model(str(genuine))
+    frame = rows(3)
+    frame.loc[2, "rainfall"] = value
+    with pytest.raises(ValueError, match=re.escape(
+            f"column rainfall holds {value:g} in row 3: not a finite number the model's "
+            "float32 holds")):
         model.predict(frame)
 
 

@@ -298,6 +298,21 @@ def test_evaluate_refuses_data_without_the_models_columns_before_any_run(experim
     assert "evaluate" not in runs_of(experiment)
 
 
+def test_evaluate_refuses_values_the_model_cannot_hold_before_any_run(experiment, tmp_path):
+    line = load("line_fit_15pts")
+    trained = workflow.train(line, data.build(line.data, line.seed), experiment, echo=quiet)
+    (tmp_path / "big.csv").write_text("x,y\n1,2\n2e39,3\n")
+    (tmp_path / "big.yaml").write_text(
+        f"seed: 0\nlr: 0.01\nepochs: 3\ndata:\n  source: csv\n  csv: {tmp_path / 'big.csv'}\n"
+        "  features: [x]\n  targets: [y]\n")
+    exp = config.load(str(tmp_path / "big.yaml"))
+    with pytest.raises(data.DataError, match="big's data: column x holds 2e\\+39 in "
+                       "data row 2, beyond the model's float32 range"):
+        workflow.evaluate_model(exp, data.build(exp.data, exp.seed), trained.model_uri,
+                                experiment, echo=quiet)
+    assert "evaluate" not in runs_of(experiment)
+
+
 # --- all three under a parent --------------------------------------------------------------------
 
 
