@@ -45,10 +45,16 @@ def read_frame(path: str | Path):
             # "NaN" or "NA" stays text, so the error can quote it; only "" becomes missing.
             # index_col=False: rows longer than the header are an error, not an index that
             # shifts every value one column along.
+            # In a one-column file a blank line is an empty cell, not nothing: pandas would
+            # skip it, and the rows after it would no longer line up with the file's.
+            one_column = len(header) == 1
             with warnings.catch_warnings():
                 warnings.simplefilter("error", pd.errors.ParserWarning)
                 frame = pd.read_csv(path, keep_default_na=False, na_values=[""],
-                                    index_col=False)
+                                    index_col=False, skip_blank_lines=not one_column)
+            if one_column:  # blank lines at the end are the file's end, not rows
+                filled = frame.iloc[:, 0].notna().to_numpy().nonzero()[0]
+                frame = frame.iloc[:filled[-1] + 1 if len(filled) else 0]
     except pd.errors.ParserWarning:
         raise DataError(f"{path}: its data rows have more fields than its header "
                         f"({len(header)} columns)") from None

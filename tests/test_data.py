@@ -383,6 +383,18 @@ def test_values_whose_squares_overflow_are_refused(tmp_path, big):
     assert data.build(CsvData(csv=str(path), features=("a",), targets=("b",)), 0).n_rows == 2
 
 
+def test_a_blank_line_in_a_one_column_file_is_an_empty_cell(tmp_path):
+    # pandas skips blank lines; in a one-column file that drops a row and shifts the rest.
+    path = write_csv(tmp_path / "table.csv", "x\n1\n\n3\n")
+    with pytest.raises(DataError, match="column x holds a non-numeric or missing value "
+                       "\\(an empty cell\\) in data row 2"):
+        tables.numeric_matrix(tables.read_frame(path), ("x",), path)
+    # Blank lines that end the file are its end.
+    path = write_csv(tmp_path / "table.csv", "x\n1\n3\n\n\n")
+    matrix = tables.numeric_matrix(tables.read_frame(path), ("x",), path)
+    np.testing.assert_array_equal(matrix, [[1.0], [3.0]])
+
+
 def test_repeated_header_column_is_refused(tmp_path):
     path = write_csv(tmp_path / "table.csv", "a,b,a\n1,2,3\n")
     with pytest.raises(DataError) as info:
