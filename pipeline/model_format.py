@@ -30,6 +30,20 @@ class UnsafeModel(Exception):
     """A model folder that would run code or unpickle data when loaded; the message says why."""
 
 
+class DamagedModel(Exception):
+    """A model folder with no PyTorch model in it, or a damaged one; the message says why."""
+
+
+def check_pytorch(meta) -> dict:
+    """The ``pytorch`` flavor of a model's MLmodel, which every model of ours has."""
+    flavors = meta.flavors if isinstance(meta.flavors, dict) else {}
+    flavor = flavors.get("pytorch")
+    if not isinstance(flavor, dict):
+        raise DamagedModel(f"it is not a PyTorch model (its flavors: "
+                           f"{', '.join(map(str, flavors)) or 'none'})")
+    return flavor
+
+
 # --- writing ------------------------------------------------------------------------------------
 
 
@@ -90,9 +104,7 @@ def check_safe(folder: Path, meta) -> None:
     and this project's own models-from-code file, nothing else.
     """
     flavors = meta.flavors if isinstance(meta.flavors, dict) else {}
-    flavor = flavors.get("pytorch")
-    if not isinstance(flavor, dict):
-        raise UnsafeModel("it has no pytorch flavor")
+    flavor = check_pytorch(meta)
     _check_torch_data(folder, flavor, "pytorch")
     pyfunc = flavors.get("python_function")
     if pyfunc is None:
@@ -127,11 +139,11 @@ def _check_torch_data(folder: Path, flavor: dict, name: str) -> None:
     named = flavor.get(key)
     data = (folder / (named if isinstance(named, str) else "")).resolve()
     if not data.is_relative_to(folder.resolve()) or not data.is_dir() or data == folder.resolve():
-        raise UnsafeModel(f"its {name} flavor names no data folder inside the model")
+        raise DamagedModel(f"its {name} flavor names no data folder inside the model")
     if (data / "model.pth").exists():
         raise UnsafeModel("it holds a pickled model.pth, which MLflow would load")
     if not (data / PROGRAM_FILE).is_file():
-        raise UnsafeModel(f"it holds no {PROGRAM_FILE} (torch.export program)")
+        raise DamagedModel(f"it holds no {PROGRAM_FILE} (torch.export program)")
     _check_program(data / PROGRAM_FILE)
 
 
@@ -157,7 +169,7 @@ def _check_program(program: Path) -> None:
                         json.loads(archive.read(info))):
                     raise UnsafeModel(f"its {PROGRAM_FILE} stores {info.filename} as a pickle")
     except (zipfile.BadZipFile, OSError, ValueError, UnicodeDecodeError):
-        raise UnsafeModel(f"its {PROGRAM_FILE} is not a readable torch.export archive") from None
+        raise DamagedModel(f"its {PROGRAM_FILE} is not a readable torch.export archive") from None
 
 
 def _marks_a_pickle(node) -> bool:

@@ -126,14 +126,17 @@ def load(uri: str, device: torch.device | None = None, allow_pickle: bool = Fals
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
         meta = Model.load(str(local))
+        model_format.check_pytorch(meta)
         if not allow_pickle:
             model_format.check_safe(local, meta)
-        with _pickle_permission(allow_pickle):
+        with _pickle_permission(allow_pickle), _quiet("torch.export"):
             module = mlflow.pytorch.load_model(str(local))
         features, targets = _names_of(meta)
     except model_format.UnsafeModel as err:
-        raise ModelError(f"refusing to load model {uri}: {err}; pass --allow-pickle only if "
-                         "you trust its source") from None
+        raise ModelError(f"refusing to load model {uri}: {err}; `pipeline predict "
+                         "--allow-pickle` loads it, for a source you trust") from None
+    except model_format.DamagedModel as err:
+        raise ModelError(f"cannot load model {uri}: {err}") from None
     except UserError:
         raise
     except MlflowException as err:
@@ -144,6 +147,21 @@ def load(uri: str, device: torch.device | None = None, allow_pickle: bool = Fals
     module = module.to(device)
     dtype = next((p.dtype for p in module.parameters()), torch.float32)
     return LoadedModel(module, features, targets, dtype, device)
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """Hold back a library's warnings for a block: torch logs a whole traceback as warnings
+    when it cannot read an archive, before the error that is reported in one line."""
+    import logging
+
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 @contextlib.contextmanager

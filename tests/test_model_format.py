@@ -274,6 +274,32 @@ def test_a_malformed_mlmodel_is_one_line(genuine, tmp_path, workdir, mlmodel):
     assert len(lines) == 1 and "load model" in lines[0], lines
 
 
+@pytest.mark.parametrize(("damage", "expected"), [
+    (lambda folder: (folder / "artifacts" / "model.pt2").write_text("garbage"),
+     "its model.pt2 is not a readable torch.export archive"),
+    (lambda folder: (folder / "artifacts" / "model.pt2").unlink(),
+     "it holds no model.pt2 (torch.export program)"),
+    (lambda folder: _edit_mlmodel(folder, lambda flavors: flavors.pop("pytorch")),
+     "it is not a PyTorch model (its flavors: python_function)"),
+])
+@pytest.mark.parametrize("allow_pickle", [[], ["--allow-pickle"]])
+def test_a_damaged_or_foreign_model_is_named_as_such(genuine, tmp_path, workdir, damage,
+                                                     expected, allow_pickle):
+    # Not a question of trust: no hint to allow pickles, and no torch warnings before the line.
+    folder = tmp_path / "damaged"
+    shutil.copytree(genuine, folder)
+    damage(folder)
+    rows(3).to_csv("x.csv", index=False)
+    result = CliRunner().invoke(cli, ["predict", "--model", str(folder), "--input", "x.csv",
+                                      *allow_pickle])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1, result.stderr
+    if allow_pickle and "PyTorch" not in expected:  # then torch itself says what it lacks
+        assert lines[0].startswith(f"Error: cannot load model {folder}: ")
+    else:
+        assert lines[0] == f"Error: cannot load model {folder}: {expected}"
+
+
 def test_make_serve_checks_the_model_loads_safely_first(genuine, tmp_path, workdir):
     # `make serve` runs `pipeline models --check MODEL` before `mlflow models serve`.
     folder, marker = hostile(genuine, tmp_path, "weights config twice")
