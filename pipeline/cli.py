@@ -238,6 +238,9 @@ def _main() -> None:
     except click.UsageError as err:
         # One line, where Click would print the usage, a hint and the error on four.
         command = err.ctx.command_path if err.ctx is not None else "pipeline"
+        if command == "pipeline":  # an option's missing value is raised with no command
+            first = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
+            command += f" {first}" if first in cli.commands else ""
         click.echo(f"Error: {redact.mask(err.format_message())} "
                    f"(see `{command} --help`)", err=True)
         sys.exit(err.exit_code)

@@ -91,7 +91,8 @@ def models(name: str | None, model_uri: str | None, tracking_uri: str) -> None:
         return
     table = registry.versions_table(name)
     if table.empty:
-        click.echo("no registered models yet: `pipeline sweep -e EXPERIMENT` registers one")
+        click.echo(f"registered model {name!r} has no versions yet" if name else
+                   "no registered models yet: `pipeline sweep -e EXPERIMENT` registers one")
         return
     click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.6g}"))
 
@@ -108,7 +109,7 @@ def promote(name: str, version: str, alias: str, reason: str, tracking_uri: str)
     """Move an alias of a registered model to VERSION (models:/NAME@ALIAS follows it)."""
     from pipeline import registry
 
-    if not version.isdigit():
+    if not (version.isascii() and version.isdigit()):
         raise UserError(f"VERSION must be a version number, got {version!r}")
     connect_store(tracking_uri)
     previous = registry.promote(name, version, alias, reason)

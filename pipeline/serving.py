@@ -24,8 +24,10 @@ from pipeline.errors import UserError, first_line
 
 PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 PREDICT_CHUNK_ROWS = 1 << 16
-URI_FORMS = "models:/NAME@ALIAS, models:/NAME/VERSION, models:/m-<id>, runs:/<run id>/PATH"
-_REGISTERED = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
+URI_FORMS = ("models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME/latest, models:/m-<id>, "
+             "runs:/<run id>/PATH")
+_REGISTERED = re.compile(
+    r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[0-9]+|latest))$")
 _LOGGED = re.compile(r"^models:/m-[0-9a-f]+$")
 _RUN = re.compile(r"^runs:/[0-9a-f]+/.+$")
 
@@ -68,6 +70,8 @@ class LoadedModel:
 
 def check_uri(uri: str) -> None:
     """Refuse a URI that is none of the forms below (or an existing local folder)."""
+    if not uri.strip():
+        raise ModelError(f"the model URI is empty; give one of {URI_FORMS} or a model folder")
     if _REGISTERED.match(uri) or _LOGGED.match(uri) or _RUN.match(uri):
         return
     local = uri.removeprefix("file://")
@@ -102,10 +106,14 @@ def check_registered(uri: str) -> None:
     try:
         if match["alias"]:
             client.get_model_version_by_alias(name, match["alias"])
+        elif match["version"] == "latest":
+            if not client.search_model_versions(f"name = '{name}'", max_results=1):
+                raise MlflowException("no versions")
         else:
             client.get_model_version(name, match["version"])
     except MlflowException:
-        what = f"alias {match['alias']!r}" if match["alias"] else f"version {match['version']}"
+        what = (f"alias {match['alias']!r}" if match["alias"] else "versions"
+                if match["version"] == "latest" else f"version {match['version']}")
         raise ModelError(f"registered model {name!r} has no {what}") from None
 
 

@@ -35,7 +35,7 @@ def read_frame(path: str | Path):
     path = Path(path).absolute()  # errors say exactly where they looked
     _check_readable(path)
     try:
-        if path.suffix == ".parquet":
+        if path.suffix.lower() == ".parquet":
             frame = pd.read_parquet(path)
             header = list(frame.columns)
         else:

@@ -225,6 +225,8 @@ def test_bad_experiment_files(workdir, name, content, expected):
     "args, expected",
     [
         (["run"], ["Missing option '-e'", "pipeline run --help"]),
+        (["train", "-e", "line_fit_15pts", "--data"],
+         ["Option '--data' requires an argument", "pipeline train --help"]),
         (["sweep", "-e", "line_fit_15pts", "--n-trials", "abc"], ["'abc' is not a valid"]),
         (["no_such_command"], ["No such command"]),
         (["compare", "-e", "x", "--top", "-3"], ["--top"]),

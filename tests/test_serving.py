@@ -77,6 +77,16 @@ def test_predict_matches_the_model_loaded_in_process(registry_store, count):
                                rtol=1e-6)
 
 
+def test_the_latest_version_is_a_model_uri_too(registry_store):
+    folder, store = registry_store
+    crop_rows(3).to_csv(folder / "x.csv", index=False)
+    result = pipeline(folder, "predict", "--model", "models:/crop_yields_builtin/latest",
+                      "--input", "x.csv", "--tracking-uri", store)
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_allclose(pd.read_csv(io.StringIO(result.stdout)).to_numpy(), in_process(
+        "models:/crop_yields_builtin/1", crop_rows(3)), rtol=1e-5)
+
+
 def test_manual_and_builtin_champions_load_with_pyfunc(registry_store):
     builtin = mlflow.pyfunc.load_model("models:/crop_yields_builtin@champion")
     manual = mlflow.pyfunc.load_model("models:/line_fit_15pts@champion")
@@ -260,6 +270,9 @@ def test_predictions_never_overwrite_their_input_or_the_store(registry_store, tm
         (["models", "nobody"], None, "no registered model named 'nobody'"),
         (["promote", "nobody", "1"], None, "no registered model named 'nobody'"),
         (["promote", "crop_yields_builtin", "99"], None, "has no version 99"),
+        (["promote", "crop_yields_builtin", "\u0661"], None, "must be a version number"),
+        (["predict", "--model", ""], "ok", "the model URI is empty"),
+        (["predict", "--model", "models:/crop_yields_builtin/\u0661"], "ok", "does not parse"),
         (["promote", "crop_yields_builtin", "1", "--alias", "v7"], None, "refused"),
         (["compare", "-e", "never_ran"], None, "no runs recorded"),
         (["compare", "-e", "crop_yields_builtin", "--metric", "nope"], None, "no run has metric"),
