@@ -17,7 +17,8 @@ from pipeline.errors import UserError
 
 @cli.command()
 @click.option("--model", "model_uri", type=str, required=True,
-              help="models:/NAME@ALIAS, models:/NAME/VERSION, models:/m-<id>, runs:/<id>/PATH.")
+              help="models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME/latest, "
+                   "models:/m-<id>, runs:/<id>/model, or a model folder.")
 @click.option("--input", "input_path", type=click.Path(dir_okay=False, path_type=str),
               required=True, help="CSV with the model's feature columns, by name.")
 @click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=str),
