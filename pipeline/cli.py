@@ -205,10 +205,12 @@ def tracking_option(func):
                         help="MLflow tracking URI (or set MLFLOW_TRACKING_URI).")(func)
 
 
-def connect_store(tracking_uri: str) -> None:
+def connect_store(tracking_uri: str, existing: bool = False) -> None:
+    """Reach the store; ``existing`` for commands that only read it: a missing sqlite file
+    is an error there, not a new store left behind."""
     from pipeline import tracking
 
-    tracking.connect(tracking_uri)
+    tracking.connect(tracking_uri, existing)
 
 
 

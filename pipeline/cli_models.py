@@ -34,13 +34,16 @@ def predict(model_uri: str, input_path: str, output_path: str | None, device: st
     Writes one column per target, named as in training.
     """
     from pipeline import serving
+    from pipeline.tables import check_readable
     from pipeline.train import resolve_device
 
     serving.check_uri(model_uri)
+    check_readable(Path(input_path).absolute())
     if output_path:
         _check_output(Path(output_path), Path(input_path))
     target_device = resolve_device(device or "auto")
-    connect_store(tracking_uri)
+    if serving.in_store(model_uri):  # a model folder needs no store
+        connect_store(tracking_uri, existing=True)
     model = serving.load(model_uri, target_device, allow_pickle)
     features = serving.read_features(input_path, model)
     frame = serving.prediction_frame(model.predict(features), model.target_names)
@@ -86,10 +89,13 @@ def models(name: str | None, model_uri: str | None, tracking_uri: str) -> None:
     """List registered models: versions, aliases, objective, lr, epochs, source run."""
     from pipeline import registry, serving
 
-    connect_store(tracking_uri)
     if model_uri is not None:
+        serving.check_uri(model_uri)
+        if serving.in_store(model_uri):
+            connect_store(tracking_uri, existing=True)
         serving.load(model_uri)  # what safe loading refuses, `mlflow models serve` must not run
         return
+    connect_store(tracking_uri, existing=True)
     table = registry.versions_table(name)
     if table.empty:
         click.echo(f"registered model {name!r} has no versions yet" if name else
@@ -112,7 +118,7 @@ def promote(name: str, version: str, alias: str, reason: str, tracking_uri: str)
 
     if not (version.isascii() and version.isdigit()):
         raise UserError(f"VERSION must be a version number, got {version!r}")
-    connect_store(tracking_uri)
+    connect_store(tracking_uri, existing=True)
     previous = registry.promote(name, version, alias, reason)
     before = f"v{previous}" if previous else "no version"
     click.echo(f"{name}@{alias}: {before} -> v{version} (models:/{name}@{alias})")
@@ -141,6 +147,6 @@ def compare(experiment_name: str, metric: str | None, top: int | None, stage: st
     # A config name or file, else the name of an MLflow experiment in the store.
     path = Path(experiment_name)
     name = path.stem if path.suffix in (".yaml", ".yml") else experiment_name
-    connect_store(tracking_uri)
+    connect_store(tracking_uri, existing=True)
     table = comparing.runs_table(tracking.runs_frame(name), metric, top, stage)
     click.echo(comparing.render(table, fmt), nl=fmt != "csv")

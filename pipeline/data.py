@@ -21,7 +21,7 @@ import numpy as np
 from pipeline import tables
 from pipeline.config import CsvData, DataConfig, LineData, SyntheticData, TableData
 from pipeline.dataset import DataError, Dataset, Scaler  # noqa: F401  (data.Dataset, ...)
-from pipeline.tables import _check_readable, _file_error, read_table
+from pipeline.tables import _file_error, check_readable, read_table
 
 MEMINFO = Path("/proc/meminfo")
 # Bytes held per generated value: the float64 itself, a second copy when the rows are split,
@@ -256,7 +256,7 @@ def content_key(config: DataConfig, seed: int) -> str:
         digest.update(inspect.getsource(module).encode())
     if isinstance(config, CsvData):
         path = Path(config.csv).absolute()
-        _check_readable(path)
+        check_readable(path)
         try:
             digest.update(path.read_bytes())
         except OSError as err:

@@ -88,6 +88,11 @@ def check_uri(uri: str) -> None:
     raise ModelError(f"model URI {uri!r} does not parse; use {URI_FORMS} or a model folder")
 
 
+def in_store(uri: str) -> bool:
+    """Whether the model is found through the tracking store (not a local folder)."""
+    return bool(_REGISTERED.match(uri) or _LOGGED.match(uri) or _RUN.match(uri))
+
+
 def check_registered(uri: str) -> None:
     """Name the missing part (model, alias or version) instead of MLflow's longer error."""
     match = _REGISTERED.match(uri)

@@ -33,7 +33,7 @@ def read_frame(path: str | Path):
     import pandas as pd
 
     path = Path(path).absolute()  # errors say exactly where they looked
-    _check_readable(path)
+    check_readable(path)
     try:
         if path.suffix.lower() == ".parquet":
             frame = pd.read_parquet(path)
@@ -73,7 +73,7 @@ def read_frame(path: str | Path):
     return frame
 
 
-def _check_readable(path: Path) -> None:
+def check_readable(path: Path) -> None:
     if path.is_dir():
         raise DataError(f"{path}: is a folder, not a CSV or Parquet file")
     if not path.is_file():

@@ -513,7 +513,20 @@ def test_a_failing_command_leaves_no_experiment_behind(workdir, case):
 
 def test_models_check_answers_in_one_line(workdir):
     result = pipeline(workdir, "models", "--check", "models:/nothing@champion")
+    assert_one_line_failure(result, "there is no", "mlflow.db, so nothing was tracked there")
+    invoke(f"sqlite:///{workdir / 'mlflow.db'}", "train", "-e", "slope_only")
+    result = pipeline(workdir, "models", "--check", "models:/nothing@champion")
     assert_one_line_failure(result, "no registered model named 'nothing'")
+
+
+@pytest.mark.parametrize("args", [
+    ["models"], ["compare", "-e", "slope_only"], ["promote", "slope_only", "1"],
+    ["predict", "--model", "models:/slope_only@champion", "--input", "rows.csv"],
+])
+def test_commands_that_only_read_leave_no_store_behind(workdir, args):
+    (workdir / "rows.csv").write_text("x\n1\n")
+    assert_one_line_failure(pipeline(workdir, *args), "nothing was tracked there")
+    assert not (workdir / "mlflow.db").exists()
 
 
 def test_standard_scaling_trains_raw_data_at_a_plain_lr_and_predicts_raw_units(workdir):

@@ -42,8 +42,10 @@ def store_error(err: Exception) -> UserError | None:
     return None
 
 
-def connect(tracking_uri: str) -> None:
+def connect(tracking_uri: str, existing: bool = False) -> None:
     """Point MLflow at ``tracking_uri`` and make sure the store is usable, in one line if not.
+    ``existing``: the command only reads, so a sqlite file that is not there is an error, not
+    a new store.
 
     A server must answer its health check; a database store must be writable and is migrated
     here, once, under a lock, so that several processes starting on a fresh store do not race
@@ -77,7 +79,7 @@ def connect(tracking_uri: str) -> None:
         _check_server(tracking_uri, shown)
         return
     if tracking_uri.startswith("sqlite:"):
-        _check_sqlite_file(tracking_uri, shown)
+        _check_sqlite_file(tracking_uri, shown, existing)
     elif "://" in tracking_uri and not tracking_uri.startswith(("file:", "databricks")):
         _check_database_server(tracking_uri, shown)
     mlflow.set_tracking_uri(tracking_uri)
@@ -203,7 +205,7 @@ def _check_database_server(uri: str, shown: str) -> None:
                             f"({url.host}:{port}: {reason.lower()})") from None
 
 
-def _check_sqlite_file(uri: str, shown: str) -> None:
+def _check_sqlite_file(uri: str, shown: str, existing: bool = False) -> None:
     """Refuse what SQLite would fail on only after minutes of MLflow's retries."""
     # sqlite:///relative.db and sqlite:////absolute.db; sqlite:// alone is in memory.
     name = uri.partition(":///")[2].partition("?")[0]
@@ -228,6 +230,10 @@ def _check_sqlite_file(uri: str, shown: str) -> None:
             raise TrackingError(f"tracking store {shown}: {path} is not an SQLite database "
                                 "(corrupt, or another kind of file)")
         return
+    if existing:
+        raise TrackingError(f"tracking store {shown}: there is no {path}, so nothing was "
+                            "tracked there; give --tracking-uri (or MLFLOW_TRACKING_URI) to "
+                            "read another store")
     try:
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as err:
