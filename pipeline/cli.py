@@ -145,6 +145,7 @@ def train(experiment, tracking_uri: str, device: str | None, data_uri: str | Non
     if data_uri:
         dataset = tracking.read_dataset(data_uri)
         data.check_columns(experiment.data, dataset, data_uri, experiment.name)
+        workflow.check_recipe(experiment, data_uri)
     experiment_id = connect_experiment(experiment, tracking_uri)
     trained = workflow.train(experiment, dataset, experiment_id, data_uri=data_uri,
                              echo=click.echo)
@@ -167,6 +168,7 @@ def evaluate(experiment, tracking_uri: str, model_uri: str, data_uri: str | None
     if data_uri:
         dataset = tracking.read_dataset(data_uri)
         data.check_columns(experiment.data, dataset, data_uri, experiment.name)
+        workflow.check_recipe(experiment, data_uri)
     model = serving.load(model_uri)
     workflow.model_columns(experiment, dataset, model, model_uri)  # before any run
     experiment_id = connect_experiment(experiment, tracking_uri)  # the input is good

@@ -182,6 +182,23 @@ def evaluate_model(exp: Experiment, dataset: Dataset, model_uri: str, experiment
     return metrics
 
 
+def check_recipe(exp: Experiment, data_uri: str) -> None:
+    """Refuse ``--data`` from a generate run whose data settings are not the config's: the
+    new run would record settings its rows were not made with."""
+    import re
+
+    if not (found := re.match(r"^runs:/([0-9a-f]+)/", data_uri)):
+        return  # a folder: its recipe is not recorded
+    if tracking.run_tags(found[1]).get("stage") != "generate":
+        return
+    settings = {key: value for key, value in exp.params().items()
+                if key.startswith("data.") and key != "data.csv"}  # a path may be written two ways
+    if differ := tracking.recorded_otherwise(found[1], settings):
+        key, (then, now) = next(iter(differ.items()))
+        raise data.DataError(f"--data {data_uri} was generated with {key}={then}, but "
+                             f"{exp.name} has {key}={now} now; drop the override or --data")
+
+
 def model_columns(exp: Experiment, dataset: Dataset, model: serving.LoadedModel,
                   model_uri: str) -> Dataset:
     """The data's columns a model takes and gives, by name and in the model's order; a model

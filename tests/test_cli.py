@@ -331,6 +331,22 @@ def test_data_generated_for_another_experiment_is_refused(store):
     assert "crop_yields_manual" not in [e.name for e in MlflowClient(store).search_experiments()]
 
 
+def test_data_generated_with_other_settings_is_refused(store):
+    # The run would record data.n_rows=300 for rows made with 200.
+    data_uri = invoke(store, "generate", "-e", "synthetic", "--set",
+                      "data.n_rows=200").output.split()[-1]
+    for command in ("train", "evaluate"):
+        extra = ["--model", "models:/m-0"] if command == "evaluate" else []
+        result = CliRunner().invoke(cli, [command, "-e", "synthetic", "--set", "data.n_rows=300",
+                                          "--data", data_uri, *extra, "--tracking-uri", store])
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+        assert (f"--data {data_uri} was generated with data.n_rows=200, but synthetic has "
+                "data.n_rows=300 now") in result.stderr, result.stderr
+    # Training settings may differ: the data are the same.
+    invoke(store, "train", "-e", "synthetic", "--set", "data.n_rows=200", "--set", "epochs=2",
+           "--set", "lr=0.05", "--data", data_uri)
+
+
 @pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_stops_a_training_run_cleanly(workdir, signum, status):
     # Started by a shell as a background job, where SIGINT is ignored unless a program asks.

@@ -30,6 +30,7 @@ from pipeline.tracking.runs import (  # noqa: F401
     metric_histories,
     open_child,
     open_parent,
+    recorded_otherwise,
     run,
     run_tags,
     set_tags,

@@ -270,6 +270,16 @@ def run_tags(run_id: str) -> dict[str, str]:
     return MlflowClient().get_run(run_id).data.tags
 
 
+@interrupts.shielded
+def recorded_otherwise(run_id: str, params: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Those of ``params`` the run recorded with other values: key -> (recorded, given); a
+    key the run lacks counts as recorded otherwise."""
+    recorded = MlflowClient().get_run(run_id).data.params
+    given = {key: _param_value(value) for key, value in params.items()}
+    return {key: (recorded.get(key, "(none)"), value) for key, value in given.items()
+            if recorded.get(key) != value}
+
+
 def log_metrics(run_id: str, metrics: dict[str, float]) -> None:
     log_to_run(run_id, metrics=metrics)
 
