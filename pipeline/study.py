@@ -129,9 +129,18 @@ def file_lock(name: str) -> Iterator[None]:
 
 def open_storage(url: str, total: int | None = None):
     """A journal file for a path, a relational database for a URL; at most ``total`` trials."""
+    if not url.strip():
+        raise SweepError("the Optuna storage is empty; give a journal file (optuna.journal) "
+                         "or a database URL (sqlite:///optuna.db, postgresql://...)")
+    if url.startswith("sqlite:") and url.partition(":///")[2].partition("?")[0] in (
+            "", ":memory:"):
+        raise SweepError(f"storage {redact.mask(url)} is a database in memory: no trial would "
+                         "be kept, and no worker could join; give a file, e.g. "
+                         "sqlite:///optuna.db")
     if "://" not in url:
         from optuna.storages.journal import JournalFileBackend
 
+        _check_journal(url)
         try:
             dropped = drop_torn_tail(url)
             if dropped:
@@ -150,6 +159,26 @@ def open_storage(url: str, total: int | None = None):
         storage.lock_name = url
     storage.total = total
     return storage
+
+
+JOURNAL_START = b'{"op_code":'  # how every record of Optuna's journal file begins
+
+
+def _check_journal(path: str) -> None:
+    """Refuse a file that is not an Optuna journal before anything reads, cuts or appends to
+    it (an SQLite database given without ``sqlite:///``, a text file mistyped)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+    except OSError:
+        return  # missing (a new journal) or unreadable: said where it is opened
+    if head == b"SQLite format 3\x00":
+        raise SweepError(f"{path} is an SQLite database, not an Optuna journal; give it as "
+                         f"sqlite:///{path} (it is left as it is)")
+    head = head[:len(JOURNAL_START)]
+    if head and not JOURNAL_START.startswith(head):  # a torn first record is a prefix
+        raise SweepError(f"{path} is not an Optuna journal (its records begin "
+                         f"{JOURNAL_START.decode()}); it is left as it is")
 
 
 RDB_ATTEMPTS = 4  # opening a relational storage, for a race on its first use

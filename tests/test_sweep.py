@@ -203,6 +203,23 @@ def test_theory_for_several_parameters_matches_eigenvalues():
     assert above.diverged or above.train_loss[-1] > above.train_loss[0]
 
 
+@pytest.mark.parametrize("name, content, expected", [
+    ("notes.txt", b"important data", "notes.txt is not an Optuna journal"),
+    ("runs.db", b"SQLite format 3\x00" + bytes(4080) + b"no newline",
+     "runs.db is an SQLite database, not an Optuna journal; give it as sqlite:///runs.db"),
+])
+def test_a_storage_file_that_is_not_a_journal_is_left_as_it_is(workdir, name, content,
+                                                                expected):
+    # It was cut back to its last newline as a journal a writer died in: data lost.
+    (workdir / name).write_bytes(content)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "sweep", "-e", "line_fit_15pts", "--storage", name],
+        cwd=workdir, capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0 and len(lines) == 1 and expected in lines[0], result.stderr
+    assert (workdir / name).read_bytes() == content
+
+
 @pytest.mark.parametrize(
     "args, expected",
     [
@@ -219,6 +236,9 @@ def test_theory_for_several_parameters_matches_eigenvalues():
         (["--storage", "sqlite:////no/such/folder/optuna.db"], "cannot open storage"),
         (["--storage", "postgresql://nobody@127.0.0.1:9/none"], "cannot open storage"),
         (["--storage", "damaged.journal"], "journal storage damaged.journal cannot be read"),
+        (["--storage", "sqlite://"], "is a database in memory"),
+        (["--storage", ""], "the Optuna storage is empty"),
+        (["--epochs-range", "1", "99999999999999999999"], "must end at 1,000,000 or less"),
     ],
 )
 def test_bad_sweep_input(workdir, args, expected):
