@@ -302,13 +302,25 @@ def load(storage, study_name: str, sampler: str = "tpe", pruner: str = "median",
             seed = (seed + held + offset) % 2**32
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.create_study(
+            study = optuna.create_study(
                 study_name=study_name, storage=storage, direction="minimize",
                 sampler=make_sampler(sampler, seed), pruner=make_pruner(pruner),
                 load_if_exists=True,
             )
     except (ValueError, RuntimeError) as err:
         raise SweepError(f"study {study_name!r} cannot be read: {first_line(err)}") from None
+    check_ours(study_name, study.directions, study.user_attrs, held)
+    return study
+
+
+def check_ours(study_name: str, directions, user_attrs: dict, held: int) -> None:
+    """Refuse a study of the same name made some other way (plain Optuna, another tool): its
+    trials are not ours to count or to summarise. A study of ours minimises, and holds its
+    spec before any trial."""
+    if directions != [optuna.study.StudyDirection.MINIMIZE] or (
+            held and SPEC_ATTR not in user_attrs):
+        raise SweepError(f"study {study_name!r} in this storage was not made by `pipeline "
+                         "sweep`; pass --study-name to start another study")
 
 
 def counts(study: optuna.Study) -> dict[str, int]:

@@ -307,6 +307,22 @@ def test_log_models_all_logs_a_model_per_completed_trial(store):
     assert finished and all(c.data.tags["model_uri"].startswith("models:/") for c in finished)
 
 
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
+def test_a_study_of_the_same_name_made_elsewhere_is_refused(workdir, direction):
+    # Its trials were counted towards --n-trials, its best value shown, then a traceback.
+    plain = optuna.create_study(study_name="line_fit_15pts", direction=direction,
+                                storage=open_storage("optuna.journal"))
+    plain.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=3)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "sweep", "-e", "line_fit_15pts", "--n-trials", "5"],
+        cwd=workdir, capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0 and len(lines) == 1, result.stderr
+    assert "study 'line_fit_15pts' in this storage was not made by `pipeline sweep`" in lines[0]
+    assert len(study_of("line_fit_15pts").trials) == 3
+    assert not (workdir / "mlflow.db").exists()  # refused before the store is touched
+
+
 def test_a_study_resumed_on_changed_data_is_refused(workdir, store):
     # The config is the same, the CSV's rows are not: the study's trials would no longer be
     # comparable, and the data the workers read (the sweep's copy) would not be the file's.
@@ -336,6 +352,13 @@ def test_a_study_made_with_other_settings_is_refused(workdir, store):
     assert "was made with other settings" in lines[0] and "--study-name" in lines[0]
     assert len(study_of("line_fit_15pts").trials) == 2  # nothing ran on the old study
     assert "RUNNING" not in run_statuses(workdir / "mlflow.db")
+    # Refused before the store is touched: an experiment of another name is not made.
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "sweep", "-e", "slope_only", "--study-name",
+         "line_fit_15pts", "--tracking-uri", store],
+        cwd=workdir, capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert result.returncode != 0 and "was made with other settings" in result.stderr
+    assert MlflowClient(store).get_experiment_by_name("slope_only") is None
 
 
 def test_timeout_stops_starting_trials_and_still_summarises(store):
