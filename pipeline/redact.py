@@ -11,9 +11,10 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-# The password runs to the last "@" of the URL: drivers accept "/" and "@" in it unescaped.
+# The password runs to the last "@" of the line: drivers accept "/", "@" and spaces in it
+# unescaped. Where a line holds another "@" later, more than the password is masked; never less.
 _USERINFO = re.compile(
-    r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>\S*)@")
+    r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^\n]*)@")
 _QUERY = re.compile(r"(?P<key>[?&](?:password|passwd|pwd)=)[^&\s'\"]*", re.IGNORECASE)
 
 
@@ -22,6 +23,13 @@ def mask(text: str) -> str:
     ``?password=`` query parameter, shown as ``***``."""
     text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
     return _QUERY.sub(lambda m: f"{m['key']}***", text)
+
+
+def without_password(url: str) -> str:
+    """``url`` with its password, in the user part or the query, removed; the user kept."""
+    url = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}@", url)
+    url = re.sub(r"(?i)([?&])(?:password|passwd|pwd)=[^&\s]*&?", r"\1", url)
+    return url.rstrip("?&")
 
 
 def split_credentials(url: str) -> tuple[str, str | None, str | None]:

@@ -44,6 +44,10 @@ class SweepError(UserError):
     """A sweep that cannot start: unreachable storage, a study made for other settings."""
 
 
+class NotYet(SweepError):
+    """What a worker may wait out: a database still starting, a study not yet set up."""
+
+
 class BudgetReached(Exception):
     """The study holds its total of trials (finished, running or waiting): create no more."""
 
@@ -220,7 +224,7 @@ def _rdb_error(url: str, err: Exception) -> SweepError:
             "too many clients", "too many connections", "remaining connection slots")):
         reason = ("the database refuses more connections; raise its max_connections "
                   "or run fewer workers")
-    return SweepError(f"cannot open storage {redact.mask(url)}: {redact.mask(reason)[:200]}")
+    return NotYet(f"cannot open storage {redact.mask(url)}: {redact.mask(reason)[:200]}")
 
 
 # --- what a worker needs ------------------------------------------------------------------------
@@ -260,8 +264,8 @@ class Spec:
 def read_spec(study: optuna.Study) -> Spec:
     attr = study.user_attrs.get(SPEC_ATTR)
     if attr is None:
-        raise SweepError(f"study {study.study_name!r} was not set up by `pipeline sweep`; "
-                         "run `pipeline sweep -e EXPERIMENT --study-name ...` first")
+        raise NotYet(f"study {study.study_name!r} was not set up by `pipeline sweep`; "
+                     "run `pipeline sweep -e EXPERIMENT --study-name ...` first")
     return Spec.from_attr(attr)
 
 
@@ -296,21 +300,19 @@ def load(storage, study_name: str, sampler: str = "tpe", pruner: str = "median",
                 storage.get_study_id_from_name(study_name), deepcopy=False))
         except KeyError:
             if not create:
-                raise SweepError(f"no study named {study_name!r} in this storage") from None
+                raise NotYet(f"no study named {study_name!r} in this storage") from None
             held = 0
         if seed is not None:
             seed = (seed + held + offset) % 2**32
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study = optuna.create_study(
+            return optuna.create_study(
                 study_name=study_name, storage=storage, direction="minimize",
                 sampler=make_sampler(sampler, seed), pruner=make_pruner(pruner),
                 load_if_exists=True,
             )
     except (ValueError, RuntimeError) as err:
         raise SweepError(f"study {study_name!r} cannot be read: {first_line(err)}") from None
-    check_ours(study_name, study.directions, study.user_attrs, held)
-    return study
 
 
 def check_ours(study_name: str, directions, user_attrs: dict, held: int) -> None:

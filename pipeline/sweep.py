@@ -107,10 +107,11 @@ def run(exp: Experiment, settings: SweepSettings, tracking_uri: str,
             ctx = worker.context(spec, study_name, dataset)
             with tracking.system_metrics(spec.parent_run_id):
                 _have_trials_run(study, storage, ctx, settings, tracking_uri, echo)
-            if (finished := studies.finished(study)) < settings.n_trials:  # --timeout
-                echo(f"--timeout {settings.timeout:g}s reached: {finished} of "
-                     f"{settings.n_trials} trials finished, summarised below; run the same "
-                     "command to go on")
+            if (finished := studies.finished(study)) < settings.n_trials:
+                why = (f"--timeout {settings.timeout:g}s reached" if settings.timeout
+                       else "stopped early")
+                echo(f"{why}: {finished} of {settings.n_trials} trials finished, summarised "
+                     "below; run the same command to go on")
             summary = _finalise(study, storage, exp, ctx, rates,
                                 studies.finished(study) - before)
             status = "FINISHED"
@@ -261,7 +262,7 @@ def _local_workers(study: optuna.Study, settings: SweepSettings, workers: int,
     processes = [
         spawn.Process(target=worker.spawned,
                       args=(settings.storage, study.study_name, tracking_uri, index + 1,
-                            settings.timeout, threads))
+                            settings.timeout, threads, settings.n_trials))
         for index in range(workers)
     ]
     # They are born ignoring SIGINT (an ignored signal stays ignored across exec), so a

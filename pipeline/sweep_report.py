@@ -95,6 +95,7 @@ def already_summarised(study: optuna.Study, exp: configs.Experiment, ctx,
         champion_version=holder[0] if holder else None)
 
 
+@np.errstate(over="ignore", invalid="ignore")  # axes over an lr range up to 1e308 overflow
 def log_study(study: optuna.Study, parent_run_id: str, rates: dict[str, float],
               metric: str, optimum: float | None) -> None:
     """The trials table as CSV and the sweep's plots as images, on the parent run: every

@@ -69,7 +69,9 @@ class SweepSettings(Schema):
 
     n_trials: Count
     storage: str = "optuna.journal"
-    study_name: str | None = None
+    study_name: Annotated[str, must(lambda name: name.strip() == name and name.isprintable()
+                                    and name != "", "must be a name of printable characters, "
+                                    "without spaces at either end")] | None = None
     workers: Annotated[Integer, must(lambda n: n >= 0,
                                      "must be >= 0 (0: print the worker command)")] = 1
     timeout: Annotated[Number, must(lambda s: s > 0, "must be > 0 seconds")] | None = None

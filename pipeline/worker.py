@@ -23,6 +23,7 @@ from pipeline import config as configs
 from pipeline import dead_trials, interrupts, tracking
 from pipeline import study as studies
 from pipeline import trial as trials
+from pipeline.errors import UserError
 
 # Optuna warns when a study with heartbeats is used through ask/tell instead of optimize;
 # here each asked trial gets its heartbeats from `dead_trials.heartbeats`.
@@ -49,7 +50,7 @@ def join(storage_url: str, study_name: str, offset: int = 0, wait_s: float = CON
             storage = studies.open_storage(storage_url)
             spec = studies.read_spec(studies.load(storage, study_name))
             break
-        except studies.SweepError:
+        except studies.NotYet:  # anything else (not a journal, another tool's study) stays
             if time.monotonic() > deadline:
                 raise
             pause(2.0)
@@ -70,14 +71,17 @@ def context(spec: studies.Spec, study_name: str, dataset=None) -> trials.TrialCo
 
 
 def run(storage_url: str, study_name: str, tracking_uri: str | None = None, offset: int = 0,
-        timeout: float | None = None, echo: Echo = print) -> Outcome:
-    """Join the study and run trials until it holds its total (or ``timeout`` seconds pass)."""
+        timeout: float | None = None, echo: Echo = print, total: int | None = None) -> Outcome:
+    """Join the study and run trials until it holds its total (or ``timeout`` seconds pass).
+    The total is the study's recorded one, or ``total``: a local worker's coordinator's own
+    ``--n-trials``, which another coordinator of the study may have recorded otherwise."""
     study, storage, spec = join(storage_url, study_name, offset)
+    storage.total = total = total or spec.n_trials
     tracking.connect(tracking_uri or spec.tracking_uri)
     try:
-        return loop(study, storage, context(spec, study_name), spec.n_trials, timeout, echo)
+        return loop(study, storage, context(spec, study_name), total, timeout, echo)
     except interrupts.Interrupted as stop:
-        stop.finished, stop.total = studies.finished(study), spec.n_trials
+        stop.finished, stop.total = studies.finished(study), total
         raise
 
 
@@ -153,7 +157,7 @@ def progress_line(echo: Echo, total: int) -> Callable:
 
 
 def spawned(storage_url: str, study_name: str, tracking_uri: str | None, offset: int,
-            timeout: float | None, threads: int) -> None:
+            timeout: float | None, threads: int, total: int) -> None:
     """Entry point of a local worker process started by `pipeline sweep --workers K`.
 
     The coordinator owns it: Ctrl-C goes to the coordinator, which forwards SIGTERM.
@@ -170,8 +174,11 @@ def spawned(storage_url: str, study_name: str, tracking_uri: str | None, offset:
     torch.set_num_threads(threads)  # K workers share the cores instead of each taking all
     with interrupts.deferred((signal.SIGTERM,)):
         try:
-            run(storage_url, study_name, tracking_uri, offset, timeout)
+            run(storage_url, study_name, tracking_uri, offset, timeout, total=total)
         except interrupts.Interrupted as stop:
             sys.exit(stop.exit_code)
+        except UserError as err:  # one line, as the coordinator's own errors
+            print(f"Error: worker {offset}: {err.message}", file=sys.stderr)
+            sys.exit(1)
         finally:
             lifetime.leave()

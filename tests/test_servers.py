@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
+import sys
+import time
 import uuid
 
 import mlflow
@@ -13,6 +16,7 @@ import psycopg
 import pytest
 
 from tests import servers
+from tests.conftest import subprocess_env
 
 pytestmark = pytest.mark.servers
 
@@ -31,6 +35,25 @@ def test_postgres_answers_the_optuna_user_with_its_password_only(postgres_server
     wrong = postgres_server.url().replace("optuna-pw", "guess")
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
         psycopg.connect(wrong, connect_timeout=5)
+
+
+def test_a_postgres_tracking_store_that_refuses_the_login_is_named_at_once(postgres_server,
+                                                                          workdir):
+    # MLflow retried for about 100 s, printing a warning a try, before the same error.
+    backend = postgres_server.create_database(f"mlflow_{uuid.uuid4().hex[:8]}")
+    wrong = backend.replace("optuna-pw", "guess")
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train", "-e", "slope_only", "--tracking-uri", wrong],
+        cwd=workdir, capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert "refuses the connection" in lines[0] and "password authentication failed" in lines[0]
+    assert "guess" not in result.stderr and time.monotonic() - started < 30
+    right = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train", "-e", "slope_only", "--tracking-uri", backend],
+        cwd=workdir, capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert right.returncode == 0, right.stderr
 
 
 def test_optuna_study_on_postgres(postgres_server):

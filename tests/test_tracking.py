@@ -31,10 +31,27 @@ from tests.conftest import run_statuses, subprocess_env
         ("postgresql://optuna@h/optuna?sslmode=require&password=s3cret",
          "postgresql://optuna@h/optuna?sslmode=require&password=***"),
         ("http://user@host/path", "http://user@host/path"),
+        ("cannot open postgresql://bob:hun ter2@127.0.0.1:1/db: refused",
+         "cannot open postgresql://bob:***@127.0.0.1:1/db: refused"),
     ],
 )
 def test_mask_hides_passwords_only(url, shown):
     assert redact.mask(url) == shown
+
+
+@pytest.mark.parametrize("url, portable", [
+    ("postgresql://optuna:s3cret@db:5432/mlflow", "postgresql://optuna@db:5432/mlflow"),
+    ("postgresql://optuna@db/mlflow?password=s3cret", "postgresql://optuna@db/mlflow"),
+    ("postgresql://db/m?password=s3cret&sslmode=require", "postgresql://db/m?sslmode=require"),
+    ("http://me:p%40ss@127.0.0.1:5000", "http://me@127.0.0.1:5000"),
+    ("sqlite:////abs/mlflow.db", "sqlite:////abs/mlflow.db"),
+])
+def test_the_uri_workers_read_keeps_the_user_but_no_password(url, portable):
+    # A worker elsewhere connects as that user, its password from PGPASSWORD or ~/.pgpass;
+    # without the user it tried the machine's login name.
+    from pipeline import tracking
+
+    assert tracking.portable_uri(url) == portable
 
 
 def test_split_credentials_takes_user_and_password_out():

@@ -65,13 +65,14 @@ def write_dataset(dataset: Dataset, run_id: str) -> str:
 
 
 def portable_uri(tracking_uri: str) -> str:
-    """``tracking_uri`` as another process in another folder can use it: no credentials, and
-    a relative SQLite path made absolute."""
+    """``tracking_uri`` as another process in another folder can use it: the user but no
+    password (each machine has its own: ``PGPASSWORD``, ``~/.pgpass``,
+    ``MLFLOW_TRACKING_PASSWORD``), and a relative SQLite path made absolute."""
     if tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:////"):
         name = tracking_uri.removeprefix("sqlite:///")
         if name and not name.startswith(":memory:"):
             return f"sqlite:///{Path(name).absolute()}"
-    return redact.split_credentials(tracking_uri)[0]
+    return redact.without_password(tracking_uri)
 
 
 @interrupts.shielded

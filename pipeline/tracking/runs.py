@@ -259,9 +259,14 @@ def log_text(run_id: str, text: str, path: str) -> None:
 
 @interrupts.shielded
 def log_figure(run_id: str, fig, path: str) -> None:
+    """Draw and log ``fig``. Axes over extreme values (an lr range up to 1e308) overflow in
+    matplotlib's transforms; the figure is still drawn, without numpy's warnings on screen."""
+    import numpy as np
+
     from pipeline import plots
 
-    MlflowClient().log_figure(run_id, fig, path)
+    with np.errstate(over="ignore", invalid="ignore"):
+        MlflowClient().log_figure(run_id, fig, path)
     plots.close(fig)
 
 

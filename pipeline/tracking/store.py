@@ -203,6 +203,32 @@ def _check_database_server(uri: str, shown: str) -> None:
         reason = err.strerror or type(err).__name__
         raise TrackingError(f"tracking store {shown} is not reachable "
                             f"({url.host}:{port}: {reason.lower()})") from None
+    _check_login(uri, shown)
+
+
+def _check_login(uri: str, shown: str) -> None:
+    """One connection, tried once: a wrong password or an unknown user is named at once (MLflow
+    would retry for about 100 s). A database not made yet is MLflow's to create."""
+    import sqlalchemy
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.pool import NullPool
+
+    try:
+        engine = sqlalchemy.create_engine(uri, poolclass=NullPool)
+    except Exception:  # noqa: BLE001  (a missing driver: MLflow names it, see connect)
+        return
+    try:
+        engine.connect().close()
+    except OperationalError as err:
+        reason = " ".join(str(err.orig or err).split())  # psycopg's message spans lines
+        if "does not exist" in reason and "database" in reason:
+            return
+        raise TrackingError(f"tracking store {shown} refuses the connection: "
+                            f"{redact.mask(reason)[:300]}") from None
+    except Exception:  # noqa: BLE001  (anything else: MLflow's own checks say it)
+        return
+    finally:
+        engine.dispose()
 
 
 def _check_sqlite_file(uri: str, shown: str, existing: bool = False) -> None:
