@@ -87,7 +87,9 @@ def connect_experiment(experiment, tracking_uri: str) -> str:
     from pipeline import tracking
 
     tracking.connect(tracking_uri)
-    return tracking.experiment_id(experiment.name, experiment.description)
+    found = tracking.experiment_id(experiment.name, experiment.description)
+    tracking.close_dead_runs(found)  # runs of this host's commands killed with -9
+    return found
 
 
 @cli.command()

@@ -3,9 +3,9 @@
 A worker killed mid-trial leaves the trial RUNNING. On a relational storage each running trial
 records a heartbeat every ``HEARTBEAT_S`` seconds and Optuna fails it once ``GRACE_S`` pass
 without one; a journal has no heartbeat, so each trial records its worker's host, pid and start
-time, and a trial whose process is gone from this host is failed. Either way Optuna's
-``RetryHeartbeatStaleTrialCallback`` queues it again with the same parameters, and the trial's
-MLflow run is closed by the ``on_dead`` callback.
+time (:mod:`pipeline.processes`), and a trial whose process is gone from this host is failed.
+Either way Optuna's ``RetryHeartbeatStaleTrialCallback`` queues it again with the same
+parameters, and the trial's MLflow run is closed by the ``on_dead`` callback.
 """
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import socket
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
+
+from pipeline import processes
 
 HEARTBEAT_S = 2  # a RUNNING trial records a heartbeat this often on a relational storage
 GRACE_S = 10  # and is stale, its worker presumed dead, after this long without one
@@ -64,36 +64,9 @@ def heartbeats(study: optuna.Study, storage, trials: list) -> Iterator[None]:
 
 
 def worker_identity(trial_number: int) -> dict:
-    """The process running trial ``trial_number``: host, pid and start time (which tells a
-    reused pid apart). The number tells this record from one copied into a retry."""
-    return {"host": _host(), "pid": os.getpid(), "start": _start_time(os.getpid()),
-            "trial": trial_number}
-
-
-def _host() -> str:
-    # PIPELINE_WORKER_HOST names the machine where hostnames repeat (containers started from
-    # one image); the tests use it to stand for another machine.
-    return os.environ.get("PIPELINE_WORKER_HOST") or socket.gethostname()
-
-
-def _start_time(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _gone_from_this_host(identity: dict | None) -> bool:
-    if not identity or identity.get("host") != _host():
-        return False  # another machine's process: only a heartbeat could tell
-    pid = int(identity["pid"])
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        pass  # alive, another user's
-    return identity.get("start") is not None and _start_time(pid) != identity.get("start")
+    """The process running trial ``trial_number`` (see :mod:`pipeline.processes`). The number
+    tells this record from one copied into a retry."""
+    return {**processes.identity(), "trial": trial_number}
 
 
 def recover_dead_trials(study: optuna.Study, storage, on_dead: OnDead | None = None) -> int:
@@ -113,7 +86,7 @@ def recover_dead_trials(study: optuna.Study, storage, on_dead: OnDead | None = N
             orphan = identity is None and trial.datetime_start is not None and (
                 (now - trial.datetime_start).total_seconds() > ORPHAN_S)
             if orphan or (identity and identity.get("trial") == trial.number
-                          and _gone_from_this_host(identity)):
+                          and processes.gone_from_this_host(identity)):
                 try:
                     study.tell(trial.number, state=TrialState.FAIL)
                 except (RuntimeError, ValueError):

@@ -94,6 +94,7 @@ def run(exp: Experiment, settings: SweepSettings, tracking_uri: str,
     # The input is good: now the tracking store may be reached (and made) and the experiment.
     tracking.connect(tracking_uri)
     experiment_id = tracking.experiment_id(exp.name, exp.description)
+    tracking.close_dead_runs(experiment_id)  # runs of this host's commands killed with -9
     with interrupts.deferred():
         with storage.lock(SETUP_LOCK):  # one process creates the study and the parent run
             study = studies.load(storage, study_name, settings.sampler, settings.pruner,

@@ -124,3 +124,27 @@ def test_interrupt_closes_everything_and_resumes(workdir, how, workers):
     assert "RUNNING" not in run_statuses(workdir / "mlflow.db")
     resume(workdir, 16, workers)
     check_consistent(workdir, 16)
+
+
+def test_runs_of_a_command_killed_with_9_are_closed_by_the_next_one(workdir):
+    # kill -9 closes nothing: the pipeline, generate and train runs stayed RUNNING for good.
+    process, _ = start(workdir, [sys.executable, "-m", "pipeline", "run", "-e", "synthetic",
+                                 "--set", "epochs=1000000"])
+    store = f"sqlite:///{workdir / 'mlflow.db'}"
+    deadline = time.monotonic() + 120
+    while run_statuses(workdir / "mlflow.db").count("RUNNING") < 2:  # the parent and train
+        assert time.monotonic() < deadline and process.poll() is None, process.stderr.read()
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert "RUNNING" in run_statuses(workdir / "mlflow.db")
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train", "-e", "synthetic", "--set", "epochs=2"],
+        cwd=workdir, capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "RUNNING" not in run_statuses(workdir / "mlflow.db")
+    client = MlflowClient(store)
+    died = client.search_runs([client.get_experiment_by_name("synthetic").experiment_id],
+                              "tags.process_died = 'true'")
+    assert {run.data.tags.get("stage") for run in died} == {"pipeline", "train"}
+    assert all(run.info.status == "FAILED" for run in died)

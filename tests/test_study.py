@@ -11,7 +11,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from pipeline import dead_trials
+from pipeline import dead_trials, processes
 from pipeline import study as studies
 
 
@@ -19,7 +19,7 @@ def _dead_identity(number: int) -> dict:
     """The identity of a process on this host that has exited."""
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()
-    return {"host": dead_trials._host(), "pid": process.pid, "start": "0", "trial": number}
+    return {"host": processes.host(), "pid": process.pid, "start": "0", "trial": number}
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from pipeline.tracking.artifacts import (  # noqa: F401
 )
 from pipeline.tracking.runs import (  # noqa: F401
     SYSTEM_METRICS_S,
+    close_dead_runs,
     close_run,
     close_running,
     environment_tags,

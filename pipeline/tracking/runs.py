@@ -38,7 +38,7 @@ def run(experiment: str, name: str, parent_run_id: str | None = None,
     ``mlflow run`` is the run `mlflow run` opened. Every call here takes the run's id, never
     MLflow's active-run stack, so the same code is safe in worker processes and threads.
     """
-    tags = {**(tags or {}), **({NOTE: description} if description else {})}
+    tags = {**(tags or {}), **({NOTE: description} if description else {}), **_process_tags()}
     run_id, status = None, "FAILED"
     try:
         # Shielded (see interrupts.shield): a signal during the creation is raised once the
@@ -62,6 +62,38 @@ def run(experiment: str, name: str, parent_run_id: str | None = None,
 @interrupts.shielded
 def _terminate(run_id: str, status: str) -> None:
     MlflowClient().set_terminated(run_id, status)
+
+
+# The process that opened a run, so that a later one can close it if it was killed with -9.
+PROCESS_TAGS = ("process_host", "process_pid", "process_start")
+
+
+def _process_tags() -> dict[str, str]:
+    from pipeline import processes
+
+    found = processes.identity()
+    return {f"process_{key}": str(value) for key, value in found.items() if value is not None}
+
+
+@interrupts.shielded
+def close_dead_runs(experiment: str) -> list[str]:
+    """End FAILED (tag ``process_died``) the RUNNING runs of ``experiment`` that a process on
+    this host opened with :func:`run` and no longer holds: it was killed with -9, or the
+    machine lost power, and closed nothing. One search, in the experiment, per command."""
+    from pipeline import processes
+
+    client = MlflowClient()
+    clauses = ["attributes.status = 'RUNNING'", *_tag_clauses({"process_host": processes.host()})]
+    found = []
+    for old in client.search_runs([experiment], " and ".join(clauses)):
+        tags = old.data.tags
+        holder = {"host": tags.get("process_host"), "pid": tags.get("process_pid"),
+                  "start": tags.get("process_start")}
+        if holder["pid"] and processes.gone_from_this_host(holder):
+            client.set_tag(old.info.run_id, "process_died", "true")
+            client.set_terminated(old.info.run_id, "FAILED")
+            found.append(old.info.run_id)
+    return found
 
 
 def _release(stop: BaseException) -> None:
