@@ -28,12 +28,19 @@ def read_table(path: str | Path, features: tuple[str, ...], targets: tuple[str, 
     )
 
 
+# Table formats read as CSV they would give misleading errors ("no data rows").
+OTHER_FORMATS = (".json", ".jsonl", ".ndjson", ".xlsx", ".xls", ".ods", ".feather", ".orc",
+                 ".h5", ".hdf5", ".pkl", ".pickle", ".npy", ".npz")
+
+
 def read_frame(path: str | Path):
     """A CSV or Parquet file as a DataFrame; in a CSV only an empty cell counts as missing."""
     import pandas as pd
 
     path = Path(path).absolute()  # errors say exactly where they looked
     check_readable(path)
+    if path.suffix.lower() in OTHER_FORMATS:
+        raise DataError(f"{path}: is a {path.suffix} file; give the rows as CSV or Parquet")
     try:
         if path.suffix.lower() == ".parquet":
             frame = pd.read_parquet(path)

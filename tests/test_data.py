@@ -383,6 +383,14 @@ def test_values_whose_squares_overflow_are_refused(tmp_path, big):
     assert data.build(CsvData(csv=str(path), features=("a",), targets=("b",)), 0).n_rows == 2
 
 
+def test_a_table_in_another_format_is_named_as_such(tmp_path):
+    # Read as a CSV, a JSON file gave "the file has no data rows".
+    path = write_csv(tmp_path / "rows.json", '[{"x": 1, "y": 2}]\n')
+    with pytest.raises(DataError, match="rows.json: is a .json file; give the rows as CSV or "
+                       "Parquet"):
+        tables.read_frame(path)
+
+
 def test_a_blank_line_in_a_one_column_file_is_an_empty_cell(tmp_path):
     # pandas skips blank lines; in a one-column file that drops a row and shifts the rest.
     path = write_csv(tmp_path / "table.csv", "x\n1\n\n3\n")
