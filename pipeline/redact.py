@@ -25,6 +25,20 @@ def mask(text: str) -> str:
     return _QUERY.sub(lambda m: f"{m['key']}***", text)
 
 
+def scrub(text: str, url: str) -> str:
+    """``text`` (a driver's message about ``url``) with every piece of ``url``'s password cut
+    out: a driver that splits the URL at another "@" than ours quotes the rest as a host."""
+    found = _USERINFO.search(url)
+    if found and found["password"]:
+        pieces = {found["password"], *re.split(r"[@/:\s]+", found["password"])}
+        for piece in sorted(pieces, key=len, reverse=True):
+            if len(piece) >= 2:
+                text = text.replace(piece, "***")
+        # No "@" left beside a cut piece, or masking the whole line would run on to it.
+        text = re.sub(r"(?:\*\*\*@)+", "***", text)
+    return mask(text)
+
+
 def without_password(url: str) -> str:
     """``url`` with its password, in the user part or the query, removed; the user kept."""
     url = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}@", url)

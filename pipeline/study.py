@@ -224,7 +224,7 @@ def _rdb_error(url: str, err: Exception) -> SweepError:
             "too many clients", "too many connections", "remaining connection slots")):
         reason = ("the database refuses more connections; raise its max_connections "
                   "or run fewer workers")
-    return NotYet(f"cannot open storage {redact.mask(url)}: {redact.mask(reason)[:200]}")
+    return NotYet(f"cannot open storage {redact.mask(url)}: {redact.scrub(reason, url)[:200]}")
 
 
 # --- what a worker needs ------------------------------------------------------------------------

@@ -39,6 +39,23 @@ def test_mask_hides_passwords_only(url, shown):
     assert redact.mask(url) == shown
 
 
+@pytest.mark.parametrize("password", ["x@hunter2/y", "p@ss w/rd%", "se@cret"])
+def test_a_store_that_is_not_reachable_names_no_piece_of_the_password(password):
+    # SQLAlchemy splits the URL at the first "@": the driver's error quoted the rest as a host.
+    uri = f"postgresql://bob:{password}@db.invalid:5432/db"
+    result = CliRunner().invoke(cli, ["models", "--tracking-uri", uri])
+    assert result.exit_code == 1
+    assert result.stderr == ("Error: tracking store postgresql://bob:***@db.invalid:5432/db is "
+                             "not reachable (db.invalid:5432: name or service not known)\n")
+    storage = subprocess.run(
+        [sys.executable, "-m", "pipeline", "sweep", "-e", "slope_only", "--storage",
+         f"postgresql://bob:{password}@127.0.0.1:1/db"], capture_output=True, text=True,
+        env=subprocess_env(), timeout=120)
+    for piece in {password, *password.replace("@", " ").replace("/", " ").split()}:
+        if len(piece) >= 4:  # shorter ones are in ordinary words ("se" in "service")
+            assert piece not in result.stderr + storage.stderr
+
+
 @pytest.mark.parametrize("url, portable", [
     ("postgresql://optuna:s3cret@db:5432/mlflow", "postgresql://optuna@db:5432/mlflow"),
     ("postgresql://optuna@db/mlflow?password=s3cret", "postgresql://optuna@db/mlflow"),

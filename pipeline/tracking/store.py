@@ -201,8 +201,13 @@ def _check_database_server(uri: str, shown: str) -> None:
         socket.create_connection((url.host, port), timeout=HEALTH_TIMEOUT_S).close()
     except OSError as err:
         reason = err.strerror or type(err).__name__
+        # The host as the URL's last "@" gives it: a password may hold "@" (SQLAlchemy's
+        # parser splits at the first, and would show a piece of the password as the host).
+        host = uri.rpartition("@")[2].split("/")[0].split("?")[0].rpartition(":")[0] if (
+            "@" in uri) else url.host
+        where = redact.scrub(f"{host or url.host}:{port}", uri)
         raise TrackingError(f"tracking store {shown} is not reachable "
-                            f"({url.host}:{port}: {reason.lower()})") from None
+                            f"({where}: {reason.lower()})") from None
     _check_login(uri, shown)
 
 
@@ -224,7 +229,7 @@ def _check_login(uri: str, shown: str) -> None:
         if "does not exist" in reason and "database" in reason:
             return
         raise TrackingError(f"tracking store {shown} refuses the connection: "
-                            f"{redact.mask(reason)[:300]}") from None
+                            f"{redact.scrub(reason, uri)[:300]}") from None
     except Exception:  # noqa: BLE001  (anything else: MLflow's own checks say it)
         return
     finally:
