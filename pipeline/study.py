@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
+import stat
 import tempfile
 import time
 import warnings
@@ -172,17 +174,23 @@ def _check_journal(path: str) -> None:
     """Refuse a file that is not an Optuna journal before anything reads, cuts or appends to
     it (an SQLite database given without ``sqlite:///``, a text file mistyped)."""
     try:
+        kind = os.stat(path).st_mode
+    except OSError:
+        return  # missing (a new journal) or unreadable: said where it is opened
+    if not (stat.S_ISREG(kind) or stat.S_ISDIR(kind)):  # a device, a pipe: nothing to keep
+        raise SweepError(f"{path} is not a regular file; give a journal file or a database URL")
+    try:
         with open(path, "rb") as handle:
             head = handle.read(16)
     except OSError:
-        return  # missing (a new journal) or unreadable: said where it is opened
+        return
     if head == b"SQLite format 3\x00":
         raise SweepError(f"{path} is an SQLite database, not an Optuna journal; give it as "
                          f"sqlite:///{path} (it is left as it is)")
     head = head[:len(JOURNAL_START)]
     if head and not JOURNAL_START.startswith(head):  # a torn first record is a prefix
-        raise SweepError(f"{path} is not an Optuna journal (its records begin "
-                         f"{JOURNAL_START.decode()}); it is left as it is")
+        raise SweepError(f"{path} is not an Optuna journal (an Optuna journal's records "
+                         f"begin {JOURNAL_START.decode()}); it is left as it is")
 
 
 RDB_ATTEMPTS = 4  # opening a relational storage, for a race on its first use

@@ -52,16 +52,12 @@ def read_frame(path: str | Path):
             # "NaN" or "NA" stays text, so the error can quote it; only "" becomes missing.
             # index_col=False: rows longer than the header are an error, not an index that
             # shifts every value one column along.
-            # In a one-column file a blank line is an empty cell, not nothing: pandas would
-            # skip it, and the rows after it would no longer line up with the file's.
-            one_column = len(header) == 1
+            if len(header) == 1:
+                _check_no_blank_rows(path, header[0])
             with warnings.catch_warnings():
                 warnings.simplefilter("error", pd.errors.ParserWarning)
                 frame = pd.read_csv(path, keep_default_na=False, na_values=[""],
-                                    index_col=False, skip_blank_lines=not one_column)
-            if one_column:  # blank lines at the end are the file's end, not rows
-                filled = frame.iloc[:, 0].notna().to_numpy().nonzero()[0]
-                frame = frame.iloc[:filled[-1] + 1 if len(filled) else 0]
+                                    index_col=False)
     except pd.errors.ParserWarning:
         raise DataError(f"{path}: its data rows have more fields than its header "
                         f"({len(header)} columns)") from None
@@ -78,6 +74,21 @@ def read_frame(path: str | Path):
     if frame.empty:
         raise DataError(f"{path}: the file has no data rows")
     return frame
+
+
+def _check_no_blank_rows(path: Path, column: str) -> None:
+    """In a one-column file a blank line is an empty cell, not nothing: pandas skips it, and
+    the rows after it would no longer line up with the file's. Blank lines before the header
+    or after the last row are the file's edges."""
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:
+        lines = [line.strip() for line in handle]
+    filled = [i for i, line in enumerate(lines) if line]
+    if len(filled) < 2:
+        return
+    for row, line in enumerate(lines[filled[0] + 1:filled[-1]], start=1):
+        if not line:
+            raise DataError(f"{path}: column {column} holds a non-numeric or missing value "
+                            f"(an empty cell) in data row {row}")
 
 
 def check_readable(path: Path) -> None:

@@ -238,6 +238,7 @@ def test_a_storage_file_that_is_not_a_journal_is_left_as_it_is(workdir, name, co
         (["--storage", "damaged.journal"], "journal storage damaged.journal cannot be read"),
         (["--storage", "sqlite://"], "is a database in memory"),
         (["--storage", ""], "the Optuna storage is empty"),
+        (["--storage", "/dev/null"], "/dev/null is not a regular file"),
         (["--study-name", ""], "--study-name must be a name of printable characters"),
         (["--study-name", "a\nb"], "got 'a\\nb'"),
         (["--epochs-range", "1", "99999999999999999999"], "must end at 1,000,000 or less"),

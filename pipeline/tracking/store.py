@@ -251,12 +251,12 @@ def _check_sqlite_file(uri: str, shown: str, existing: bool = False) -> None:
     if path.exists():
         if not path.is_file():
             raise TrackingError(f"tracking store {shown}: {path} is not a file")
-        try:
-            with open(path, "r+b") as handle:
+        try:  # a command that only reads needs only to read it
+            with open(path, "rb" if existing else "r+b") as handle:
                 header = handle.read(len(SQLITE_HEADER))
         except OSError as err:
-            raise TrackingError(f"tracking store {shown}: cannot write {path} "
-                                f"({err.strerror.lower()})") from None
+            raise TrackingError(f"tracking store {shown}: cannot {'read' if existing else 'write'}"
+                                f" {path} ({err.strerror.lower()})") from None
         if header and header != SQLITE_HEADER:
             raise TrackingError(f"tracking store {shown}: {path} is not an SQLite database "
                                 "(corrupt, or another kind of file)")
