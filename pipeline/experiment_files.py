@@ -146,7 +146,8 @@ def _one_line(err: ValidationError, part: type[Schema]) -> str:
         return f"{key} {first['ctx']['error']}"
     annotation = part.model_fields[field].annotation
     if first["type"] == "literal_error":
-        return f"{key} must be one of {', '.join(typing.get_args(annotation))}, got {value!r}"
+        return (f"{key} must be one of {', '.join(typing.get_args(annotation))}, "
+                f"got {_shown(value)}")
     # A type's name; each member of a union (a number or a name) says its own.
     types = [e["type"].split("_")[0] for e in errors if e["loc"][0] == first["loc"][0]]
     if not all(name in EXPECTED for name in types):
@@ -154,7 +155,13 @@ def _one_line(err: ValidationError, part: type[Schema]) -> str:
     expected = " or ".join(dict.fromkeys(EXPECTED[name] for name in types))
     if type(None) in typing.get_args(annotation) and len(first["loc"]) == 1:
         expected += " or null"
-    return f"{key} must be {expected}, got {value!r}"
+    return f"{key} must be {expected}, got {_shown(value)}"
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """A value as an error quotes it, cut short: a line, not a page."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # --- files and overrides ------------------------------------------------------------------------
@@ -198,6 +205,8 @@ def read_raw(name_or_path: str) -> tuple[str, dict[str, Any]]:
         raise ConfigError(f"{path}: cannot be read ({err.strerror or first_line(err)})") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({first_line(err)})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: a value is nested too deeply to be a config") from None
     if raw is None:  # an empty file: building it then names the first missing key
         raw = {}
     if not isinstance(raw, dict):
@@ -257,6 +266,8 @@ def parse_overrides(assignments: typing.Iterable[str]) -> list[tuple[str, Any]]:
                 value = yaml.safe_load(text) if text else ""
             except yaml.YAMLError:
                 value = text
+            except RecursionError:
+                raise ConfigError(f"override {key}: the value is nested too deeply") from None
             parsed.append((key, value))
     return parsed
 

@@ -258,6 +258,19 @@ def test_one_override_string_splits_only_before_a_key():
         ("description", "two words")]
 
 
+def test_values_nested_too_deeply_are_one_line(tmp_path):
+    # YAML's reader recursed past Python's limit: a traceback.
+    path = tmp_path / "deep.yaml"
+    path.write_text("lr: 0.1\nepochs: 2\nsweep:\n  lr: " + "[" * 1200 + "]" * 1200 + "\n")
+    with pytest.raises(ConfigError, match="a value is nested too deeply to be a config"):
+        config.load(str(path))
+    with pytest.raises(ConfigError, match="override sweep.lr: the value is nested too deeply"):
+        config.parse_overrides(["sweep.lr=" + "[" * 1200])
+    with pytest.raises(ConfigError) as info:
+        config.load("slope_only", ["sweep.epochs=" + "[" * 300 + "]" * 300])
+    assert len(info.value.message) < 200  # the value is quoted cut short
+
+
 def test_epochs_beyond_what_a_curve_can_hold_are_refused():
     # A hundred million epochs once filled 21 GB of memory before any error.
     with pytest.raises(ConfigError, match="^epochs must be at most 1,000,000"):
