@@ -43,9 +43,8 @@ class ExportedProgram(PythonModel):
         bad = ~(np.abs(values) <= np.finfo(self.dtype).max)
         if bad.any():
             row, column = np.argwhere(bad)[0] if values.ndim == 2 else (0, 0)
-            raise ValueError(f"column {self.features[column]} holds {values[row, column]:g} in "
-                             f"row {row + 1}: not a finite number the model's {self.dtype} "
-                             "holds")
+            _refuse(f"column {self.features[column]} holds {values[row, column]:g} in row "
+                    f"{row + 1}: not a finite number the model's {self.dtype} holds")
         values = values.astype(self.dtype)
         outputs = []
         with torch.no_grad():
@@ -53,7 +52,20 @@ class ExportedProgram(PythonModel):
                 chunk = torch.tensor(values[start:start + CHUNK_ROWS])
                 outputs.append(self.program(chunk).double().numpy())
         predicted = np.concatenate(outputs) if outputs else np.empty((0, len(self.targets)))
+        if not np.isfinite(predicted).all():  # inputs near float32's limit overflow the output
+            row = int(np.flatnonzero(~np.isfinite(predicted).all(axis=1))[0])
+            _refuse(f"the prediction for row {row + 1} overflows {self.dtype}: its inputs are "
+                    "too large for this model")
         return pd.DataFrame(predicted, columns=self.targets, index=index)
+
+
+def _refuse(message: str) -> None:
+    """An input the model cannot answer: a 400 with this message from `mlflow models serve`
+    (a plain ValueError would be a 500 that hides it in a stack trace)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    raise MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 mlflow.models.set_model(ExportedProgram())

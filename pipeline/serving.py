@@ -45,14 +45,22 @@ class LoadedModel:
     device: torch.device
 
     def predict(self, features: np.ndarray) -> np.ndarray:
-        """Predictions as float64, in chunks so that millions of rows fit in memory."""
+        """Predictions as float64, in chunks so that millions of rows fit in memory; rows
+        whose prediction overflows the model's dtype are refused."""
         outputs = []
         with torch.no_grad():
             for start in range(0, len(features), PREDICT_CHUNK_ROWS):
                 chunk = torch.as_tensor(features[start:start + PREDICT_CHUNK_ROWS],
                                         dtype=self.dtype, device=self.device)
                 outputs.append(self.module(chunk).double().cpu().numpy())
-        return np.concatenate(outputs) if outputs else np.empty((0, len(self.target_names)))
+        predicted = (np.concatenate(outputs) if outputs
+                     else np.empty((0, len(self.target_names))))
+        if not np.isfinite(predicted).all():
+            row = int(np.flatnonzero(~np.isfinite(predicted).all(axis=1))[0])
+            raise data.DataError(
+                f"the prediction for data row {row + 1} overflows the model's "
+                f"{str(self.dtype).removeprefix('torch.')}: its inputs are too large for it")
+        return predicted
 
     def parameters(self) -> tuple[np.ndarray, np.ndarray | None]:
         """Weight and bias of the linear model, whichever of the two kinds it is, in the

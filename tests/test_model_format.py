@@ -82,7 +82,7 @@ def test_pyfunc_refuses_values_the_model_cannot_hold(genuine, value):
     model = mlflow.pyfunc.load_model(str(genuine))
     frame = rows(3)
     frame.loc[2, "rainfall"] = value
-    with pytest.raises(ValueError, match=re.escape(
+    with pytest.raises(mlflow.exceptions.MlflowException, match=re.escape(
             f"column rainfall holds {value:g} in row 3: not a finite number the model's "
             "float32 holds")):
         model.predict(frame)

@@ -87,6 +87,16 @@ def test_the_latest_version_is_a_model_uri_too(registry_store):
         "models:/crop_yields_builtin/1", crop_rows(3)), rtol=1e-5)
 
 
+def test_pyfunc_refuses_a_prediction_that_overflows(registry_store):
+    # 3e38 is a float32, the weighted sum of such inputs is not: it was answered as inf.
+    model = mlflow.pyfunc.load_model("models:/crop_yields_builtin@champion")
+    rows = crop_rows(3)
+    rows.loc[1, :] = 3e38
+    with pytest.raises(mlflow.exceptions.MlflowException,
+                       match="the prediction for row 2 overflows float32"):
+        model.predict(rows)
+
+
 def test_manual_and_builtin_champions_load_with_pyfunc(registry_store):
     builtin = mlflow.pyfunc.load_model("models:/crop_yields_builtin@champion")
     manual = mlflow.pyfunc.load_model("models:/line_fit_15pts@champion")
@@ -267,6 +277,9 @@ def test_predictions_never_overwrite_their_input_or_the_store(registry_store, tm
         (["predict", "--model", "models:/crop_yields_builtin@champion"],
          "temp,rainfall,humidity\n1,2,3\n1,-1e39,3\n",
          "column rainfall holds -1e+39 in data row 2, beyond the model's float32 range"),
+        (["predict", "--model", "models:/crop_yields_builtin@champion"],
+         "temp,rainfall,humidity\n1,2,3\n3e38,3e38,3e38\n",
+         "the prediction for data row 2 overflows the model's float32"),
         (["models", "nobody"], None, "no registered model named 'nobody'"),
         (["promote", "nobody", "1"], None, "no registered model named 'nobody'"),
         (["promote", "crop_yields_builtin", "99"], None, "has no version 99"),
