@@ -270,9 +270,10 @@ def test_a_web_server_that_is_not_mlflow(workdir):
 
 class _HealthyButFailing:
     """An MLflow server whose /health passes while every request fails, as one does when its
-    own store is broken: MLflow's client would retry each request for minutes."""
+    own store is broken: MLflow's client would retry each request for minutes. With
+    ``page``, a web server that answers every path 200 with a page."""
 
-    def __init__(self, status: int):
+    def __init__(self, status: int, page: bool = False):
         import http.server
         import json
         import threading
@@ -285,10 +286,11 @@ class _HealthyButFailing:
                     self.wfile.write(b"OK")
                     return
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", "text/html" if page else "application/json")
                 self.end_headers()
-                self.wfile.write(json.dumps({"error_code": "INTERNAL_ERROR", "message":
-                                             "attempt to write a readonly database"}).encode())
+                self.wfile.write(b"<html>hi</html>" if page else json.dumps({
+                    "error_code": "INTERNAL_ERROR",
+                    "message": "attempt to write a readonly database"}).encode())
 
             do_POST = do_GET
 
@@ -311,6 +313,18 @@ def test_a_healthy_server_that_fails_requests_is_named_at_once(workdir, status):
     assert_one_line_failure(result, f"answered HTTP {status} to a search for experiments: "
                             "attempt to write a readonly database")
     assert "hunter2" not in result.stderr + result.stdout
+
+
+def test_a_web_server_answering_every_path_with_a_page_is_not_taken_for_mlflow(workdir):
+    # It passed the checks, and `models NAME` then said "no registered model named NAME".
+    server = _HealthyButFailing(200, page=True)
+    try:
+        result = pipeline(workdir, "models", "line_fit_15pts", "--tracking-uri",
+                          f"http://127.0.0.1:{server.port}")
+    finally:
+        server.server.shutdown()
+    assert_one_line_failure(result, "something other than MLflow's JSON; is it an MLflow "
+                            "tracking server?")
 
 
 def test_a_split_without_training_rows_is_refused_before_any_run(workdir):

@@ -153,6 +153,14 @@ def _check_server(url: str, shown: str) -> None:
     if not answer.ok:
         raise TrackingError(f"tracking server {shown} answered HTTP {answer.status_code} to "
                             f"a search for experiments: {redact.mask(_server_message(answer))}")
+    try:
+        body = answer.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):  # a web server answering every path with a page
+        raise TrackingError(f"tracking server {shown} answered a search for experiments with "
+                            "something other than MLflow's JSON; is it an MLflow tracking "
+                            "server?")
 
 
 def _request_credentials() -> dict:
