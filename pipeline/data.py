@@ -243,6 +243,11 @@ def _validation_rows(n: int, val_fraction: float) -> int:
     return n_val
 
 
+def draws_random_numbers(config: DataConfig) -> bool:
+    """Whether the recipe's rows depend on the seed."""
+    return isinstance(config, (LineData, SyntheticData))
+
+
 def content_key(config: DataConfig, seed: int) -> str:
     """A digest of everything that decides the data: the recipe, the seed, this code, the file.
 
@@ -250,7 +255,7 @@ def content_key(config: DataConfig, seed: int) -> str:
     """
     digest = hashlib.sha256()
     digest.update(json.dumps(config.model_dump(), sort_keys=True).encode())
-    if isinstance(config, (LineData, SyntheticData)):  # only these draw random numbers
+    if draws_random_numbers(config):
         digest.update(str(seed).encode())
     for module in (inspect.getmodule(content_key), tables):  # the code that makes the rows
         digest.update(inspect.getsource(module).encode())

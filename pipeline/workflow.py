@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from pipeline import data, evaluate, plots, serving, theory, tracking
 from pipeline import train as training
@@ -197,6 +198,18 @@ def check_recipe(exp: Experiment, data_uri: str) -> None:
         key, (then, now) = next(iter(differ.items()))
         raise data.DataError(f"--data {data_uri} was generated with {key}={then}, but "
                              f"{exp.name} has {key}={now} now; drop the override or --data")
+    # The same settings can still give other rows: another CSV file (a path may be written
+    # two ways), or another seed where the recipe draws random numbers.
+    recorded = tracking.run_params(found[1])
+    then_csv, then_seed = recorded.get("data.csv", ""), recorded.get("seed")
+    now_csv = getattr(exp.data, "csv", None)
+    if now_csv is not None and Path(then_csv).resolve() != Path(now_csv).resolve():
+        raise data.DataError(f"--data {data_uri} was generated from {then_csv}, but "
+                             f"{exp.name} reads {now_csv} now; drop the override or --data")
+    if data.draws_random_numbers(exp.data) and then_seed != str(exp.seed):
+        raise data.DataError(f"--data {data_uri} was generated with seed={then_seed}, but "
+                             f"{exp.name} has seed={exp.seed} now, which draws other rows; "
+                             "drop the override or --data")
 
 
 def model_columns(exp: Experiment, dataset: Dataset, model: serving.LoadedModel,

@@ -359,6 +359,26 @@ def test_data_generated_with_other_settings_is_refused(store):
     # Training settings may differ: the data are the same.
     invoke(store, "train", "-e", "synthetic", "--set", "data.n_rows=200", "--set", "epochs=2",
            "--set", "lr=0.05", "--data", data_uri)
+    # Another seed draws other rows: the run would record seed=1 for rows of seed 0.
+    result = CliRunner().invoke(cli, ["train", "-e", "synthetic", "--set", "data.n_rows=200",
+                                      "--set", "seed=1", "--data", data_uri,
+                                      "--tracking-uri", store])
+    assert result.exit_code == 1 and "was generated with seed=0, but synthetic has seed=1 now" \
+        in result.stderr, result.stderr
+
+
+def test_data_generated_from_another_csv_is_refused(store, workdir):
+    (workdir / "a.csv").write_text("x,y\n1,3\n2,5\n3,7\n")
+    (workdir / "b.csv").write_text("x,y\n10,30\n20,50\n")
+    (workdir / "e.yaml").write_text("seed: 0\nlr: 0.01\nepochs: 3\ndata:\n  csv: a.csv\n"
+                                    "  features: [x]\n  targets: [y]\n")
+    data_uri = invoke(store, "generate", "-e", "e.yaml").output.split()[-1]
+    result = CliRunner().invoke(cli, ["train", "-e", "e.yaml", "--set", "data.csv=b.csv",
+                                      "--data", data_uri, "--tracking-uri", store])
+    assert result.exit_code == 1, result.output
+    assert f"was generated from {workdir / 'a.csv'}, but e reads b.csv now" in result.stderr
+    # The same file, written another way, is the same data.
+    invoke(store, "train", "-e", "e.yaml", "--set", "data.csv=./a.csv", "--data", data_uri)
 
 
 @pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])

@@ -33,6 +33,7 @@ from pipeline.tracking.runs import (  # noqa: F401
     open_parent,
     recorded_otherwise,
     run,
+    run_params,
     run_tags,
     set_tags,
     system_metrics,

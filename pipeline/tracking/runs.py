@@ -308,6 +308,11 @@ def run_tags(run_id: str) -> dict[str, str]:
 
 
 @interrupts.shielded
+def run_params(run_id: str) -> dict[str, str]:
+    return MlflowClient().get_run(run_id).data.params
+
+
+@interrupts.shielded
 def recorded_otherwise(run_id: str, params: dict[str, Any]) -> dict[str, tuple[str, str]]:
     """Those of ``params`` the run recorded with other values: key -> (recorded, given); a
     key the run lacks counts as recorded otherwise."""
