@@ -162,10 +162,16 @@ def evaluate_model(exp: Experiment, dataset: Dataset, model_uri: str, experiment
     train_set, val_set = data.split(dataset, exp.val_fraction, exp.seed)
     eval_set, split_name = (val_set, "validation") if val_set is not None else (train_set, "train")
     tags = {"stage": "evaluate", "model_uri": model_uri, "eval_split": split_name}
-    with tracking.run(experiment, f"evaluate {run_name(exp.train)}", parent_run_id, tags,
+    # Under `pipeline run` the model is the one trained with this config; alone, it may come
+    # from anywhere, so the run records only what chose the rows, not training settings.
+    params = exp.params() if parent_run_id else {
+        key: value for key, value in exp.params().items()
+        if key.startswith("data.") or key in ("seed", "val_fraction")}
+    name = f"evaluate {run_name(exp.train)}" if parent_run_id else f"evaluate {model_uri}"
+    with tracking.run(experiment, name, parent_run_id, tags,
                       f"Scores model {model_uri} on the {split_name} rows of `{exp.name}`: "
                       "mse, rmse, mae, r2, and the gap to the least-squares optimum.") as run_id:
-        tracking.log_params(run_id, exp.params())
+        tracking.log_params(run_id, params)
         predictions = model.predict(eval_set.features)
         metrics = evaluate.evaluate(predictions, eval_set, fit_bias=exp.train.has_bias)
         weight, bias = model.parameters()

@@ -223,6 +223,11 @@ def test_evaluate_scores_the_validation_rows(experiment):
     assert run.data.tags["model_uri"] == trained.model_uri
     assert run.data.metrics == pytest.approx(metrics)
     assert artifacts(run.info.run_id, "plots") == ["plots/fit.png"]
+    # Alone, the model may come from anywhere: the run records what chose the rows, and no
+    # training settings that the model may not have been trained with.
+    assert run.info.run_name == f"evaluate {trained.model_uri}"
+    assert {"seed", "val_fraction", "data.repeat"} <= set(run.data.params)
+    assert not {"lr", "epochs", "batch_size"} & set(run.data.params)
 
 
 def test_evaluate_without_validation_scores_every_row_and_the_true_slope(experiment):
