@@ -20,7 +20,7 @@ DASHBOARD_PORT ?= 8080
 .PHONY: help install run sweep ui dashboard server serve test lint bench clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
 	@echo "  variables: EXP=$(EXP) TRIALS=$(TRIALS) WORKERS=$(WORKERS) TRACKING_URI=$(TRACKING_URI)"
 	@echo "             PORT=$(PORT) BACKEND=$(BACKEND) STORAGE=$(STORAGE)"
 
@@ -45,6 +45,9 @@ ui: install ## start the MLflow UI on 127.0.0.1 (PORT=5000) over TRACKING_URI
 	  --workers 1
 
 dashboard: install ## optuna-dashboard over STORAGE (a sweep's journal or database URL) on 127.0.0.1
+	@case '$(STORAGE)' in *://*) ;; *) test -f '$(STORAGE)' || { \
+	  echo "Error: no journal $(STORAGE) here: run 'make sweep' first, or give STORAGE=" >&2; \
+	  exit 1; };; esac
 	$(BIN)/optuna-dashboard '$(STORAGE)' --host 127.0.0.1 --port $(DASHBOARD_PORT)
 
 server: install ## tracking server on 127.0.0.1:PORT, store BACKEND, artifacts in mlartifacts/

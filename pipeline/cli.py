@@ -79,6 +79,13 @@ def device_option(func):
     )(func)
 
 
+def predict_device_option(func):
+    return click.option(
+        "--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+        help="Where to run the model: auto (the default) takes CUDA when present.",
+    )(func)
+
+
 def with_device(experiment, device):
     return experiment if device is None else configs.with_train(experiment, device=device)
 

@@ -9,7 +9,7 @@ import click
 from pipeline.cli import (
     cli,
     connect_store,
-    device_option,
+    predict_device_option,
     tracking_option,
 )
 from pipeline.errors import UserError
@@ -23,7 +23,7 @@ from pipeline.errors import UserError
               required=True, help="CSV with the model's feature columns, by name.")
 @click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=str),
               default=None, help="Where to write the predictions (CSV). Default: stdout.")
-@device_option
+@predict_device_option
 @click.option("--allow-pickle", is_flag=True,
               help="Allow loading a model stored as a pickle (only for sources you trust).")
 @tracking_option
