@@ -258,6 +258,18 @@ def test_one_override_string_splits_only_before_a_key():
         ("description", "two words")]
 
 
+def test_yaml_merge_keys_are_read_and_keys_they_bring_may_be_set_again(tmp_path):
+    # `<<:` was "could not determine a constructor"; a key it brings may be set after it.
+    path = tmp_path / "merged.yaml"
+    path.write_text("seed: 0\ndata:\n  source: table\n  features: [[1], [2]]\n"
+                    "  targets: [[3], [5]]\n<<: {lr: 0.5, epochs: 7}\nlr: 0.25\n")
+    exp = config.load(str(path))
+    assert (exp.train.lr, exp.train.epochs) == (0.25, 7)
+    path.write_text(path.read_text() + "lr: 0.1\n")  # written twice by hand: refused
+    with pytest.raises(ConfigError, match="key 'lr' appears twice"):
+        config.load(str(path))
+
+
 def test_values_nested_too_deeply_are_one_line(tmp_path):
     # YAML's reader recursed past Python's limit: a traceback.
     path = tmp_path / "deep.yaml"
