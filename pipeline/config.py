@@ -243,7 +243,10 @@ class Experiment(Schema):
     """One experiment: its data recipe, how to train on it, the validation split, the sweep."""
 
     name: str
-    description: str = ""
+    # The experiment's note in MLflow, which holds at most 20,000 characters with what the
+    # runs add to it.
+    description: Annotated[str, must(lambda text: len(text) <= 10_000,
+                                     "must be at most 10,000 characters")] = ""
     data: DataConfig = Field(discriminator="source")
     train: TrainConfig
     val_fraction: Annotated[Number, must(lambda x: 0 <= x < 1, "must lie in [0, 1)")] = 0.0

@@ -81,7 +81,7 @@ def must(test: Callable[[Any], bool], phrase: str) -> AfterValidator:
 
     def check(value: Any) -> Any:
         if not test(value):
-            raise ValueError(f"{phrase}, got {value!r}" if isinstance(value, str) else
+            raise ValueError(f"{phrase}, got {_shown(value)}" if isinstance(value, str) else
                              f"{phrase}, got {value}")
         return value
 

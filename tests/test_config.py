@@ -270,6 +270,13 @@ def test_yaml_merge_keys_are_read_and_keys_they_bring_may_be_set_again(tmp_path)
         config.load(str(path))
 
 
+def test_a_description_longer_than_the_store_keeps_is_refused():
+    # MLflow refused it at the store, in a message that did not name the key.
+    with pytest.raises(ConfigError, match="^description must be at most 10,000 characters, "
+                       "got 'aaaa.*\\.\\.\\.$"):
+        config.load("slope_only", ["description=" + "a" * 10_001])
+
+
 def test_values_nested_too_deeply_are_one_line(tmp_path):
     # YAML's reader recursed past Python's limit: a traceback.
     path = tmp_path / "deep.yaml"
