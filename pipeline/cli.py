@@ -72,18 +72,15 @@ def experiment_options(func):
     return wrapper
 
 
-def device_option(func):
-    return click.option(
-        "--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
-        help="Where to train: auto takes CUDA when present. Default: the config's device.",
-    )(func)
+def _device(help_text: str):
+    return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+                        help=help_text)
 
 
-def predict_device_option(func):
-    return click.option(
-        "--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
-        help="Where to run the model: auto (the default) takes CUDA when present.",
-    )(func)
+device_option = _device(
+    "Where to train: auto takes CUDA when present. Default: the config's device.")
+predict_device_option = _device(
+    "Where to run the model: auto (the default) takes CUDA when present.")
 
 
 def with_device(experiment, device):

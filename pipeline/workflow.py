@@ -196,17 +196,18 @@ def check_recipe(exp: Experiment, data_uri: str) -> None:
 
     if not (found := re.match(r"^runs:/([0-9a-f]+)/", data_uri)):
         return  # a folder: its recipe is not recorded
-    if tracking.run_tags(found[1]).get("stage") != "generate":
+    run = tracking.run_data(found[1])
+    if run.tags.get("stage") != "generate":
         return
-    settings = {key: value for key, value in exp.params().items()
-                if key.startswith("data.") and key != "data.csv"}  # a path may be written two ways
-    if differ := tracking.recorded_otherwise(found[1], settings):
-        key, (then, now) = next(iter(differ.items()))
-        raise data.DataError(f"--data {data_uri} was generated with {key}={then}, but "
-                             f"{exp.name} has {key}={now} now; drop the override or --data")
-    # The same settings can still give other rows: another CSV file (a path may be written
-    # two ways), or another seed where the recipe draws random numbers.
-    recorded = tracking.run_params(found[1])
+    recorded = run.params
+    for key, value in exp.params().items():
+        if key.startswith("data.") and key != "data.csv":  # a path may be written two ways
+            if (then := recorded.get(key)) != (now := tracking.param_text(value)):
+                raise data.DataError(f"--data {data_uri} was generated with {key}={then}, but "
+                                     f"{exp.name} has {key}={now} now; drop the override or "
+                                     "--data")
+    # The same settings can still give other rows: another CSV file, or another seed where
+    # the recipe draws random numbers.
     then_csv, then_seed = recorded.get("data.csv", ""), recorded.get("seed")
     now_csv = getattr(exp.data, "csv", None)
     if now_csv is not None and Path(then_csv).resolve() != Path(now_csv).resolve():

@@ -1,6 +1,7 @@
 """The MLflow layer: the one package that talks to the tracking store.
 
-- :mod:`.store`: reaching and checking a store, creating its tables once, experiments;
+- :mod:`.store`: reaching a store, creating its tables once, experiments;
+- :mod:`.checks`: what is checked before MLflow sees a store, each in one line and seconds;
 - :mod:`.runs`: runs by id, opened, logged to in batches and always closed; system metrics;
 - :mod:`.artifacts`: datasets and models logged with runs, and read back.
 """
@@ -31,9 +32,9 @@ from pipeline.tracking.runs import (  # noqa: F401
     metric_histories,
     open_child,
     open_parent,
-    recorded_otherwise,
+    param_text,
     run,
-    run_params,
+    run_data,
     run_tags,
     set_tags,
     system_metrics,

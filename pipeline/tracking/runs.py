@@ -308,18 +308,14 @@ def run_tags(run_id: str) -> dict[str, str]:
 
 
 @interrupts.shielded
-def run_params(run_id: str) -> dict[str, str]:
-    return MlflowClient().get_run(run_id).data.params
+def run_data(run_id: str):
+    """A run's tags and params, as MLflow keeps them (``.tags``, ``.params``): one read."""
+    return MlflowClient().get_run(run_id).data
 
 
-@interrupts.shielded
-def recorded_otherwise(run_id: str, params: dict[str, Any]) -> dict[str, tuple[str, str]]:
-    """Those of ``params`` the run recorded with other values: key -> (recorded, given); a
-    key the run lacks counts as recorded otherwise."""
-    recorded = MlflowClient().get_run(run_id).data.params
-    given = {key: _param_value(value) for key, value in params.items()}
-    return {key: (recorded.get(key, "(none)"), value) for key, value in given.items()
-            if recorded.get(key) != value}
+def param_text(value: Any) -> str:
+    """A value as :func:`log_params` writes it, to compare with what a run holds."""
+    return _param_value(value)
 
 
 def log_metrics(run_id: str, metrics: dict[str, float]) -> None:
