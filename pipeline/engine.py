@@ -21,7 +21,6 @@ Two programs:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -30,7 +29,8 @@ from pipeline import closed_form, models, theory
 from pipeline.config import TrainConfig
 from pipeline.dataset import Dataset
 from pipeline.errors import UserError
-from pipeline.train import TrainResult, batches, diverging, finish, resolve_device
+from pipeline.rows import Rows, Workspace, rows_times, transposed_times
+from pipeline.train import TrainResult, diverging, finish, resolve_device
 
 # Called with (trial index, epoch, train_loss, val_loss); returning True stops that trial.
 TrialCallback = Callable[[int, int, float, "float | None"], bool]
@@ -68,10 +68,10 @@ def train_many(config: TrainConfig, train_set: Dataset, val_set: Dataset | None,
                             _derived(kept, "statistics", val_set, statistics), watch)
     else:
         def tensors(rows):
-            return _Rows(rows, device, dtype, config)
+            return Rows(rows, device, dtype, config)
 
         _loop(state, _derived(kept, f"rows {dtype}", train_set, tensors),
-              _derived(kept, f"rows {dtype}", val_set, tensors), config, watch)
+              _derived(kept, f"rows {dtype}", val_set, tensors), watch)
     results = []
     for k, (train_curve, val_curve, diverged_at, stopped_at) in enumerate(watch.curves()):
         model = models.LinearRegressor(
@@ -96,22 +96,21 @@ def _derived(kept: dict | None, kind: str, rows: Dataset | None, make):
     return kept[key][1]
 
 
-def _loop(state: _Stacked, data: _Rows, val: _Rows | None, config: TrainConfig,
-          watch: _Stops) -> None:
+def _loop(state: _Stacked, data: Rows, val: Rows | None, watch: _Stops) -> None:
     """Descend epoch by epoch; trials leave the batch when they stop (on the device: the
-    host looks only at report epochs). A full batch is read twice an epoch: the forward pass
-    that gives the curve's point also gives the next update's residual."""
+    host looks only at report epochs). A full batch is one pass an epoch: the losses that give
+    the curve's point and the gradients of the next update (:meth:`Rows.full_pass`)."""
     def val_losses():
         return None if val is None else val.losses(state)
 
     if data.full:
-        losses, outputs = data.forward(state)
+        losses, gradients = data.full_pass(state)
         watch.observe(0, losses, val_losses())
         for epoch in range(1, watch.last + 1):
             if epoch % watch.report_every == 0 and not bool(watch.stepping.any()):
                 break
-            data.step(state, outputs, data.x, watch.stepping_at(epoch))
-            losses, outputs = data.forward(state)
+            state.step(*gradients, watch.stepping_at(epoch))
+            losses, gradients = data.full_pass(state)
             watch.observe(epoch, losses, val_losses())
         return
     watch.observe(0, data.losses(state), val_losses())
@@ -119,8 +118,7 @@ def _loop(state: _Stacked, data: _Rows, val: _Rows | None, config: TrainConfig,
         if epoch % watch.report_every == 0 and not bool(watch.stepping.any()):
             break
         mask = watch.stepping_at(epoch)
-        # The batches a lone run's DataLoader gives, drawn from the same global generator.
-        for x, y in batches(data.x, data.y, config):
+        for x, y in data.batches():
             data.step(state, data.residual(state, x, y), x, mask)
         watch.observe(epoch, data.losses(state), val_losses())
 
@@ -211,11 +209,11 @@ class _Stacked:
         self.relu = config.activation == "relu"
         self.clamp = config.model == "manual"  # clamp(min=0) passes a gradient at 0, ReLU not
 
-    def predict(self, x: torch.Tensor, space: _Workspace):
+    def predict(self, x: torch.Tensor, space: Workspace):
         """(prediction, pre-activation), both (n, K, k) in ``space``; one tensor without ReLU."""
         count, k, d = self.weight.shape
         pre = space.get("pre", (len(x), count, k), x)
-        _rows_times(x, self.weight.reshape(count * k, d).T, pre.view(len(x), count * k))
+        rows_times(x, self.weight.reshape(count * k, d).T, pre.view(len(x), count * k))
         out = torch.clamp(pre, min=0, out=space.get("out", pre.shape, x)) if self.relu else pre
         return (out if self.bias is None else out.add_(self.bias)), pre
 
@@ -226,103 +224,10 @@ class _Stacked:
         if self.relu:
             d_out.mul_(pre >= 0 if self.clamp else pre > 0)  # what autograd passes
         count, k, d = self.weight.shape
-        return _transposed_times(d_out.view(len(x), count * k), x).view(count, k, d), grad_bias
+        return transposed_times(d_out.view(len(x), count * k), x).view(count, k, d), grad_bias
 
     def step(self, grad_weight, grad_bias, mask) -> None:
         rate = torch.where(mask, self.lrs, torch.zeros_like(self.lrs))
         self.weight -= rate[:, None, None] * grad_weight
         if self.bias is not None:
             self.bias -= rate[:, None] * grad_bias
-
-
-# Products over many rows. Torch's CPU BLAS runs a tall product with a narrow side (rows x
-# features, times a few trials) on one thread, reading the rows at a third to a half of the
-# memory's bandwidth; as one batched product over a block of rows per thread it runs on every
-# thread, and the gradient's takes half the time (a million rows, 32 features, 1 to 16 trials).
-SPLIT_ROWS = 1 << 16  # fewer rows: one product, the split gains nothing
-
-
-def _row_blocks(x: torch.Tensor) -> int:
-    if x.device.type != "cpu" or len(x) < SPLIT_ROWS:
-        return 1
-    return torch.get_num_threads()
-
-
-def _rows_times(x: torch.Tensor, matrix: torch.Tensor, out: torch.Tensor) -> None:
-    """``out = x @ matrix``, x (n, d), matrix (d, m), out (n, m) contiguous."""
-    blocks = _row_blocks(x)
-    if blocks == 1:
-        torch.mm(x, matrix, out=out)
-        return
-    whole = len(x) - len(x) % blocks
-    torch.bmm(x[:whole].view(blocks, -1, x.shape[1]), matrix.expand(blocks, *matrix.shape),
-              out=out[:whole].view(blocks, -1, out.shape[1]))
-    torch.mm(x[whole:], matrix, out=out[whole:])
-
-
-def _transposed_times(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``a.T @ x``, a (n, m) and x (n, d) contiguous: (m, d), summed over the rows."""
-    blocks = _row_blocks(x)
-    if blocks == 1:
-        return a.T @ x
-    whole = len(x) - len(x) % blocks
-    parts = torch.bmm(a[:whole].view(blocks, -1, a.shape[1]).transpose(1, 2),
-                      x[:whole].view(blocks, -1, x.shape[1]))
-    return parts.sum(0) + a[whole:].T @ x[whole:]
-
-
-class _Rows:
-    """The rows themselves, on the device once; descent over full or mini-batches."""
-
-    def __init__(self, dataset: Dataset, device, dtype, config: TrainConfig) -> None:
-        self.x = torch.as_tensor(dataset.features, dtype=dtype, device=device)
-        self.y = torch.as_tensor(dataset.targets, dtype=dtype, device=device)
-        self.mean = config.loss == "mean"
-        size = config.batch_size or self.x.shape[0]
-        self.full = size >= self.x.shape[0] and not config.shuffle
-        self.space = _Workspace()
-
-    def residual(self, state: _Stacked, x, y):
-        """(prediction - y, pre-activation), both (n, K, k), in the workspace."""
-        pred, pre = state.predict(x, self.space)
-        # In place: the prediction is a fresh tensor, and where it is the pre-activation
-        # itself (no ReLU) nothing reads that again.
-        return pred.sub_(y[:, None, :]), pre
-
-    def _losses(self, residual: torch.Tensor) -> torch.Tensor:
-        """Each trial's loss from the residual (n, K, k). The norm reads the residual once and
-        writes nothing; squaring it rounds once more, far below float tolerance."""
-        squares = torch.linalg.vector_norm(residual, dim=(0, 2)).square()
-        return squares / (len(self.x) * self.y.shape[1]) if self.mean else squares
-
-    def losses(self, state: _Stacked) -> torch.Tensor:
-        """Each trial's loss over all the rows."""
-        return self._losses(self.residual(state, self.x, self.y)[0])
-
-    def forward(self, state: _Stacked):
-        """The full batch's per-trial losses, and its outputs for :meth:`step`."""
-        residual, pre = self.residual(state, self.x, self.y)
-        return self._losses(residual), (residual, pre)
-
-    def step(self, state: _Stacked, outputs, x, mask) -> None:
-        """One update of every trial from a batch's (residual, pre-activation), consumed."""
-        d_out, pre = outputs
-        scale = 2.0 / d_out[:, 0].numel() if self.mean else 2.0  # on the gradients: one pass less
-        grad_weight, grad_bias = state.gradients(d_out, pre, x)
-        state.step(scale * grad_weight, None if grad_bias is None else scale * grad_bias, mask)
-
-
-class _Workspace:
-    """Tensors reused from one batch to the next. A fresh tensor of tens of megabytes comes
-    from the kernel as new pages, zeroed on first touch, every time: for a million rows and
-    8 trials that was a third of an epoch."""
-
-    def __init__(self) -> None:
-        self.tensors: dict[str, torch.Tensor] = {}
-
-    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        size = math.prod(shape)
-        held = self.tensors.get(name)
-        if held is None or held.numel() < size:
-            held = self.tensors[name] = like.new_empty(size)
-        return held[:size].view(shape)

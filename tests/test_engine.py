@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import config, data, engine, theory
+from pipeline import config, data, engine, rows, theory
 from pipeline.train import train
 
 # (experiment, overrides, lr factors of the stable edge, epochs): every kind of model and loop.
@@ -67,7 +67,7 @@ def test_batches_sharing_what_the_rows_give_train_as_batches_alone(monkeypatch, 
     exp, train_set, val_set, edge = prepared("synthetic", [
         "data.n_rows=400", "model=manual", "batch_size=null", "shuffle=false"])
     made = []
-    for name, owner in (("Statistics", engine.closed_form), ("_Rows", engine)):
+    for name, owner in (("Statistics", engine.closed_form), ("Rows", engine)):
         real = getattr(owner, name)
         monkeypatch.setattr(owner, name, lambda *a, real=real: made.append(a[0]) or real(*a))
     kept = {}
@@ -167,17 +167,36 @@ def test_statistics_with_collinear_columns_and_divergence_match_the_loop():
     assert closed[2].diverged and not closed[1].diverged
 
 
-@pytest.mark.parametrize("rows", [engine.SPLIT_ROWS + 4, 17])  # 3 blocks and 2 rows left
-def test_products_over_row_blocks_equal_one_product(monkeypatch, rows):
-    monkeypatch.setattr(engine, "_row_blocks", lambda x: 1 if len(x) < engine.SPLIT_ROWS else 3)
+@pytest.mark.parametrize("count", [rows.SPLIT_ROWS + 4, 17])  # 3 blocks and 2 rows left
+def test_products_over_row_blocks_equal_one_product(monkeypatch, count):
+    monkeypatch.setattr(rows, "_row_blocks", lambda x: 1 if len(x) < rows.SPLIT_ROWS else 3)
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, 6, dtype=torch.float64, generator=generator)
+    x = torch.randn(count, 6, dtype=torch.float64, generator=generator)
     matrix = torch.randn(6, 4, dtype=torch.float64, generator=generator)
-    out = torch.empty(rows, 4, dtype=torch.float64)
-    engine._rows_times(x, matrix, out)
+    out = torch.empty(count, 4, dtype=torch.float64)
+    rows.rows_times(x, matrix, out)
     torch.testing.assert_close(out, x @ matrix, rtol=1e-12, atol=1e-12)
-    a = torch.randn(rows, 4, dtype=torch.float64, generator=generator)
-    torch.testing.assert_close(engine._transposed_times(a, x), a.T @ x, rtol=1e-12, atol=1e-9)
+    a = torch.randn(count, 4, dtype=torch.float64, generator=generator)
+    torch.testing.assert_close(rows.transposed_times(a, x), a.T @ x, rtol=1e-12, atol=1e-9)
+
+
+def test_a_full_batch_read_block_by_block_on_threads_matches_training_alone(monkeypatch):
+    # Blocks of 1024 rows (the fewest): every thread's share is many blocks, the last one short.
+    monkeypatch.setattr(rows, "BLOCK_BYTES", 1)
+    exp, train_set, _, edge = prepared("synthetic", [
+        "model=manual", "activation=relu", "batch_size=null", "shuffle=false", "dtype=float64",
+        f"data.n_rows={rows.SPLIT_ROWS + 7}", "data.n_features=6", "val_fraction=0"])
+    spans = rows.Rows(train_set, torch.device("cpu"), torch.float64, exp.train).spans
+    assert spans[0][0] == 0 and spans[-1][1] == train_set.n_rows
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+    assert {span[2] for span in spans} == {1024}
+    lrs, epochs = [0.2 * edge, 0.9 * edge], [7, 5]
+    for lr, count, result in zip(lrs, epochs, engine.train_many(
+            exp.train, train_set, None, lrs, epochs, program="loop"), strict=True):
+        single = alone(exp, train_set, None, lr, count)
+        np.testing.assert_allclose(result.train_loss, single.train_loss, rtol=1e-12)
+        torch.testing.assert_close(result.model.weight, single.model.weight.detach(),
+                                   rtol=1e-12, atol=1e-12)
 
 
 def test_curves_too_long_for_memory_are_refused_in_one_line():
