@@ -204,6 +204,10 @@ class TrainConfig(Schema):
     seed: Seed = 0
     # standard: features to zero mean, unit variance (training rows' stats)
     scale: Literal["none", "standard"] = "none"
+    # How descent runs. auto: `pipeline train` and `run` the tutorials' loop; sweeps from
+    # sufficient statistics where that is exact (full batch, no ReLU), else the loop. loop:
+    # the loop everywhere. statistics: the closed form everywhere (full batch, no ReLU only).
+    engine: Literal["auto", "loop", "statistics"] = "auto"
 
     @field_validator("batch_size", mode="before")
     @classmethod
@@ -215,6 +219,15 @@ class TrainConfig(Schema):
     def _gradient_fits_model(self) -> TrainConfig:
         if self.gradient == "analytic" and self.model != "manual":
             raise ValueError("gradient: analytic is a manual-model option; use model=manual")
+        return self
+
+    @model_validator(mode="after")
+    def _statistics_fit_descent(self) -> TrainConfig:
+        if self.engine == "statistics" and (self.batch_size is not None
+                                            or self.activation != "none"):
+            raise ValueError("engine: statistics is exact only for full-batch descent on a "
+                             "linear model (batch_size: null, activation: none); use "
+                             "engine=loop or auto")
         return self
 
     @property

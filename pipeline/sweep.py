@@ -62,9 +62,10 @@ def search_space(exp: Experiment, settings: SweepSettings,
 
 
 def config_digest(exp: Experiment) -> str:
-    """What must stay the same for trials of one study to be comparable."""
+    """What must stay the same for trials of one study to be comparable (the engine gives
+    the same curves either way)."""
     params = {k: v for k, v in exp.params().items()
-              if k not in ("lr", "epochs", "device") and not k.startswith("sweep.")}
+              if k not in ("lr", "epochs", "device", "engine") and not k.startswith("sweep.")}
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import data, evaluate, plots, serving, theory, tracking
+from pipeline import data, engine, evaluate, plots, serving, theory, tracking
 from pipeline import train as training
 from pipeline.config import Experiment, run_name
 from pipeline.dataset import Dataset
@@ -91,7 +91,8 @@ def train(exp: Experiment, dataset: Dataset, experiment: str,
         if val_set is not None:
             tracking.log_dataset(run_id, val_set, exp.name, data_uri, context="validation")
         with tracking.system_metrics(run_id):
-            result = training.train(config, train_set, val_set)
+            result = (_from_statistics if config.engine == "statistics" else training.train)(
+                config, train_set, val_set)
         curves = {"train_loss": result.train_loss}
         if result.val_loss:
             curves["val_loss"] = result.val_loss
@@ -144,8 +145,17 @@ def describe_training(exp: Experiment) -> str:
     held_out = f", {exp.val_fraction:.0%} of rows held out" if exp.val_fraction else ""
     kind = ("torch.nn, torch.optim" if config.model == "builtin"
             else "raw tensors, hand-written descent")
+    closed = ", descent in closed form from the data's statistics" if (
+        config.engine == "statistics") else ""
     return (f"{config.model} model ({kind}), lr={config.lr:g}, {config.epochs} epochs, "
-            f"{batches}, {config.loss} squared error{held_out}.")
+            f"{batches}, {config.loss} squared error{held_out}{closed}.")
+
+
+def _from_statistics(config, train_set: Dataset, val_set: Dataset | None):
+    """``engine: statistics``: the closed form of the loop's descent (:mod:`pipeline.engine`),
+    each epoch costing the same whatever the number of rows."""
+    [result] = engine.train_many(config, train_set, val_set, [config.lr], [config.epochs])
+    return result
 
 
 def _single_weight(result: training.TrainResult) -> bool:

@@ -392,6 +392,17 @@ def test_out_of_range_training_values_are_rejected(override, key):
         config.load("slope_only", [override])
 
 
+@pytest.mark.parametrize("overrides", [["engine=statistics", "activation=relu"],
+                                       ["engine=statistics", "batch_size=5"]])
+def test_the_closed_form_is_refused_where_it_is_not_exact(overrides):
+    with pytest.raises(ConfigError, match=r"engine: statistics is exact only for full-batch "
+                                          r"descent on a linear model \(batch_size: null"):
+        config.load("crop_yields_manual", overrides)
+    assert config.load("crop_yields_manual", ["engine=statistics"]).train.engine == "statistics"
+    assert config.load("relu_line", ["engine=loop"]).train.engine == "loop"
+    assert config.load("relu_line").train.engine == "auto"
+
+
 def test_analytic_gradient_needs_the_manual_model():
     with pytest.raises(ConfigError, match="gradient"):
         config.load("crop_yields_builtin", ["gradient=analytic"])

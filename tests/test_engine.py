@@ -119,6 +119,23 @@ def test_statistics_are_used_only_where_exact():
     assert theory.exact_for(full, 5)
 
 
+@pytest.mark.parametrize(("name", "engine_key", "program"), [
+    ("crop_yields_manual", "auto", "statistics"), ("crop_yields_manual", "loop", "loop"),
+    ("crop_yields_manual", "statistics", "statistics"), ("relu_line", "auto", "loop"),
+    ("crop_yields_builtin", "auto", "loop"), ("crop_yields_builtin", "loop", "loop")])
+def test_the_config_s_engine_picks_the_program(monkeypatch, name, engine_key, program):
+    exp, train_set, val_set, edge = prepared(name, [f"engine={engine_key}"])
+    assert engine.program_for(exp.train, train_set.n_rows) == program
+    ran = []
+    real = engine.closed_form.descend
+    monkeypatch.setattr(engine.closed_form, "descend",
+                        lambda *a: ran.append("statistics") or real(*a))
+    monkeypatch.setattr(engine, "_loop", lambda *a, real=engine._loop: ran.append("loop") or
+                        real(*a))
+    engine.train_many(exp.train, train_set, val_set, [0.5 * edge], [3])
+    assert ran == [program]
+
+
 def test_a_diverging_trial_stops_alone_and_the_others_go_on():
     exp, train_set, _, edge = prepared("slope_only", [])
     lrs, epochs = [0.5 * edge, 30 * edge, 0.9 * edge], [50, 50, 50]

@@ -364,6 +364,17 @@ def test_a_study_made_with_other_settings_is_refused(workdir, store):
     assert MlflowClient(store).get_experiment_by_name("slope_only") is None
 
 
+def test_a_study_resumes_under_another_engine(store):
+    # The engine is how descent runs, not what it computes: the trials stay comparable.
+    sweep(store, "-e", "line_fit_15pts", "--n-trials", "2", "--epochs-range", "5", "20")
+    sweep(store, "-e", "line_fit_15pts", "--n-trials", "4", "--set", "engine=loop")
+    trials = study_of("line_fit_15pts").trials
+    assert len(trials) == 4 and {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}
+    _, children = sweep_runs(store, "line_fit_15pts")
+    engines = {int(r.data.params["trial_number"]): r.data.params["engine"] for r in children}
+    assert engines == {0: "auto", 1: "auto", 2: "loop", 3: "loop"}
+
+
 def test_timeout_stops_starting_trials_and_still_summarises(store):
     output = sweep(store, "-e", "crop_yields_manual", "--n-trials", "10000", "--timeout",
                    "0.5", "--batch", "2", "--pruner", "none")

@@ -132,6 +132,24 @@ def test_train_logs_params_the_curve_and_a_model_that_predicts_like_the_trained_
     np.testing.assert_array_equal(by_run, predicted)
 
 
+def test_engine_statistics_trains_in_closed_form_the_loops_curve(experiment):
+    # The tutorial's float32 loop and the float64 closed form: the same descent.
+    exp = load("crop_yields_manual", "epochs=60", "val_fraction=0.4", "engine=statistics")
+    dataset = data.build(exp.data, exp.seed)
+    trained = workflow.train(exp, dataset, experiment, echo=quiet)
+    (run,) = runs_of(experiment)["train"]
+    assert run.data.params["engine"] == "statistics"
+    assert "closed form" in run.data.tags["mlflow.note.content"]
+    loop = training.train(config.with_train(exp, engine="auto").train,
+                          *data.split(dataset, 0.4, exp.seed))
+    assert curve(trained.run_id, "train_loss") == pytest.approx(loop.train_loss, rel=1e-4)
+    assert curve(trained.run_id, "val_loss") == pytest.approx(loop.val_loss, rel=1e-4)
+    predicted = serving.load(trained.model_uri).predict(dataset.features)
+    with torch.no_grad():
+        expected = loop.model(torch.as_tensor(dataset.features, dtype=torch.float32)).numpy()
+    np.testing.assert_allclose(predicted, expected, rtol=1e-4)
+
+
 def test_a_single_weight_gets_a_loss_surface(experiment):
     exp = load("slope_only")
     trained = workflow.train(exp, data.build(exp.data, exp.seed), experiment, echo=quiet)
