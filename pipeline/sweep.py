@@ -32,6 +32,7 @@ from pipeline import (
     interrupts,
     lifetime,
     redact,
+    storages,
     sweep_report,
     theory,
     tracking,
@@ -41,7 +42,7 @@ from pipeline import study as studies
 from pipeline import train as training
 from pipeline import trial as trials
 from pipeline.config import Experiment
-from pipeline.study import SweepError
+from pipeline.storages import SweepError
 from pipeline.sweep_settings import Range, SweepSettings
 
 SETUP_LOCK, FINALISE_LOCK = -1, -2  # storage locks (study ids guard trial creation)
@@ -90,7 +91,7 @@ def run(exp: Experiment, settings: SweepSettings, tracking_uri: str,
     if val_set is None:
         echo("note: no validation split (val_fraction: 0), so the objective is the final "
              "training loss, which more epochs only ever lower; set val_fraction to weigh them")
-    storage = studies.open_storage(settings.storage, settings.n_trials)
+    storage = storages.open_storage(settings.storage, settings.n_trials)
     _check_study_first(storage, study_name, exp)
     # The input is good: now the tracking store may be reached (and made) and the experiment.
     tracking.connect(tracking_uri)

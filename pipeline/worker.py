@@ -11,6 +11,7 @@ never closes the parent run or registers a model; the coordinator does that once
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -20,7 +21,7 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline import config as configs
-from pipeline import dead_trials, interrupts, tracking
+from pipeline import dead_trials, interrupts, storages, tracking
 from pipeline import study as studies
 from pipeline import trial as trials
 from pipeline.errors import UserError
@@ -47,10 +48,14 @@ def join(storage_url: str, study_name: str, offset: int = 0, wait_s: float = CON
     deadline = time.monotonic() + wait_s
     while True:  # the database may still be starting, or the coordinator setting the study up
         try:
-            storage = studies.open_storage(storage_url)
+            if "://" not in storage_url and not os.path.lexists(storage_url):
+                # A worker waits for the coordinator's journal; it makes no file of its own.
+                raise storages.NotYet(f"no journal file {storage_url}: start `pipeline sweep "
+                                     f"--storage {storage_url}` first, or check the path")
+            storage = storages.open_storage(storage_url)
             spec = studies.read_spec(studies.load(storage, study_name))
             break
-        except studies.NotYet:  # anything else (not a journal, another tool's study) stays
+        except storages.NotYet:  # anything else (not a journal, another tool's study) stays
             if time.monotonic() > deadline:
                 raise
             pause(2.0)
@@ -117,7 +122,7 @@ def ask(study: optuna.Study, storage, count: int) -> list[optuna.Trial]:
         while len(asked) < count:
             asked.append(study.ask())
             dead_trials.beat(study, storage, asked[-1])  # a heartbeat from the first moment
-    except studies.BudgetReached:
+    except storages.BudgetReached:
         pass
     return asked
 

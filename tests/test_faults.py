@@ -15,7 +15,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.study import open_storage
+from pipeline.storages import open_storage
 from tests.conftest import run_statuses, subprocess_env
 
 pytestmark = pytest.mark.faults

@@ -11,7 +11,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from pipeline import dead_trials, processes
+from pipeline import dead_trials, processes, storages
 from pipeline import study as studies
 
 
@@ -28,15 +28,15 @@ def journal(tmp_path):
 
 
 def test_budget_refuses_trials_beyond_the_total(journal):
-    study = studies.load(studies.open_storage(journal, total=2), "s", create=True)
+    study = studies.load(storages.open_storage(journal, total=2), "s", create=True)
     study.ask()
     study.ask()
-    with pytest.raises(studies.BudgetReached):
+    with pytest.raises(storages.BudgetReached):
         study.ask()
 
 
 def test_a_dead_trial_is_failed_and_retried_with_its_params(journal):
-    storage = studies.open_storage(journal, total=2)
+    storage = storages.open_storage(journal, total=2)
     study = studies.load(storage, "s", create=True)
     study.tell(study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1.0)}), 1.0)
     dead = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1.0)})
@@ -55,18 +55,18 @@ def test_no_trial_slips_in_between_failing_a_dead_trial_and_queueing_its_retry(j
                                                                               monkeypatch):
     """Another worker asking while a dead trial is failed must not take its place as well as
     its retry (seen as 26 finished trials for a total of 24 on PostgreSQL)."""
-    storage = studies.open_storage(journal, total=2)
+    storage = storages.open_storage(journal, total=2)
     study = studies.load(storage, "s", create=True)
     study.tell(study.ask(), 1.0)
     dead = study.ask()
     dead.set_user_attr(dead_trials.WORKER_ATTR, _dead_identity(dead.number))
-    other = studies.load(studies.open_storage(journal, total=2), "s")
+    other = studies.load(storages.open_storage(journal, total=2), "s")
     outcome = []
 
     def ask_elsewhere():
         try:
             outcome.append(other.ask().number)
-        except studies.BudgetReached:
+        except storages.BudgetReached:
             outcome.append("budget reached")
 
     retry = dead_trials._StaleTrial.__call__
@@ -83,16 +83,16 @@ def test_no_trial_slips_in_between_failing_a_dead_trial_and_queueing_its_retry(j
     askers[0].join(10)
 
     assert outcome == ["budget reached"]
-    held = study.get_trials(states=studies.IN_BUDGET)
+    held = study.get_trials(states=storages.IN_BUDGET)
     assert len(held) == 2
 
 
 def test_processes_opening_a_fresh_database_storage_at_once_all_get_it(tmp_path):
     # Optuna creates a new database's tables without a lock; the losers of that race retry.
     url, go = f"sqlite:///{tmp_path / 'optuna.db'}", tmp_path / "go"
-    code = ("import os, sys, time; from pipeline import study\n"
+    code = ("import os, sys, time; from pipeline import storages\n"
             "while not os.path.exists(sys.argv[2]): time.sleep(0.001)\n"
-            "study.open_storage(sys.argv[1], total=1); print('opened')")
+            "storages.open_storage(sys.argv[1], total=1); print('opened')")
     processes = [subprocess.Popen([sys.executable, "-c", code, url, str(go)],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for _ in range(4)]
@@ -100,3 +100,13 @@ def test_processes_opening_a_fresh_database_storage_at_once_all_get_it(tmp_path)
     go.touch()
     outcomes = [process.communicate(timeout=120) for process in processes]
     assert [out.strip() for out, _ in outcomes] == ["opened"] * 4, [err for _, err in outcomes]
+
+
+def test_a_worker_waits_for_its_coordinators_journal_and_makes_none(tmp_path):
+    from pipeline import worker
+
+    journal = tmp_path / "not-yet.journal"
+    with pytest.raises(storages.NotYet, match=r"no journal file .*not-yet\.journal: start "
+                                             r"`pipeline sweep --storage"):
+        worker.join(str(journal), "any", wait_s=0)
+    assert not journal.exists()

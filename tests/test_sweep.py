@@ -15,7 +15,8 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import config, data, theory
 from pipeline.cli import cli
-from pipeline.study import make_pruner, open_storage
+from pipeline.storages import open_storage
+from pipeline.study import make_pruner
 from pipeline.train import train
 from tests.conftest import run_statuses, subprocess_env
 

@@ -7,7 +7,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from pipeline import config as configs
-from pipeline import data, engine, tracking
+from pipeline import data, engine, storages, tracking
 from pipeline import study as studies
 from pipeline import trial as trials
 
@@ -24,7 +24,7 @@ def _context(store: str) -> trials.TrialContext:
 
 def test_each_trial_of_a_batch_gets_its_run_and_its_outcome(store, tmp_path):
     ctx = _context(store)
-    study = studies.load(studies.open_storage(str(tmp_path / "j"), total=3), "s", create=True)
+    study = studies.load(storages.open_storage(str(tmp_path / "j"), total=3), "s", create=True)
     told = []
     trials.run_batch(study, [study.ask() for _ in range(3)], ctx,
                      on_told=lambda s, t: told.append(t.number))
@@ -47,13 +47,13 @@ def test_a_trial_failed_as_stale_meanwhile_leaves_the_others_told(store, tmp_pat
     """A worker whose heartbeat came too late finds its trial failed by another process:
     it tells the others, and closes the lost trial's run FAILED, without a traceback."""
     ctx = _context(store)
-    study = studies.load(studies.open_storage(str(tmp_path / "j"), total=2), "s", create=True)
+    study = studies.load(storages.open_storage(str(tmp_path / "j"), total=2), "s", create=True)
     asked = [study.ask(), study.ask()]
     train_many = engine.train_many
 
     def failed_elsewhere_meanwhile(*args, **kwargs):
         results = train_many(*args, **kwargs)
-        optuna.load_study(study_name="s", storage=studies.open_storage(str(tmp_path / "j"))
+        optuna.load_study(study_name="s", storage=storages.open_storage(str(tmp_path / "j"))
                           ).tell(asked[0].number, state=TrialState.FAIL)
         return results
 
@@ -69,7 +69,7 @@ def test_a_trial_failed_as_stale_meanwhile_leaves_the_others_told(store, tmp_pat
 def test_a_failing_batch_fails_its_trials_and_closes_their_runs(store, tmp_path, monkeypatch):
     """Training that raises (a bug, memory) leaves no trial RUNNING and no run open."""
     ctx = _context(store)
-    study = studies.load(studies.open_storage(str(tmp_path / "j"), total=2), "s", create=True)
+    study = studies.load(storages.open_storage(str(tmp_path / "j"), total=2), "s", create=True)
     asked = [study.ask(), study.ask()]
 
     def broken(*args, **kwargs):
