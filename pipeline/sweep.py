@@ -29,6 +29,7 @@ from pipeline import config as configs
 from pipeline import (
     data,
     dead_trials,
+    engine,
     interrupts,
     lifetime,
     redact,
@@ -107,7 +108,7 @@ def run(exp: Experiment, settings: SweepSettings, tracking_uri: str,
         try:
             dead_trials.recover_dead_trials(study, storage, trials.close_dead_trial_run)
             before = studies.finished(study)
-            ctx = worker.context(spec, study_name, dataset)
+            ctx = worker.context(spec, study_name, dataset, (train_set, val_set))
             with tracking.system_metrics(spec.parent_run_id):
                 _have_trials_run(study, storage, ctx, settings, tracking_uri, echo)
             if (finished := studies.finished(study)) < settings.n_trials:
@@ -218,9 +219,12 @@ def _have_trials_run(study, storage, ctx, settings: SweepSettings, tracking_uri:
         echo(f"sweep {study.study_name}: the study already holds {studies.finished(study)} "
              f"finished trials (--n-trials {settings.n_trials}); nothing to run")
         return
+    how = ("in closed form from the rows' statistics" if engine.program_for(
+        ctx.exp.train, ctx.split[0].n_rows) == "statistics" else "epoch by epoch")
     echo(f"sweep {study.study_name}: {missing} of {settings.n_trials} trials to run "
          f"(lr in [{ctx.lr[0]:.3g}, {ctx.lr[1]:.3g}], epochs in "
-         f"[{ctx.epochs[0]}, {ctx.epochs[1]}]) on {settings.workers or 'remote'} worker(s)")
+         f"[{ctx.epochs[0]}, {ctx.epochs[1]}]) on {settings.workers or 'remote'} worker(s), "
+         f"up to {ctx.batch} at a time, {how}")
     workers = local_workers(settings)
     if workers < settings.workers:
         echo(f"--workers {settings.workers} is more than this machine's {workers} cores: "

@@ -41,6 +41,7 @@ class TrialContext:
     study_name: str
     log_models: str
     batch: int = 1  # trials trained together
+    rows: tuple[Dataset, Dataset | None] | None = None  # the split, where the caller made it
 
     @property
     def report_every(self) -> int:
@@ -49,7 +50,7 @@ class TrialContext:
     @functools.cached_property
     def split(self) -> tuple[Dataset, Dataset | None]:
         """The training and validation rows, split once for every batch."""
-        return data.split(self.dataset, self.exp.val_fraction, self.exp.seed,
+        return self.rows or data.split(self.dataset, self.exp.val_fraction, self.exp.seed,
                           self.exp.train.scale)
 
     @functools.cached_property

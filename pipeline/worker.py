@@ -64,15 +64,17 @@ def join(storage_url: str, study_name: str, offset: int = 0, wait_s: float = CON
     return study, storage, spec
 
 
-def context(spec: studies.Spec, study_name: str, dataset=None) -> trials.TrialContext:
+def context(spec: studies.Spec, study_name: str, dataset=None,
+            rows=None) -> trials.TrialContext:
     """What the study's trials need; the dataset is read from the sweep's run unless this
-    process has it already (the coordinator built it from the same recipe)."""
+    process has it already (the coordinator built it from the same recipe, and split it:
+    ``rows``)."""
     exp = configs.build(spec.experiment_name, spec.experiment)
     return trials.TrialContext(
         exp=exp, dataset=dataset or tracking.read_dataset(spec.data_uri), lr=spec.lr,
         epochs=spec.epochs,
         experiment_id=spec.experiment_id, parent_run_id=spec.parent_run_id,
-        study_name=study_name, log_models=spec.log_models, batch=spec.batch)
+        study_name=study_name, log_models=spec.log_models, batch=spec.batch, rows=rows)
 
 
 def run(storage_url: str, study_name: str, tracking_uri: str | None = None, offset: int = 0,

@@ -367,8 +367,10 @@ def test_a_study_made_with_other_settings_is_refused(workdir, store):
 
 def test_a_study_resumes_under_another_engine(store):
     # The engine is how descent runs, not what it computes: the trials stay comparable.
-    sweep(store, "-e", "line_fit_15pts", "--n-trials", "2", "--epochs-range", "5", "20")
-    sweep(store, "-e", "line_fit_15pts", "--n-trials", "4", "--set", "engine=loop")
+    said = sweep(store, "-e", "line_fit_15pts", "--n-trials", "2", "--epochs-range", "5", "20")
+    assert "2 of 2 trials to run" in said and "in closed form from the rows' statistics" in said
+    said = sweep(store, "-e", "line_fit_15pts", "--n-trials", "4", "--set", "engine=loop")
+    assert "2 of 4 trials to run" in said and "up to 2 at a time, epoch by epoch" in said
     trials = study_of("line_fit_15pts").trials
     assert len(trials) == 4 and {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}
     _, children = sweep_runs(store, "line_fit_15pts")
