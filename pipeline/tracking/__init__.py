@@ -2,7 +2,9 @@
 
 - :mod:`.store`: reaching a store, creating its tables once, experiments;
 - :mod:`.checks`: what is checked before MLflow sees a store, each in one line and seconds;
-- :mod:`.runs`: runs by id, opened, logged to in batches and always closed; system metrics;
+- :mod:`.runs`: runs by id, opened and always closed, also for processes that died;
+- :mod:`.records`: what runs record, in batches (params, curves, metrics, tags, figures), and
+  what they hold, read back; system metrics;
 - :mod:`.artifacts`: datasets and models logged with runs, and read back.
 """
 
@@ -16,13 +18,8 @@ from pipeline.tracking.artifacts import (  # noqa: F401
     runs_frame,
     write_dataset,
 )
-from pipeline.tracking.runs import (  # noqa: F401
+from pipeline.tracking.records import (  # noqa: F401
     SYSTEM_METRICS_S,
-    close_dead_runs,
-    close_run,
-    close_running,
-    environment_tags,
-    find_child,
     log_curves,
     log_figure,
     log_metrics,
@@ -30,14 +27,21 @@ from pipeline.tracking.runs import (  # noqa: F401
     log_text,
     log_to_run,
     metric_histories,
-    open_child,
-    open_parent,
     param_text,
-    run,
     run_data,
     run_tags,
     set_tags,
     system_metrics,
+)
+from pipeline.tracking.runs import (  # noqa: F401
+    close_dead_runs,
+    close_run,
+    close_running,
+    environment_tags,
+    find_child,
+    open_child,
+    open_parent,
+    run,
 )
 from pipeline.tracking.store import (  # noqa: F401
     EXPERIMENT_KIND,

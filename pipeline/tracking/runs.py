@@ -1,8 +1,9 @@
-"""Runs, by id: opened, logged to in batches, and always closed.
+"""Runs, by id: opened, always closed, and closed for processes that died.
 
 Every call names its run; none uses MLflow's active-run stack, so the same code serves the
 CLI, worker processes and threads. A run opened with :func:`run` ends FINISHED, FAILED, or
-KILLED on Ctrl-C, so none is left RUNNING; curves go to the store in one batch per run.
+KILLED on Ctrl-C, so none is left RUNNING; a run whose process was killed with -9 is closed
+FAILED by the next command. What runs record is :mod:`.records`.
 """
 
 from __future__ import annotations
@@ -10,22 +11,20 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import json
-import logging
 import os
 import subprocess
-import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline import interrupts
+from pipeline.tracking.records import log_to_run
 from pipeline.tracking.store import NOTE
 
 
@@ -125,36 +124,6 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-# --- logging ------------------------------------------------------------------------------------
-
-
-def _param_value(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
-
-
-@interrupts.shielded
-def log_params(run_id: str, params: dict[str, Any]) -> None:
-    """Log the flattened config; lists become JSON so the UI shows them as written."""
-    log_to_run(run_id, params=params)
-
-
-def _curve_metrics(curves: dict[str, list[float]], final: dict[str, float] | None = None):
-    now = int(time.time() * 1000)
-    metrics = [
-        Metric(key, float(value), now, step)
-        for key, values in curves.items()
-        for step, value in enumerate(values)
-    ]
-    metrics += [Metric(key, float(value), now, 0) for key, value in (final or {}).items()]
-    return metrics
-
-
-@interrupts.shielded
-def log_curves(run_id: str, curves: dict[str, list[float]]) -> None:
-    """Log whole curves (step = epoch) in batches: one store call per 1,000 points."""
-    MlflowClient().log_batch(run_id, metrics=_curve_metrics(curves))
-
-
 @interrupts.shielded
 def open_child(experiment: str, parent_run_id: str, name: str, tags: dict[str, str]) -> str:
     """Create a run under ``parent_run_id`` explicitly (one store call); return its id. Its
@@ -198,14 +167,8 @@ def close_run(run_id: str, status: str, curves: dict[str, list[float]] | None = 
               params: dict[str, Any] | None = None) -> None:
     """Log params, curves, final metrics and tags in one batch, then end the run with
     ``status``: two store calls, whatever the length of the curves."""
-    client = MlflowClient()
-    client.log_batch(
-        run_id,
-        metrics=_curve_metrics(curves or {}, metrics),
-        params=[Param(k, _param_value(v)) for k, v in (params or {}).items()],
-        tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
-    )
-    client.set_terminated(run_id, status)
+    log_to_run(run_id, params=params, metrics=metrics, tags=tags, curves=curves)
+    MlflowClient().set_terminated(run_id, status)
 
 
 @interrupts.shielded
@@ -232,95 +195,3 @@ def open_parent(experiment: str, name: str, tags: dict[str, str],
         return launched, True
     run = client.create_run(experiment, run_name=name, tags=all_tags)
     return run.info.run_id, True
-
-
-@interrupts.shielded
-def log_to_run(run_id: str, params: dict[str, Any] | None = None,
-               metrics: dict[str, float] | None = None,
-               tags: dict[str, str] | None = None) -> None:
-    MlflowClient().log_batch(
-        run_id,
-        metrics=_curve_metrics({}, metrics),
-        params=[Param(k, _param_value(v)) for k, v in (params or {}).items()],
-        tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
-    )
-
-
-SYSTEM_METRICS_S = 2.0  # how often MLflow's monitor samples and logs the machine's load
-
-
-@contextlib.contextmanager
-def system_metrics(run_id: str) -> Iterator[None]:
-    """While the block runs, MLflow's monitor thread logs this machine's CPU, memory, disk,
-    network (and GPU, where there is one) to the run as ``system/*`` metrics, one batch every
-    :data:`SYSTEM_METRICS_S` seconds (at least once, however short the block), continuing
-    the steps of a resumed run."""
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_S,
-                                   resume_logging=True)
-    first_step = monitor._logging_step
-    monitor.start()
-    try:
-        yield
-    finally:
-        monitor.finish()
-        if monitor._logging_step == first_step:  # shorter than one interval: one sample now
-            monitor.collect_metrics()
-            monitor.publish_metrics(monitor.aggregate_metrics())
-            monitor.mlflow_logger.flush()
-
-
-@interrupts.shielded
-def metric_histories(run_ids: dict[Any, str], key: str) -> dict[Any, list[float]]:
-    """The ``key`` curve (by step) of each run; one store call per run."""
-    client = MlflowClient()
-    curves = {}
-    for name, run_id in run_ids.items():
-        history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
-        if history:
-            curves[name] = [m.value for m in history]
-    return curves
-
-
-@interrupts.shielded
-def log_text(run_id: str, text: str, path: str) -> None:
-    MlflowClient().log_text(run_id, text, path)
-
-
-@interrupts.shielded
-def log_figure(run_id: str, fig, path: str) -> None:
-    """Draw and log ``fig``. Axes over extreme values (an lr range up to 1e308) overflow in
-    matplotlib's transforms; the figure is still drawn, without numpy's warnings on screen."""
-    import numpy as np
-
-    from pipeline import plots
-
-    with np.errstate(over="ignore", invalid="ignore"):
-        MlflowClient().log_figure(run_id, fig, path)
-    plots.close(fig)
-
-
-@interrupts.shielded
-def run_tags(run_id: str) -> dict[str, str]:
-    return MlflowClient().get_run(run_id).data.tags
-
-
-@interrupts.shielded
-def run_data(run_id: str):
-    """A run's tags and params, as MLflow keeps them (``.tags``, ``.params``): one read."""
-    return MlflowClient().get_run(run_id).data
-
-
-def param_text(value: Any) -> str:
-    """A value as :func:`log_params` writes it, to compare with what a run holds."""
-    return _param_value(value)
-
-
-def log_metrics(run_id: str, metrics: dict[str, float]) -> None:
-    log_to_run(run_id, metrics=metrics)
-
-
-def set_tags(run_id: str, tags: dict[str, str]) -> None:
-    log_to_run(run_id, tags=tags)
