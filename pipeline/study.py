@@ -1,4 +1,5 @@
-"""The Optuna study behind a sweep: its sampler and pruner, what workers read, its counts.
+"""The Optuna study behind a sweep: its sampler and pruner, what workers read, its counts,
+and whether it may be resumed with the settings and data given now.
 
 ``--n-trials N`` is the number of *finished* trials (complete or pruned). Failed trials do not
 count, so their budget is run again. The storages that keep N exactly are
@@ -7,11 +8,15 @@ count, so their budget is run again. The storages that keep N exactly are
 
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
 from dataclasses import asdict, dataclass
 
 import optuna
 
+from pipeline import data
+from pipeline.config import Experiment
 from pipeline.errors import first_line
 from pipeline.storages import FINISHED, NotYet, SweepError
 
@@ -125,3 +130,41 @@ def counts(study: optuna.Study) -> dict[str, int]:
 
 def finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+# --- resuming a study --------------------------------------------------------------------------
+
+
+def config_digest(exp: Experiment) -> str:
+    """What must stay the same for trials of one study to be comparable (the engine gives
+    the same curves either way)."""
+    params = {k: v for k, v in exp.params().items()
+              if k not in ("lr", "epochs", "device", "engine") and not k.startswith("sweep.")}
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_resumable(study_name: str, spec: dict | None, exp: Experiment) -> str:
+    """Refuse to go on with a study made with other settings or other data than ``exp``'s
+    (``spec``: what the study recorded, if anything); return the data's content key."""
+    data_key = data.content_key(exp.data, exp.seed)
+    if spec is not None and spec["digest"] != config_digest(exp):
+        raise SweepError(f"study {study_name!r} was made with other settings than "
+                         f"{exp.name!r} has now; pass --study-name to start another study")
+    if spec is not None and spec.get("data_key", data_key) != data_key:
+        raise SweepError(f"study {study_name!r} was made with other data than "
+                         f"{exp.name!r} gives now (its CSV changed?); pass --study-name to "
+                         "start another study")
+    return data_key
+
+
+def check_before_tracking(storage, study_name: str, exp: Experiment) -> None:
+    """What :func:`load` and the sweep's set-up refuse, checked before the tracking store is
+    touched, so that a refused sweep leaves no experiment behind."""
+    try:
+        study_id = storage.get_study_id_from_name(study_name)
+    except KeyError:
+        return  # a new study
+    attrs = storage.get_study_user_attrs(study_id)
+    check_ours(study_name, storage.get_study_directions(study_id), attrs,
+               len(storage.get_all_trials(study_id, deepcopy=False)))
+    check_resumable(study_name, attrs.get(SPEC_ATTR), exp)

@@ -13,7 +13,6 @@ retried, failed ones replaced, and only the missing trials run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing
 import os
@@ -63,14 +62,6 @@ def search_space(exp: Experiment, settings: SweepSettings,
     return checked.lr, checked.epochs
 
 
-def config_digest(exp: Experiment) -> str:
-    """What must stay the same for trials of one study to be comparable (the engine gives
-    the same curves either way)."""
-    params = {k: v for k, v in exp.params().items()
-              if k not in ("lr", "epochs", "device", "engine") and not k.startswith("sweep.")}
-    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def run(exp: Experiment, settings: SweepSettings, tracking_uri: str,
         echo: Echo = print) -> sweep_report.Summary:
     """Set up or resume the study, have its missing trials run, then summarise once.
@@ -93,7 +84,7 @@ def run(exp: Experiment, settings: SweepSettings, tracking_uri: str,
         echo("note: no validation split (val_fraction: 0), so the objective is the final "
              "training loss, which more epochs only ever lower; set val_fraction to weigh them")
     storage = storages.open_storage(settings.storage, settings.n_trials)
-    _check_study_first(storage, study_name, exp)
+    studies.check_before_tracking(storage, study_name, exp)
     # The input is good: now the tracking store may be reached (and made) and the experiment.
     tracking.connect(tracking_uri)
     experiment_id = tracking.experiment_id(exp.name, exp.description)
@@ -132,7 +123,7 @@ def _set_up(study: optuna.Study, exp: Experiment, settings: SweepSettings, datas
             space, rates, experiment_id: str, tracking_uri: str) -> studies.Spec:
     """The parent run (found again on resume) and the spec every worker reads."""
     old = study.user_attrs.get(studies.SPEC_ATTR)
-    data_key = _check_resumable(study.study_name, old, exp)
+    data_key = studies.check_resumable(study.study_name, old, exp)
     # A set-up killed before it recorded its new parent left that run RUNNING: close it. The
     # token, stored before a parent is made and tagged on it, finds it whatever the timing.
     if token := study.user_attrs.get(PARENT_TOKEN_ATTR):
@@ -157,8 +148,9 @@ def _set_up(study: optuna.Study, exp: Experiment, settings: SweepSettings, datas
         data_uri = old["data_uri"] if old and not new_parent else tracking.write_dataset(
             dataset, parent_run_id)
         spec = studies.Spec(
-            experiment=configs.to_raw(exp), experiment_name=exp.name, digest=config_digest(exp),
-            lr=space[0], epochs=space[1], n_trials=settings.n_trials,
+            experiment=configs.to_raw(exp), experiment_name=exp.name,
+            digest=studies.config_digest(exp), lr=space[0], epochs=space[1],
+            n_trials=settings.n_trials,
             parent_run_id=parent_run_id, experiment_id=experiment_id,
             tracking_uri=tracking.portable_uri(tracking_uri), data_uri=data_uri,
             data_key=data_key, log_models=settings.log_models, sampler=settings.sampler,
@@ -170,33 +162,6 @@ def _set_up(study: optuna.Study, exp: Experiment, settings: SweepSettings, datas
         tracking.close_run(parent_run_id, "FAILED")
         raise
     return spec
-
-
-def _check_resumable(study_name: str, spec: dict | None, exp: Experiment) -> str:
-    """Refuse to go on with a study made with other settings or other data than ``exp``'s
-    (``spec``: what the study recorded, if anything); return the data's content key."""
-    data_key = data.content_key(exp.data, exp.seed)
-    if spec is not None and spec["digest"] != config_digest(exp):
-        raise SweepError(f"study {study_name!r} was made with other settings than "
-                         f"{exp.name!r} has now; pass --study-name to start another study")
-    if spec is not None and spec.get("data_key", data_key) != data_key:
-        raise SweepError(f"study {study_name!r} was made with other data than "
-                         f"{exp.name!r} gives now (its CSV changed?); pass --study-name to "
-                         "start another study")
-    return data_key
-
-
-def _check_study_first(storage, study_name: str, exp: Experiment) -> None:
-    """What :func:`studies.load` and :func:`_set_up` refuse, checked before the tracking store
-    is touched, so that a refused sweep leaves no experiment behind."""
-    try:
-        study_id = storage.get_study_id_from_name(study_name)
-    except KeyError:
-        return  # a new study
-    attrs = storage.get_study_user_attrs(study_id)
-    studies.check_ours(study_name, storage.get_study_directions(study_id), attrs,
-                       len(storage.get_all_trials(study_id, deepcopy=False)))
-    _check_resumable(study_name, attrs.get(studies.SPEC_ATTR), exp)
 
 
 def _description(exp: Experiment, settings: SweepSettings, space, rates) -> str:
