@@ -257,11 +257,21 @@ def _local_workers(study: optuna.Study, settings: SweepSettings, workers: int,
         for process in processes:
             process.join()
         raise
-    failed = [p.exitcode for p in processes if p.exitcode != 0]
+    failed = [f"worker {index}: {_ended(p.exitcode)}"
+              for index, p in enumerate(processes, 1) if p.exitcode != 0]
     if failed and studies.finished(study) < settings.n_trials:
-        raise SweepError(f"{len(failed)} of {len(processes)} workers failed (exit codes "
-                         f"{failed}); {studies.finished(study)} of {settings.n_trials} trials "
+        raise SweepError(f"{len(failed)} of {len(processes)} workers failed ({'; '.join(failed)}"
+                         f"); {studies.finished(study)} of {settings.n_trials} trials "
                          "finished; run the same command to resume")
+
+
+def _ended(exit_code: int) -> str:
+    """How a local worker ended, in words: its own error is the line it printed."""
+    if exit_code < 0:
+        return f"killed by {signal.Signals(-exit_code).name}"
+    if exit_code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        return f"stopped by {signal.Signals(exit_code - 128).name}"
+    return f"exit status {exit_code}" + (", its error above" if exit_code == 1 else "")
 
 
 def _finalise(study, storage, exp: Experiment, ctx, rates, new_trials: int):

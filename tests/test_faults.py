@@ -148,3 +148,23 @@ def test_runs_of_a_command_killed_with_9_are_closed_by_the_next_one(workdir):
                               "tags.process_died = 'true'")
     assert {run.data.tags.get("stage") for run in died} == {"pipeline", "train"}
     assert all(run.info.status == "FAILED" for run in died)
+
+
+def test_local_workers_stopped_one_by_one_are_named_and_the_sweep_resumes(workdir):
+    # SIGTERM to each worker process, not to the sweep: the sweep says how each ended.
+    process, lines = start(workdir, sweep_command(30, 2))
+    wait_for_done(process, lines, 3)
+    children = [int(pid) for pid in
+                open(f"/proc/{process.pid}/task/{process.pid}/children").read().split()]
+    assert len(children) >= 2
+    for pid in children:
+        os.kill(pid, signal.SIGTERM)
+    process.wait(timeout=120)
+    stderr = process.stderr.read()
+    assert process.returncode == 1 and "Traceback" not in stderr, stderr
+    assert re.search(r"2 of 2 workers failed \(worker 1: stopped by SIGTERM; worker 2: stopped "
+                     r"by SIGTERM\); \d+ of 30 trials finished; run the same command to resume",
+                     stderr), stderr
+    assert "RUNNING" not in run_statuses(workdir / "mlflow.db")
+    resume(workdir, 30, 2)
+    check_consistent(workdir, 30)
