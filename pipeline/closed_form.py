@@ -66,7 +66,7 @@ class Statistics:
             state.bias.copy_(theta[:, d, :])
 
 
-def descend(state: _Stacked, stats: Statistics, v: Statistics | None, watch: _Stops) -> None:
+def descend(state: _Stacked, stats: Statistics, v: Statistics | None, watch: _Stops):
     """Full-batch descent on the squared error, every epoch of every trial at once.
 
     In the eigenbasis of G = X̃ᵀX̃ (G = QΛQᵀ, z = Qᵀθ, c = QᵀX̃ᵀY) an update of the loop,
@@ -74,7 +74,7 @@ def descend(state: _Stacked, stats: Statistics, v: Statistics | None, watch: _St
     with z*_i = c_i/λ_i and r_i = 1 - 2s·lr·λ_i. So after t epochs z_i = z*_i + r_iᵗ·e_i
     (e = z0 - z*) and the loss is L* + s·Σ λ_i·e_i²·r_i²ᵗ: the loop's curve, in O(D·K) per
     epoch after one eigendecomposition. Directions with λ_i = 0 (to rounding: collinear
-    columns) do not move.
+    columns) do not move. Returns ``path(trial)``: that trial's θ at every epoch.
     """
     device = state.lrs.device
     lam, q = torch.linalg.eigh(stats.gram)
@@ -97,14 +97,16 @@ def descend(state: _Stacked, stats: Statistics, v: Statistics | None, watch: _St
             2 * v.scale * (gram @ z_star - cross))
 
     def losses(epochs: torch.Tensor):
+        # The constants cancel where the data fit a line exactly: the rounding of yᵀY would
+        # leave losses of -1e-14 where the loop, summing squares, ends at 0 or just above.
         powers = r[None] ** epochs.double()[:, None, None]  # (T, K, D)
-        train = at_rest + (powers.square() * weight).sum(-1)
+        train = (at_rest + (powers.square() * weight).sum(-1)).clamp_(min=0)
         if val is None:
             return train, None
         scale, gram, rest, slope = val
         moved = powers[..., None] * e  # (T, K, D, k)
         quadratic = torch.einsum("tKik,ij,tKjk->tK", moved, gram, moved)
-        return train, rest + (slope * moved).sum((-2, -1)) + scale * quadratic
+        return train, (rest + (slope * moved).sum((-2, -1)) + scale * quadratic).clamp_(min=0)
 
     size = len(lam) * z0.shape[1] * len(r)
     chunk = max(1, (1 << 22) // max(1, size))  # epochs per block: ~32 MiB of (T, K, D, k)
@@ -113,3 +115,10 @@ def descend(state: _Stacked, stats: Statistics, v: Statistics | None, watch: _St
             first, min(first + chunk, watch.last + 1), device=device)))
     ends = r ** watch.end.double()[:, None]  # (K, D)
     stats.set_theta(state, q @ (z_star + ends[..., None] * e))
+
+    def path(trial: int) -> torch.Tensor:
+        """The trial's parameters at every epoch of its curve, (epochs + 1, D, k)."""
+        epochs = torch.arange(int(watch.end[trial]) + 1, device=device, dtype=torch.float64)
+        return q @ (z_star + (r[trial] ** epochs[:, None])[..., None] * e)
+
+    return path

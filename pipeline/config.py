@@ -223,11 +223,14 @@ class TrainConfig(Schema):
 
     @model_validator(mode="after")
     def _statistics_fit_descent(self) -> TrainConfig:
-        if self.engine == "statistics" and (self.batch_size is not None
-                                            or self.activation != "none"):
-            raise ValueError("engine: statistics is exact only for full-batch descent on a "
-                             "linear model (batch_size: null, activation: none); use "
-                             "engine=loop or auto")
+        if self.engine != "statistics":
+            return self
+        why = (f"activation: {self.activation}" if self.activation != "none" else
+               f"batch_size: {self.batch_size}" if self.batch_size is not None else None)
+        if why:
+            raise ValueError(f"engine: statistics is exact only for full-batch descent on a "
+                             f"linear model (batch_size: null, activation: none), not with "
+                             f"{why}; use engine=loop or auto")
         return self
 
     @property

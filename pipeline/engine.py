@@ -31,7 +31,13 @@ from pipeline.config import TrainConfig
 from pipeline.dataset import Dataset
 from pipeline.errors import UserError
 from pipeline.rows import Rows, Workspace, rows_times, transposed_times
-from pipeline.train import TrainResult, diverging, finish, resolve_device
+from pipeline.train import (
+    PATH_MAX_PARAMETERS,
+    TrainResult,
+    diverging,
+    finish,
+    resolve_device,
+)
 
 # Called with (trial index, epoch, train_loss, val_loss); returning True stops that trial.
 TrialCallback = Callable[[int, int, float, "float | None"], bool]
@@ -40,7 +46,8 @@ TrialCallback = Callable[[int, int, float, "float | None"], bool]
 def train_many(config: TrainConfig, train_set: Dataset, val_set: Dataset | None,
                lrs: Sequence[float], epochs: Sequence[int],
                on_epoch: TrialCallback | None = None, program: str | None = None,
-               report_every: int = 1, kept: dict | None = None) -> list[TrainResult]:
+               report_every: int = 1, kept: dict | None = None,
+               paths: bool = False) -> list[TrainResult]:
     """Train one model per (lr, epochs) pair; their curves, as :func:`train.train` gives them.
 
     ``on_epoch`` is called for each trial still training at every ``report_every``-th epoch.
@@ -48,6 +55,8 @@ def train_many(config: TrainConfig, train_set: Dataset, val_set: Dataset | None,
     for lr and epochs), keeps what the rows give every batch: their tensors on the device, or
     their statistics, made once instead of once a batch (on a million rows, 0.1-0.3 s each).
     ``program``, ``loop`` or ``statistics``, overrides what the config's ``engine`` asks for.
+    ``paths``: record each trial's parameters at every epoch, as :func:`train.train` does for
+    a model small enough to draw (statistics only; a sweep never asks).
     """
     program = program or program_for(config, train_set.n_rows)
     device = resolve_device(config.device)
@@ -60,13 +69,14 @@ def train_many(config: TrainConfig, train_set: Dataset, val_set: Dataset | None,
                      None if bias is None else bias.to(device, dtype).expand(count, -1).clone(),
                      torch.tensor(lrs, dtype=dtype, device=device), config)
     watch = _Stops(torch.tensor(list(epochs), device=device), on_epoch, report_every,
-                   val_set is not None)
+                   val_set is not None, models.DTYPES[config.dtype])
+    path = None
     if program == "statistics":
         def statistics(rows):
             return closed_form.Statistics(rows, device, config)
 
-        closed_form.descend(state, _derived(kept, "statistics", train_set, statistics),
-                            _derived(kept, "statistics", val_set, statistics), watch)
+        path = closed_form.descend(state, _derived(kept, "statistics", train_set, statistics),
+                                   _derived(kept, "statistics", val_set, statistics), watch)
     else:
         def tensors(rows):
             return Rows(rows, device, dtype, config)
@@ -79,10 +89,21 @@ def train_many(config: TrainConfig, train_set: Dataset, val_set: Dataset | None,
             state.weight[k].to(models.DTYPES[config.dtype]),
             None if state.bias is None else state.bias[k].to(models.DTYPES[config.dtype]),
             config.activation)
-        results.append(finish(TrainResult(model=model, device=device, train_loss=train_curve,
-                                          val_loss=val_curve, diverged_at=diverged_at,
-                                          stopped_at=stopped_at)))
+        results.append(finish(TrainResult(
+            model=model, device=device, train_loss=train_curve, val_loss=val_curve,
+            diverged_at=diverged_at, stopped_at=stopped_at,
+            parameter_path=_path(path(k), state) if paths and path is not None and sum(
+                p.numel() for p in model.parameters()) <= PATH_MAX_PARAMETERS else [])))
     return results
+
+
+def _path(thetas: torch.Tensor, state: _Stacked) -> list[list[float]]:
+    """θ at every epoch, (epochs + 1, D, k), as :func:`train.train` lists a model's
+    parameters: the weight (k, d) row by row, then the bias."""
+    d = state.weight.shape[2]
+    weight = thetas[:, :d, :].transpose(1, 2).flatten(1)
+    parts = [weight] if state.bias is None else [weight, thetas[:, d, :]]
+    return torch.cat(parts, dim=1).tolist()
 
 
 def program_for(config: TrainConfig, n_rows: int) -> str:
@@ -138,8 +159,9 @@ class _Stops:
     (called at report epochs only)."""
 
     def __init__(self, limits: torch.Tensor, on_epoch: TrialCallback | None, report_every: int,
-                 has_val: bool) -> None:
+                 has_val: bool, dtype: torch.dtype) -> None:
         self.limits, self.on_epoch, self.report_every = limits, on_epoch, max(1, report_every)
+        self.dtype = dtype  # the losses as a lone run computes them: beyond float32, inf
         self.last = int(limits.max()) if len(limits) else 0
         count, device = len(limits), limits.device
         try:
@@ -165,9 +187,11 @@ class _Stops:
         """Rows ``first, first + 1, ...`` of every trial's curves, as (epochs, K)."""
         rows = torch.arange(first, first + len(train), device=train.device)[:, None]
         live = (rows <= self.end) & ~self.diverged & ~self.stopped
-        self.train[first:first + len(train)] = torch.where(live, train.double(), float("nan"))
+        train = train.to(self.dtype).double()
+        self.train[first:first + len(train)] = torch.where(live, train, float("nan"))
         if val is not None:
-            self.val[first:first + len(train)] = torch.where(live, val.double(), float("nan"))
+            val = val.to(self.dtype).double()
+            self.val[first:first + len(train)] = torch.where(live, val, float("nan"))
         bad = live & diverging(train, self.train[0])
         hit = bad.any(0)  # no branch on it: the host waits for the device only at reports
         at = rows.expand_as(bad).masked_fill(~bad, self.last + 1).amin(0)
@@ -216,7 +240,9 @@ class _Stacked:
     def __init__(self, weight, bias, lrs, config: TrainConfig) -> None:
         self.weight, self.bias, self.lrs = weight, bias, lrs
         self.relu = config.activation == "relu"
-        self.clamp = config.model == "manual"  # clamp(min=0) passes a gradient at 0, ReLU not
+        # Autograd through the manual model's clamp(min=0) passes a gradient at 0; ReLU, and
+        # the hand-written gradient, pass none there.
+        self.clamp = config.model == "manual" and config.gradient == "autograd"
 
     def predict(self, x: torch.Tensor, space: Workspace):
         """(prediction, pre-activation), both (n, K, k) in ``space``; one tensor without ReLU."""
@@ -231,7 +257,7 @@ class _Stacked:
         overwritten with d(loss)/d(pre-activation)."""
         grad_bias = None if self.bias is None else d_out.sum(0)
         if self.relu:
-            d_out.mul_(pre >= 0 if self.clamp else pre > 0)  # what autograd passes
+            d_out.mul_(pre >= 0 if self.clamp else pre > 0)  # what a lone run's step passes
         count, k, d = self.weight.shape
         return transposed_times(d_out.view(len(x), count * k), x).view(count, k, d), grad_bias
 

@@ -154,7 +154,8 @@ def describe_training(exp: Experiment) -> str:
 def _from_statistics(config, train_set: Dataset, val_set: Dataset | None):
     """``engine: statistics``: the closed form of the loop's descent (:mod:`pipeline.engine`),
     each epoch costing the same whatever the number of rows."""
-    [result] = engine.train_many(config, train_set, val_set, [config.lr], [config.epochs])
+    [result] = engine.train_many(config, train_set, val_set, [config.lr], [config.epochs],
+                                 paths=True)
     return result
 
 

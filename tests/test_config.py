@@ -396,7 +396,9 @@ def test_out_of_range_training_values_are_rejected(override, key):
                                        ["engine=statistics", "batch_size=5"]])
 def test_the_closed_form_is_refused_where_it_is_not_exact(overrides):
     with pytest.raises(ConfigError, match=r"engine: statistics is exact only for full-batch "
-                                          r"descent on a linear model \(batch_size: null"):
+                                          r"descent on a linear model \(batch_size: null, "
+                                          r"activation: none\), not with (activation: relu|"
+                                          r"batch_size: 5); use engine=loop or auto"):
         config.load("crop_yields_manual", overrides)
     assert config.load("crop_yields_manual", ["engine=statistics"]).train.engine == "statistics"
     assert config.load("relu_line", ["engine=loop"]).train.engine == "loop"

@@ -24,6 +24,10 @@ CASES = {
                       "data.n_rows=500"], (0.001, 0.004, 0.008), (6, 9, 12)),
     "builtin ReLU, shuffled": ("synthetic", ["activation=relu", "data.n_rows=300"],
                                (0.05, 0.1, 0.2), (5, 10, 8)),
+    "manual ReLU from zeros, autograd (a gradient at 0)": (
+        "relu_line", ["weight_init=zeros"], (0.1, 0.5, 0.9), (20, 9, 14)),
+    "manual ReLU from zeros, analytic (none at 0)": (
+        "relu_line", ["weight_init=zeros", "gradient=analytic"], (0.1, 0.5, 0.9), (20, 9, 14)),
     "manual ReLU, full batch, rows split across threads": (
         "synthetic", ["model=manual", "activation=relu", "batch_size=null", "shuffle=false",
                       "data.n_rows=90001", "data.n_features=5"], (0.05, 0.3, 0.9), (6, 4, 5)),
@@ -214,6 +218,41 @@ def test_a_full_batch_read_block_by_block_on_threads_matches_training_alone(monk
         np.testing.assert_allclose(result.train_loss, single.train_loss, rtol=1e-12)
         torch.testing.assert_close(result.model.weight, single.model.weight.detach(),
                                    rtol=1e-12, atol=1e-12)
+
+
+def test_statistics_never_give_a_negative_loss_where_the_data_fit_exactly():
+    # y = 2x + 1 exactly: the loop ends at 1e-12; the closed form's constants cancel to
+    # -2e-14 unless held at 0.
+    exp, train_set, _, edge = prepared("line_2x_plus_1", [])
+    closed, = engine.train_many(exp.train, train_set, None, [0.9 * edge], [3000],
+                                program="statistics")
+    loop, = engine.train_many(exp.train, train_set, None, [0.9 * edge], [3000], program="loop")
+    assert min(closed.train_loss) >= 0 and min(loop.train_loss) >= 0
+    np.testing.assert_allclose(closed.train_loss, loop.train_loss, rtol=2e-4, atol=1e-9)
+
+
+def test_statistics_overflow_float32_where_the_loop_does():
+    exp, train_set, _, _ = prepared("line_fit_15pts", [
+        "data.features=[[1e20], [2e20], [3e20]]", "data.targets=[[1e20], [2e20], [3.1e20]]"])
+    for program in ("statistics", "loop"):
+        result, = engine.train_many(exp.train, train_set, None, [1e-3], [5], program=program)
+        assert result.diverged_at == 0 and result.train_loss == [float("inf")]
+
+
+def test_a_sum_of_squares_over_many_rows_and_trials_keeps_float32_s_precision():
+    residual = torch.randn(400_000, 8, 2, generator=torch.Generator().manual_seed(0))
+    exact = residual.double().square().sum(dim=(0, 2))
+    torch.testing.assert_close(rows._squares(residual), exact, rtol=1e-7, atol=0)
+
+
+def test_statistics_give_the_loops_parameter_path():
+    for name in ("slope_only", "line_fit_15pts"):  # one weight; a weight and a bias
+        exp, train_set, _, edge = prepared(name, [])
+        closed, = engine.train_many(exp.train, train_set, None, [0.5 * edge], [9],
+                                    program="statistics", paths=True)
+        single = alone(exp, train_set, None, 0.5 * edge, 9)
+        assert len(closed.parameter_path) == len(single.parameter_path) == 10
+        np.testing.assert_allclose(closed.parameter_path, single.parameter_path, rtol=1e-5)
 
 
 def test_curves_too_long_for_memory_are_refused_in_one_line():

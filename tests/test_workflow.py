@@ -150,8 +150,9 @@ def test_engine_statistics_trains_in_closed_form_the_loops_curve(experiment):
     np.testing.assert_allclose(predicted, expected, rtol=1e-4)
 
 
-def test_a_single_weight_gets_a_loss_surface(experiment):
-    exp = load("slope_only")
+@pytest.mark.parametrize("engine", ["auto", "statistics"])
+def test_a_single_weight_gets_a_loss_surface(experiment, engine):
+    exp = load("slope_only", f"engine={engine}")
     trained = workflow.train(exp, data.build(exp.data, exp.seed), experiment, echo=quiet)
     assert artifacts(trained.run_id, "plots") == ["plots/loss_curve.png", "plots/loss_surface.png"]
     assert len(curve(trained.run_id, "train_loss")) == 5  # epochs 4, plus the start
