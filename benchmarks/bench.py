@@ -113,6 +113,13 @@ def roofline(rows: int, epochs: int) -> dict:
         results[f"{model} full-batch epoch (s)"] = round(per_epoch, 4)
         results[f"{model} epoch / roofline"] = round(per_epoch / (2 * one_read), 2)
         results[f"{model} epoch / the two products"] = round(per_epoch / (forward + gradient), 2)
+    # engine=statistics: the same descent in closed form, the rows read once for X̃ᵀX̃, X̃ᵀY.
+    closed = config.with_train(case, engine="statistics", epochs=1000)
+    seconds = timed(lambda: engine.train_many(closed.train, dataset, None, [0.01], [1000]),
+                    repeat=2)
+    results["pipeline train engine=statistics, 1000 epochs (s)"] = round(seconds, 4)
+    results["  the same epochs in the loop, estimated (s)"] = round(1000 * per_epoch, 2)
+    results["  / one read of X"] = round(seconds / one_read, 1)
     # A sweep's loop program (ReLU: no closed form) trains K trials in one pass over X per
     # product: an epoch of the batch, per trial, against one model's roofline.
     relu = config.load("synthetic", [
