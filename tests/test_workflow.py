@@ -94,6 +94,23 @@ def test_generate_logs_the_dataset_once_and_reuses_it(experiment):
     assert len(runs_of(experiment)["generate"]) == 2
 
 
+def test_a_logged_dataset_carries_the_digest_and_schema_mlflow_would_compute(experiment):
+    # Computed from the columns, not cell by cell, and still MLflow's own values.
+    import json
+
+    import mlflow.data
+
+    exp = load("synthetic", "data.n_rows=12000")  # more rows than MLflow's digest reads
+    ref = workflow.generate(exp, experiment, echo=quiet)
+    (run,) = runs_of(experiment)["generate"]
+    (logged,) = run.inputs.dataset_inputs
+    frame = ref.dataset.frame()
+    expected = mlflow.data.from_pandas(frame)
+    assert logged.dataset.digest == expected.digest
+    assert json.loads(logged.dataset.schema) == {"mlflow_colspec": expected.schema.to_dict()}
+    assert json.loads(logged.dataset.profile) == {"num_rows": 12000, "num_elements": 12000 * 6}
+
+
 # --- train ---------------------------------------------------------------------------------------
 
 

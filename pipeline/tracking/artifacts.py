@@ -35,15 +35,39 @@ def log_dataset(run_id: str, dataset: Dataset, name: str, data_uri: str | None,
 
     frame = dataset.frame()
     source = _artifact_location(data_uri) if data_uri else None
+    digest = pandas_digest(frame)
     with warnings.catch_warnings():
         # A local artifact path matches two equivalent source classes; MLflow picks one and warns.
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
         try:
-            mlflow_dataset = mlflow.data.from_pandas(frame, source=source, name=name)
+            mlflow_dataset = mlflow.data.from_pandas(frame, source=source, name=name,
+                                                     digest=digest)
         except MlflowException:  # e.g. mlflow-artifacts:/ behind a tracking server
-            mlflow_dataset = mlflow.data.from_pandas(frame, name=name)
+            mlflow_dataset = mlflow.data.from_pandas(frame, name=name, digest=digest)
+    # The schema MLflow would infer, from the columns' types: its inference looks at every
+    # cell in Python for a missing value (15 s for 1,000,000 rows x 34 columns), and the data
+    # stage lets none through. Set on the dataset, where MLflow caches what it infers.
+    mlflow_dataset.schema = _schema(frame)
     MlflowClient().log_inputs(run_id, datasets=[DatasetInput(
         mlflow_dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+
+
+def pandas_digest(frame) -> str:
+    """MLflow's digest of a DataFrame of numbers (``mlflow.data.from_pandas`` computes the
+    same), without its look at the type of every cell, which took 1.7 s on 1,000,000 rows."""
+    import numpy as np
+    import pandas as pd
+    from mlflow.data.digest_utils import MAX_ROWS, get_normalized_md5_digest
+
+    return get_normalized_md5_digest(
+        [pd.util.hash_pandas_object(frame.head(MAX_ROWS)).values, np.int64(len(frame))]
+        + [str(column).encode() for column in frame.columns])
+
+
+def _schema(frame):
+    from mlflow.types import ColSpec, DataType, Schema
+
+    return Schema([ColSpec(DataType.double, str(column)) for column in frame.columns])
 
 
 def _artifact_location(uri: str) -> str | None:
