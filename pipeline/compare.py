@@ -66,6 +66,8 @@ def runs_table(runs: pd.DataFrame, metric: str | None = None, top: int | None = 
         if f"params.{name}" in runs.columns:
             values = runs[f"params.{name}"]
             numeric = pd.to_numeric(values, errors="coerce")
+            if numeric.dropna().mod(1).eq(0).all():  # epochs stay 1000 where a run has none
+                numeric = numeric.astype("Int64")
             table[name] = values if numeric.isna().all() else numeric
     if metric is None:
         table["score"] = order
@@ -76,8 +78,12 @@ def runs_table(runs: pd.DataFrame, metric: str | None = None, top: int | None = 
     key = "score" if metric is None else metric
     if key not in table.columns:
         table[key] = order
-    table = table.sort_values(key, ascending=key not in HIGHER_IS_BETTER,
+    # Ties go to the run that got there first: the trial Optuna calls best, and its sweep.
+    table["started"] = runs["start_time"] if "start_time" in runs else pd.Series(
+        range(len(runs)), index=runs.index)
+    table = table.sort_values([key, "started"], ascending=[key not in HIGHER_IS_BETTER, True],
                               na_position="last", ignore_index=True, kind="stable")
+    table = table.drop(columns="started")
     return table.head(top) if top else table
 
 

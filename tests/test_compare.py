@@ -195,3 +195,20 @@ def test_render_markdown_and_table_keep_the_order(runs):
         text = compare.render(table, fmt)
         positions = [text.index(f" {name} ") for name in ("b", "a", "c", "d")]
         assert positions == sorted(positions), (fmt, text)
+
+
+def test_ties_go_to_the_run_that_got_there_first(compare_store):
+    # Trials that all reach the same objective: the first is Optuna's best (and the champion);
+    # MLflow lists the newest first, and --top 1 must still show the first.
+    tied = {f"t{n}": ("trial", "FINISHED", {"epochs": "1000", "lr": f"0.0{n + 1}"},
+                      {"objective": 0.25}) for n in range(4)}
+    make_runs({"sweep": ("sweep", "FINISHED", {}, {"objective": 0.25}), **tied}, "ties")
+    runs = tracking.runs_frame("ties")
+    assert list(runs["tags.mlflow.runName"])[:2] == ["t3", "t2"]  # newest first
+    table = compare.runs_table(runs)
+    assert list(table["run_name"]) == ["sweep", "t0", "t1", "t2", "t3"]
+    assert list(compare.runs_table(runs, top=2)["run_name"]) == ["sweep", "t0"]
+    # The sweep has no epochs of its own: the column stays whole numbers.
+    lines = compare.render(table, "csv").splitlines()
+    epochs = lines[0].split(",").index("epochs")
+    assert [line.split(",")[epochs] for line in lines[1:]] == ["", "1000", "1000", "1000", "1000"]

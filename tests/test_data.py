@@ -143,7 +143,7 @@ def test_synthetic_data_too_large_for_memory_is_refused(memory):
     with pytest.raises(DataError) as info:
         data.build(exp.data, exp.seed)
     assert info.value.message == (
-        "synthetic data of 100000000000 × 3 → 1 needs about 9.6 TB of memory; "
+        "synthetic data of 100000000000 × 3 → 1 needs about 19.2 TB of memory; "
         "this machine has 21.3 GB available; lower data.n_rows"
     )
 
@@ -153,23 +153,23 @@ def test_synthetic_data_too_large_for_memory_is_refused(memory):
     [
         (
             SyntheticData(n_rows=10, n_features=10**9, n_targets=1),
-            "synthetic data of 10 × 1000000000 → 1 needs about 264.0 GB of memory; "
+            "synthetic data of 10 × 1000000000 → 1 needs about 528.0 GB of memory; "
             "this machine has 21.3 GB available; lower data.n_features",
         ),
         (
             # The true weights alone are 1e9 × 2 values, beside the 10 rows.
             SyntheticData(n_rows=10, n_features=1, n_targets=10**9),
-            "synthetic data of 10 × 1 → 1000000000 needs about 288.0 GB of memory; "
+            "synthetic data of 10 × 1 → 1000000000 needs about 576.0 GB of memory; "
             "this machine has 21.3 GB available; lower data.n_targets",
         ),
         (
             TableData(features=((1.0, 2.0),), targets=((3.0,),), repeat=10**12),
-            "table data of 1000000000000 × 2 → 1 needs about 72.0 TB of memory; "
+            "table data of 1000000000000 × 2 → 1 needs about 144.0 TB of memory; "
             "this machine has 21.3 GB available; lower data.repeat",
         ),
         (
             LineData(weight=1.0, x_range=(0.0, 1e12, 1.0)),
-            "line data of 1000000000000 × 1 → 1 needs about 48.0 TB of memory; "
+            "line data of 1000000000000 × 1 → 1 needs about 96.0 TB of memory; "
             "this machine has 21.3 GB available; lower data.x_range",
         ),
     ],
@@ -181,19 +181,20 @@ def test_generated_data_too_large_names_the_key_to_lower(memory, recipe, message
     assert info.value.message == message
 
 
-def test_memory_estimate_is_three_float64_copies(monkeypatch):
-    # 1000 rows × (3 + 1) values plus 1 × (3 + 1) weights and bias, 8 bytes, three times over.
-    needed = 3 * 8 * (1000 * 4 + 4)
+def test_memory_estimate_is_six_float64_copies(monkeypatch):
+    # 1000 rows × (3 + 1) values plus 1 × (3 + 1) weights and bias, 8 bytes, six times over.
+    needed = 6 * 8 * (1000 * 4 + 4)
     recipe = SyntheticData(n_rows=1000, n_features=3, n_targets=1)
     monkeypatch.setattr(data, "available_memory", lambda: needed)
     assert data.build(recipe, seed=0).features.shape == (1000, 3)
     monkeypatch.setattr(data, "available_memory", lambda: needed - 1)
-    with pytest.raises(DataError, match="needs about 96.1 kB of memory; this machine has 96.1 kB"):
+    with pytest.raises(DataError,
+                       match="needs about 192.2 kB of memory; this machine has 192.2 kB"):
         data.build(recipe, seed=0)
 
 
 def test_this_machine_refuses_an_absurd_size():
-    with pytest.raises(DataError, match=r"needs about 96\.0 PB of memory; this machine has \d"):
+    with pytest.raises(DataError, match=r"needs about 192\.0 PB of memory; this machine has \d"):
         data.build(SyntheticData(n_rows=10**15), seed=0)
 
 
