@@ -234,6 +234,8 @@ def check_range(values: np.ndarray, names: tuple[str, ...], dtype: torch.dtype,
     limit = torch.finfo(dtype).max
     if not len(values) or limit >= np.finfo(values.dtype).max:
         return
+    if values.max() <= limit and values.min() >= -limit:  # no copy of the values to look
+        return
     beyond = np.abs(values) > limit
     if beyond.any():
         row, column = np.argwhere(beyond)[0]

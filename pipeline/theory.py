@@ -25,11 +25,13 @@ from pipeline.loss import squared_error
 def learning_rates(dataset: Dataset, fit_bias: bool, reduction: str) -> dict[str, float]:
     """Hessian eigenvalues, the stable and the best constant lr, and the optimum loss."""
     x = dataset.features
-    if fit_bias:
-        x = np.hstack([x, np.ones((x.shape[0], 1))])
     n, k = dataset.targets.shape
+    gram = x.T @ x
+    if fit_bias:  # X̃ = [X 1] without copying X: its Gram matrix bordered by the column sums
+        sums = x.sum(axis=0)
+        gram = np.block([[gram, sums[:, None]], [sums[None, :], np.array([[float(n)]])]])
     scale = 2.0 / (n * k) if reduction == "mean" else 2.0
-    eigenvalues = np.linalg.eigvalsh(scale * (x.T @ x))
+    eigenvalues = np.linalg.eigvalsh(scale * gram)
     lambda_max = float(eigenvalues[-1])
     # A direction of zero curvature (collinear columns) never moves, whatever the rate: the
     # rate that is best for the others comes from the smallest curvature that is not zero.

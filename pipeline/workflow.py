@@ -6,6 +6,7 @@ calls the pure stage (``data``, ``train``, ``evaluate``) and records the outcome
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,9 +23,15 @@ Echo = Callable[[str], None]
 
 @dataclass(frozen=True)
 class DataRef:
-    dataset: Dataset
     uri: str
     run_id: str  # the run holding the data: a new one, or the earlier one reused
+    built: Dataset | None = None  # the rows, where this process made them
+
+    @functools.cached_property
+    def dataset(self) -> Dataset:
+        """The rows: those built here, or those of the run reused, read when first asked for
+        (`pipeline generate` reusing a run only prints its URI)."""
+        return self.built if self.built is not None else tracking.read_dataset(self.uri)
 
 
 @dataclass(frozen=True)
@@ -59,7 +66,7 @@ def generate(exp: Experiment, experiment: str, parent_run_id: str | None = None,
     if prepared.cached_run_id:
         uri = f"runs:/{prepared.cached_run_id}/dataset"
         echo(f"generate: same content as run {prepared.cached_run_id}, reused ({uri})")
-        return DataRef(tracking.read_dataset(uri), uri, prepared.cached_run_id)
+        return DataRef(uri, prepared.cached_run_id)
     dataset = prepared.dataset
     shape = f"{dataset.n_rows}×{dataset.features.shape[1]}→{dataset.targets.shape[1]}"
     tags = {"stage": "generate", "data_key": prepared.key}
@@ -73,7 +80,7 @@ def generate(exp: Experiment, experiment: str, parent_run_id: str | None = None,
         uri = tracking.write_dataset(dataset, run_id)
         tracking.log_dataset(run_id, dataset, exp.name, uri, context="generated")
     echo(f"generate: {shape} (rows×features→targets) written to {uri}")
-    return DataRef(dataset, uri, run_id)
+    return DataRef(uri, run_id, dataset)
 
 
 def train(exp: Experiment, dataset: Dataset, experiment: str,

@@ -87,6 +87,8 @@ def test_generate_logs_the_dataset_once_and_reuses_it(experiment):
 
     again = workflow.generate(load("line_fit_15pts", "lr=0.5"), experiment, echo=quiet)
     assert again.run_id == first.run_id  # reused
+    assert "dataset" not in vars(again)  # not read back until asked for
+    np.testing.assert_array_equal(again.dataset.targets, stored.targets)
     assert len(runs_of(experiment)["generate"]) == 1
     changed = workflow.generate(load("line_fit_15pts", "data.repeat=2"), experiment, echo=quiet)
     assert changed.run_id != first.run_id
