@@ -20,7 +20,8 @@ from pipeline.errors import UserError
               help="models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME/latest, "
                    "models:/m-<id>, runs:/<id>/model, or a model folder.")
 @click.option("--input", "input_path", type=click.Path(dir_okay=False, path_type=str),
-              required=True, help="CSV with the model's feature columns, by name.")
+              required=True,
+              help="CSV or Parquet file with the model's feature columns, by name.")
 @click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=str),
               default=None, help="Where to write the predictions (CSV). Default: stdout.")
 @predict_device_option
@@ -33,6 +34,8 @@ def predict(model_uri: str, input_path: str, output_path: str | None, device: st
 
     Writes one column per target, named as in training.
     """
+    import torch
+
     from pipeline import serving
     from pipeline.tables import check_readable
     from pipeline.train import resolve_device
@@ -47,16 +50,18 @@ def predict(model_uri: str, input_path: str, output_path: str | None, device: st
     model = serving.load(model_uri, target_device, allow_pickle)
     features = serving.read_features(input_path, model)
     frame = serving.prediction_frame(model.predict(features), model.target_names)
+    # The digits that give back the model's own float32 (or float64) values, file or screen.
+    digits = "%.9g" if model.dtype == torch.float32 else "%.17g"
     if output_path:
         try:
-            frame.to_csv(output_path, index=False)
+            frame.to_csv(output_path, index=False, float_format=digits)
         except OSError as err:
             raise UserError(f"--output {output_path}: cannot write it "
                             f"({err.strerror or type(err).__name__})") from None
         click.echo(f"{len(frame)} predictions of {', '.join(frame.columns)} written to "
                    f"{output_path}", err=True)
-    else:  # for reading: float32 models carry about seven significant digits
-        click.echo(frame.to_csv(index=False, float_format="%.7g"), nl=False)
+    else:
+        click.echo(frame.to_csv(index=False, float_format=digits), nl=False)
 
 
 def _check_output(output: Path, input_path: Path) -> None:
