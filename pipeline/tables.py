@@ -113,6 +113,13 @@ def numeric_matrix(frame, columns: tuple[str, ...], path: str | Path) -> np.ndar
     """The named columns as float64, refusing text and missing values with the first bad cell."""
     import pandas as pd
 
+    if all(pd.api.types.is_numeric_dtype(frame[column]) for column in columns):
+        # Columns of numbers: one conversion, one look for NaN and inf (a cell at a time only
+        # to name a bad one, below).
+        matrix = np.array(frame[list(columns)].to_numpy(dtype=np.float64, na_value=np.nan),
+                          order="C")  # rows contiguous and writable, as training reads them
+        if np.isfinite(matrix).all():
+            return matrix
     matrix = np.empty((len(frame), len(columns)), dtype=np.float64)
     for j, column in enumerate(columns):
         kind = frame[column].dtype

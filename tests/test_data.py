@@ -469,6 +469,9 @@ def test_csv_round_trip(tmp_path):
     np.testing.assert_array_equal(dataset.features, [[2.0, 1.5], [4.25, -3.0], [0.0, 0.0]])
     np.testing.assert_array_equal(dataset.targets, [[10.0], [20.0], [30.0]])
     assert dataset.features.dtype == np.float64
+    # Rows contiguous and writable, as training moves them to the device.
+    for array in (dataset.features, dataset.targets):
+        assert array.flags.c_contiguous and array.flags.writeable
     assert dataset.feature_names == ("x2", "x1")
     assert dataset.target_names == ("y",)
     assert dataset.truth() is None
@@ -479,6 +482,7 @@ def test_write_then_read_keeps_rows_names_and_truth(tmp_path):
     folder = tables.write(original, tmp_path / "out")
     assert (folder / "data.parquet").is_file()
     back = tables.read(folder)
+    assert back.features.flags.c_contiguous and back.features.flags.writeable
     np.testing.assert_array_equal(back.features, original.features)
     np.testing.assert_array_equal(back.targets, original.targets)
     assert back.feature_names == original.feature_names
