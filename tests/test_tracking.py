@@ -304,6 +304,34 @@ def test_a_store_write_finishes_before_the_stop_and_a_second_signal_is_at_once(
             pytest.fail("a second signal must not wait for the shielded block")
 
 
+def test_a_stop_during_a_long_curve_waits_for_one_call_not_the_curve(store, monkeypatch,
+                                                                       sigterm_stops):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import interrupts, tracking
+    from pipeline.tracking import records
+
+    tracking.connect(store)
+    experiment = tracking.experiment_id("long curve")
+    monkeypatch.setattr(records, "CURVE_CHUNK", 100)
+    original, written = MlflowClient.log_batch, []
+
+    def log_batch(self, run_id, *args, **kwargs):
+        written.append(len(kwargs.get("metrics") or []))
+        if len(written) == 2:
+            sigterm_stops()  # during the second call
+        return original(self, run_id, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", log_batch)
+    with pytest.raises(interrupts.Interrupted):
+        with tracking.run(experiment, "long curve") as run_id:
+            tracking.log_curves(run_id, {"train_loss": [float(n) for n in range(1000)]})
+    assert written == [100, 100]  # the call under way was finished, no other begun
+    run = MlflowClient(store).get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert len(MlflowClient(store).get_metric_history(run_id, "train_loss")) == 200
+
+
 @pytest.mark.parametrize("uri, message", [
     ("sqlite://", "in memory"), ("sqlite:///:memory:", "in memory"),
     ("http://[::1", "malformed"),

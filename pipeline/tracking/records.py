@@ -38,8 +38,20 @@ def _curve_metrics(curves: dict[str, list[float]], final: dict[str, float] | Non
     return metrics
 
 
+CURVE_CHUNK = 10_000  # points a shielded store call writes: a stop waits for one chunk
+
+
 def log_curves(run_id: str, curves: dict[str, list[float]]) -> None:
-    log_to_run(run_id, curves=curves)
+    """Whole curves (step = epoch) in calls of :data:`CURVE_CHUNK` points, each kept whole:
+    Ctrl-C during a million-point curve stops within a call (0.4 s), not after 40 s."""
+    metrics = _curve_metrics(curves)
+    for start in range(0, len(metrics), CURVE_CHUNK):
+        _log_metrics(run_id, metrics[start:start + CURVE_CHUNK])
+
+
+@interrupts.shielded
+def _log_metrics(run_id: str, metrics: list[Metric]) -> None:
+    MlflowClient().log_batch(run_id, metrics=metrics)
 
 
 @interrupts.shielded
