@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import tables
-from pipeline.config import CsvData, DataConfig, LineData, SyntheticData, TableData
 from pipeline.dataset import DataError, Dataset, Scaler  # noqa: F401  (data.Dataset, ...)
+from pipeline.recipes import CsvData, DataConfig, LineData, SyntheticData, TableData
 from pipeline.tables import _file_error, check_readable, read_table
 
 MEMINFO = Path("/proc/meminfo")

@@ -13,7 +13,7 @@ from typing import Annotated, Literal, NamedTuple
 
 from pydantic import AfterValidator
 
-from pipeline.experiment_files import EPOCHS_MAX, Count, Integer, Number, Schema, Seed, must
+from pipeline.schema import EPOCHS_MAX, Count, Integer, Number, Schema, Seed, must
 
 
 class Range(NamedTuple):

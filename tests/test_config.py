@@ -9,7 +9,7 @@ from pathlib import Path
 import pydantic
 import pytest
 
-from pipeline import config
+from pipeline import config, recipes
 from pipeline.config import ConfigError
 from pipeline.sweep_settings import Range, SweepSettings
 
@@ -207,7 +207,7 @@ def test_dotted_override_fills_an_empty_data_section(tmp_path):
     path = tmp_path / "bare.yaml"
     path.write_text("lr: 0.1\nepochs: 2\ndata:\n")  # data: with nothing under it is null
     experiment = config.load(str(path), ["data.source=line data.x=[1,2] data.weight=2"])
-    assert experiment.data == config.LineData(weight=2.0, x=(1.0, 2.0))
+    assert experiment.data == recipes.LineData(weight=2.0, x=(1.0, 2.0))
 
 
 def test_dotted_override_into_a_section_that_is_not_a_mapping(tmp_path):
@@ -542,9 +542,9 @@ def test_a_config_built_in_code_is_checked_too():
         config.TrainConfig(lr=-1, epochs=3)
     assert info.value.message == "lr must be a finite number > 0, got -1.0"
     with pytest.raises(ConfigError, match="^missing key data.weight$"):
-        config.LineData(x=(1.0, 2.0))
+        recipes.LineData(x=(1.0, 2.0))
     with pytest.raises(ConfigError, match="^data.n_rows must be >= 1, got 0$"):
-        config.SyntheticData(n_rows=0)
+        recipes.SyntheticData(n_rows=0)
     with pytest.raises(ConfigError, match="^unknown key colour "):
         config.TrainConfig(lr=0.1, epochs=3, colour="red")
 

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from pipeline import config, data, tables
-from pipeline.config import CsvData, LineData, SyntheticData, TableData
 from pipeline.data import DataError
+from pipeline.recipes import CsvData, LineData, SyntheticData, TableData
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -604,7 +604,7 @@ def test_inline_data_that_is_not_finite_is_refused(overrides):
      "column a is in both data.feature_names and data.target_names"),
 ])
 def test_a_table_naming_a_column_twice_is_refused(names, message):
-    from pipeline.experiment_files import ConfigError
+    from pipeline.schema import ConfigError
 
     with pytest.raises(ConfigError, match=message):
         TableData(features=((1.0, 2.0), (2.0, 3.0)), targets=((1.0,), (2.0,)), **names)

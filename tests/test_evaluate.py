@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from pipeline import config, data
-from pipeline.config import SyntheticData
 from pipeline.evaluate import (
     evaluate,
     least_squares,
@@ -17,6 +16,7 @@ from pipeline.evaluate import (
     predict_linear,
     regression_metrics,
 )
+from pipeline.recipes import SyntheticData
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
