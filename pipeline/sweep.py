@@ -62,6 +62,15 @@ def search_space(exp: Experiment, settings: SweepSettings,
     return checked.lr, checked.epochs
 
 
+def theory_rates(exp: Experiment, train_set, val_set) -> dict[str, float]:
+    """Theory's rates for the training rows, and the objective's floor on the rows the
+    objective is measured on (the validation MSE's, or the final training loss's)."""
+    rates = theory.learning_rates(train_set, exp.train.has_bias, exp.train.loss)
+    rates["optimum_objective"] = rates["optimum_loss"] if val_set is None else (
+        theory.optimum_loss(val_set, exp.train.has_bias, "mean"))
+    return rates
+
+
 def run(exp: Experiment, settings: SweepSettings, tracking_uri: str,
         echo: Echo = print) -> sweep_report.Summary:
     """Set up or resume the study, have its missing trials run, then summarise once.
@@ -73,10 +82,7 @@ def run(exp: Experiment, settings: SweepSettings, tracking_uri: str,
     study_name = settings.study_name or exp.name
     dataset = data.build(exp.data, exp.seed)
     train_set, val_set = data.split(dataset, exp.val_fraction, exp.seed, exp.train.scale)
-    rates = theory.learning_rates(train_set, exp.train.has_bias, exp.train.loss)
-    # The floor of the objective, on the rows the objective is measured on.
-    rates["optimum_objective"] = rates["optimum_loss"] if val_set is None else (
-        theory.optimum_loss(val_set, exp.train.has_bias, "mean"))
+    rates = theory_rates(exp, train_set, val_set)
     lr, epochs = search_space(exp, settings, rates)
     for note in theory.range_notes(lr, rates):
         echo(note)

@@ -13,7 +13,8 @@ import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from pipeline import config, data, theory
+from pipeline import config, data, sweep_report, theory
+from pipeline import sweep as sweep_module
 from pipeline.cli import cli
 from pipeline.storages import open_storage
 from pipeline.study import make_pruner
@@ -480,3 +481,17 @@ def test_local_workers_share_the_trials_evenly(store):
     study = study_of("line_fit_15pts")
     assert study.user_attrs["pipeline"]["batch"] == -(-6 // workers)
     assert len(study.get_trials()) == 6
+
+
+@pytest.mark.parametrize("overrides", [["val_fraction=0"], [], ["loss=sum"]])
+def test_the_curves_plot_floor_is_least_squares_on_the_plotted_rows(overrides):
+    # The trials' loss curves plot a floor line: the least-squares loss on the rows the curves
+    # are measured on, in the curves' reduction, mostly reused from theory's rates.
+    exp = config.load("synthetic", ["dtype=float64", *overrides])
+    train_set, val_set = data.split(data.build(exp.data, exp.seed), exp.val_fraction, exp.seed,
+                                    exp.train.scale)
+    rates = sweep_module.theory_rates(exp, train_set, val_set)
+    rows = train_set if val_set is None else val_set
+    floor = sweep_report._curves_floor((train_set, val_set), exp, rates)
+    assert floor == pytest.approx(theory.optimum_loss(rows, True, exp.train.loss), rel=1e-12)
+    assert floor > 0  # noise: no linear model fits the rows exactly
