@@ -240,9 +240,7 @@ def _main() -> None:
     from pipeline import interrupts
 
     # SIGTERM (a process manager, `kill`) stops any command as Ctrl-C does: runs are closed.
-    # SIGINT too, even where a launcher started us ignoring it (a shell's background job).
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, interrupts.raise_interrupted)
+    interrupts.immediate()
     try:
         returned = cli.main(prog_name="pipeline", standalone_mode=False)
     except click.UsageError as err:

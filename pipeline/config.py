@@ -184,7 +184,7 @@ def build(name: str, raw: dict[str, Any]) -> Experiment:
     if not isinstance(data, dict):
         raise ConfigError("data: missing, or not a mapping (give data.source and its fields)")
     source = data.get("source", "csv" if "csv" in data else None)
-    if source not in DATA_SOURCES:
+    if not isinstance(source, str) or source not in DATA_SOURCES:
         raise ConfigError(f"data.source must be one of {', '.join(DATA_SOURCES)}, got {source!r}")
     if not isinstance(sweep, dict):
         raise ConfigError("sweep: expected a mapping")

@@ -79,7 +79,11 @@ def read_raw(name_or_path: str) -> tuple[str, dict[str, Any]]:
     if isinstance(data, dict) and isinstance(data.get("csv"), str):
         # A CSV named in a config file lives beside it, wherever the command runs from
         # (one given with --set data.csv=... is taken from the current folder).
-        data["csv"] = str((path.parent / Path(data["csv"]).expanduser()).absolute())
+        try:
+            csv = Path(data["csv"]).expanduser()
+        except RuntimeError:  # "~someone/...", someone unknown here
+            raise ConfigError(f"{path}: data.csv {data['csv']!r}: no such home folder") from None
+        data["csv"] = str((path.parent / csv).absolute())
     return path.stem, raw
 
 
@@ -97,6 +101,10 @@ def _unique_key_loader():
                 if key_node.tag == "tag:yaml.org,2002:merge":
                     continue  # `<<: *base`: its keys may be set again here, as YAML allows
                 key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, (list, dict)):
+                    raise yaml.constructor.ConstructorError(
+                        None, None, "a key must be a name, not a list or mapping",
+                        key_node.start_mark)
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
                         None, None, f"key {key!r} appears twice", key_node.start_mark)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -45,13 +46,25 @@ class Interrupted(KeyboardInterrupt):
         return 128 + self.signum  # 130 for Ctrl-C, 143 for SIGTERM, as shells report them
 
 
+def immediate(signals=(signal.SIGINT, signal.SIGTERM)) -> None:
+    """Have ``signals`` stop this command at once (:func:`raise_interrupted`), even where a
+    launcher started it ignoring SIGINT (a shell's background job)."""
+    global _requested, _held
+    _requested = _held = None
+    for signum in signals:
+        signal.signal(signum, raise_interrupted)
+    if sys.unraisablehook is not _unraisable:
+        _unraisable.previous = sys.unraisablehook
+        sys.unraisablehook = _unraisable
+
+
 def raise_interrupted(signum: int, _frame) -> None:
     """A signal handler that stops at once, as Ctrl-C does, with the signal's exit status;
     inside a :func:`shielded` call, as soon as it returns (a second signal: at once).
 
     The flag is set too: a signal that lands while Python runs a finalizer or a weakref
-    callback has its exception printed and dropped ("Exception ignored in ..."), so the next
-    :func:`check` (every epoch of training) raises it again."""
+    callback has its exception dropped there (:func:`_unraisable`), so the next :func:`check`
+    raises it again: every epoch of training, and as each run of the command ends."""
     global _requested, _held
     again = _requested is not None
     _requested = signum
@@ -59,6 +72,17 @@ def raise_interrupted(signum: int, _frame) -> None:
         _held = signum
         return
     raise Interrupted(signum)
+
+
+def _unraisable(unraisable) -> None:
+    """``sys.unraisablehook``: a stop that a finalizer or weakref callback swallowed is left
+    to the next :func:`check` instead of printed as "Exception ignored in ..."."""
+    if isinstance(unraisable.exc_value, Interrupted):
+        return
+    _unraisable.previous(unraisable)
+
+
+_unraisable.previous = sys.unraisablehook
 
 
 def shield_store_calls(enabled: bool) -> None:

@@ -163,6 +163,28 @@ def test_file_that_is_not_a_mapping_is_named(tmp_path, text, kind):
     )
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("data: {source: [1]}\n",
+         "data.source must be one of table, line, synthetic, csv, got [1]"),
+        ("data: {source: {a: 1}}\n", "data.source must be one of table, line, synthetic, csv, "
+                                      "got {{'a': 1}}"),
+        ("? [a, b]\n: 2\n", "{path}: not valid YAML (a key must be a name, not a list or "
+                             "mapping)"),
+        ("data: {csv: '~nobody-here-xyz/x.csv'}\n",
+         "{path}: data.csv '~nobody-here-xyz/x.csv': no such home folder"),
+    ],
+    ids=["source-list", "source-mapping", "list-key", "unknown-home"],
+)
+def test_odd_yaml_values_are_named_in_one_line(tmp_path, text, message):
+    path = tmp_path / "odd.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        config.load(str(path))
+    assert info.value.message == message.format(path=path)
+
+
 def test_empty_file_reads_as_no_keys(tmp_path):
     path = tmp_path / "empty.yaml"
     path.write_text("")

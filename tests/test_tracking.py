@@ -282,6 +282,57 @@ def test_a_signal_as_a_run_ends_lets_its_status_be_written(store, monkeypatch, s
     assert run_statuses(Path(store.removeprefix("sqlite:///"))) == ["FINISHED"]
 
 
+def test_a_stop_a_finalizer_swallowed_ends_the_run_killed(store, monkeypatch, sigterm_stops):
+    # After the last epoch (a model being exported, say) nothing checks for a stop until the
+    # run ends: a signal landing in a weakref callback there must still end it KILLED.
+    import signal
+    import weakref
+
+    from pipeline import interrupts, tracking
+
+    tracking.connect(store)
+    experiment = tracking.experiment_id("swallowed")
+    monkeypatch.setattr(sys, "unraisablehook", interrupts._unraisable)  # as `pipeline` sets it
+
+    class Thing:
+        pass
+
+    went_on = []
+    with pytest.raises(interrupts.Interrupted) as stop:
+        with tracking.run(experiment, "exporting"):
+            thing = Thing()
+            ref = weakref.ref(thing, lambda _: interrupts.raise_interrupted(signal.SIGTERM,
+                                                                              None))
+            del thing  # the handler raises inside the callback, and Python drops it
+            went_on.append(ref() is None)
+    assert went_on == [True] and stop.value.exit_code == 143
+    assert run_statuses(Path(store.removeprefix("sqlite:///"))) == ["KILLED"]
+
+
+def test_a_stop_a_finalizer_swallowed_prints_nothing(tmp_path):
+    # Python would print "Exception ignored in ..." and a traceback for it; the command says
+    # "interrupted" in one line when the stop is raised again.
+    script = (
+        "import signal, weakref\n"
+        "from pipeline import interrupts\n"
+        "interrupts.immediate()\n"
+        "class Thing: pass\n"
+        "thing = Thing()\n"
+        "ref = weakref.ref(thing, lambda _: interrupts.raise_interrupted(signal.SIGINT, None))\n"
+        "del thing\n"
+        "print(int(interrupts.requested()))\n"
+        "def fail(_): raise ValueError('other unraisables are still printed')\n"
+        "other = Thing()\n"
+        "ref = weakref.ref(other, fail)\n"
+        "del other\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=subprocess_env(), cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.strip() == "2"  # SIGINT
+    assert "Interrupted" not in done.stderr and done.stderr.count("Exception ignored") == 1
+    assert "other unraisables" in done.stderr  # only its own is left out
+
+
 def test_a_store_write_finishes_before_the_stop_and_a_second_signal_is_at_once(
         store, monkeypatch, sigterm_stops):
     import signal

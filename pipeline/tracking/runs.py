@@ -48,6 +48,8 @@ def run(experiment: str, name: str, parent_run_id: str | None = None,
             else:
                 run_id = open_child(experiment, parent_run_id, name, tags)
         yield run_id
+        # A stop that landed in a finalizer, its exception dropped there (see interrupts).
+        interrupts.check()
         status = "FINISHED"
     except KeyboardInterrupt as stop:
         status = "KILLED"
