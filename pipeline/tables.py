@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.dataset import DataError, Dataset
+from pipeline.errors import first_line
 
 
 def read_table(path: str | Path, features: tuple[str, ...], targets: tuple[str, ...]) -> Dataset:
@@ -157,12 +158,28 @@ def write(dataset: Dataset, folder: Path) -> Path:
     return folder
 
 
+def _schema(path: Path) -> dict:
+    """schema.json, with its column lists checked."""
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:  # not JSON, not UTF-8, unreadable
+        raise DataError(f"{path}: not readable as a dataset's schema ({first_line(err)})") from None
+    for role in ("features", "targets"):
+        names = schema.get(role) if isinstance(schema, dict) else None
+        if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+            raise DataError(f"{path}: {role!r} must list the column names, got {names!r}")
+    truth = schema.get("truth")
+    if truth is not None and not (isinstance(truth, dict) and {"weight", "bias"} <= set(truth)):
+        raise DataError(f"{path}: 'truth' must hold the true 'weight' and 'bias'")
+    return schema
+
+
 def read(folder: Path) -> Dataset:
     """Read back what :func:`write` wrote."""
     schema_file = folder / "schema.json"
     if not schema_file.is_file():
         raise DataError(f"{folder}: not a dataset written by `pipeline generate` (no schema.json)")
-    schema = json.loads(schema_file.read_text())
+    schema = _schema(schema_file)
     dataset = read_table(folder / "data.parquet", schema["features"], schema["targets"])
     if truth := schema.get("truth"):
         dataset = dataclasses.replace(

@@ -333,6 +333,21 @@ def test_a_split_without_training_rows_is_refused_before_any_run(workdir):
     assert run_statuses(workdir / "mlflow.db") == []
 
 
+@pytest.mark.parametrize(
+    "uri, expected",
+    [
+        ("s3://no-bucket/dataset", "cannot fetch dataset s3://no-bucket/dataset: "),
+        ("http://127.0.0.1:9/dataset", "not a web address"),
+        ("runs:/0123456789abcdef/dataset", "Run with id=0123456789abcdef not found"),
+    ],
+    ids=["s3", "http", "unknown-run"],
+)
+def test_data_that_cannot_be_fetched_is_one_line(workdir, uri, expected):
+    result = pipeline(workdir, "train", "-e", "line_fit_15pts", "--data", uri)
+    assert_one_line_failure(result, expected)
+    assert "RUNNING" not in run_statuses(workdir / "mlflow.db")
+
+
 def test_data_generated_for_another_experiment_is_refused(store):
     data_uri = invoke(store, "generate", "-e", "line_fit_15pts").output.split()[-1]
     for command in ("train", "evaluate"):

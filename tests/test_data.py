@@ -505,6 +505,26 @@ def test_read_of_a_folder_without_schema_is_a_data_error(tmp_path):
         tables.read(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("schema", "message"),
+    [
+        ("{bad", "not readable as a dataset's schema (Expecting property name"),
+        ('{"features": ["x"]}', "'targets' must list the column names, got None"),
+        ('{"features": [], "targets": ["y"]}', "'features' must list the column names, got []"),
+        ('["x", "y"]', "'features' must list the column names, got None"),
+        ('{"features": ["x"], "targets": ["y"], "truth": [1]}',
+         "'truth' must hold the true 'weight' and 'bias'"),
+    ],
+    ids=["not-json", "no-targets", "no-features", "a-list", "bad-truth"],
+)
+def test_read_of_a_damaged_schema_is_one_data_error(tmp_path, schema, message):
+    folder = tables.write(built("line_fit_15pts"), tmp_path)
+    (folder / "schema.json").write_text(schema)
+    with pytest.raises(DataError) as info:
+        tables.read(folder)
+    assert info.value.message.startswith(f"{folder / 'schema.json'}: {message}")
+
+
 # --- content key ----------------------------------------------------------------------------------
 
 

@@ -105,9 +105,13 @@ def read_dataset(uri: str) -> Dataset:
 
     if Path(uri).is_dir():
         return tables.read(Path(uri))
+    if uri.split("://")[0].lower() in ("http", "https"):
+        raise TrackingError(f"cannot fetch dataset {uri}: give runs:/<run id>/dataset, a "
+                            "folder, or an artifact store's URI, not a web address")
     try:
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
-    except (MlflowException, OSError) as err:
+    except Exception as err:  # noqa: BLE001 - each scheme's client fails in its own way
+        # (s3:// without boto3: ModuleNotFoundError; http:// that is no artifact: ValueError)
         message = first_line(err)
         raise TrackingError(f"cannot fetch dataset {uri}: {message}") from None
     return tables.read(Path(local))
