@@ -53,6 +53,7 @@ from pipeline.sweep_settings import EpochsRange, LrRange
 # --- training -----------------------------------------------------------------------------------
 
 INIT_NAMES = ("torch", "randn", "rand", "zeros")
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _init(names: tuple[str, ...]) -> AfterValidator:
@@ -63,6 +64,10 @@ def _init(names: tuple[str, ...]) -> AfterValidator:
             raise ValueError(f"must be a number or one of {', '.join(names)}, got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"must be finite, got {value}")
+        if isinstance(value, float) and abs(value) > FLOAT32_MAX:
+            # Drawn in float32, as the tutorials draw them (see models.init_parameters).
+            raise ValueError(f"must lie within float32's range (±{FLOAT32_MAX:.4g}), "
+                             f"got {value:g}")
         return value
 
     return AfterValidator(check)

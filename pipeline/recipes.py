@@ -106,8 +106,11 @@ class CsvData(DataRecipe):
 
 
 def _each_column_once(features, targets, feature_key: str, target_key: str) -> None:
-    """Every column name once: a name twice in a role, or in both roles, is refused."""
+    """Every column named, once: a blank name, a name twice in a role, or in both roles, is
+    refused."""
     for key, names in ((feature_key, features), (target_key, targets)):
+        if blank := [i for i, name in enumerate(names) if not name.strip()]:
+            raise ValueError(f"{key}[{blank[0]}] must be a name, got {names[blank[0]]!r}")
         if twice := [name for i, name in enumerate(names) if name in names[:i]]:
             raise ValueError(f"{key} lists column {twice[0]} more than once")
     if both := [name for name in features if name in targets]:

@@ -16,11 +16,30 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 _USERINFO = re.compile(
     r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^\n]*)@")
 _QUERY = re.compile(r"(?P<key>[?&](?:password|passwd|pwd)=)[^&\s'\"]*", re.IGNORECASE)
+# A URL in quotes, as ``{uri!r}`` writes it (escapes included), its closing quote followed by
+# the end of a word: its password, if any, ends at the last "@" inside the quotes, unless the
+# line holds that quote again after a later "@". Without this, 'http://127.0.0.1:9/m' ...
+# NAME@ALIAS read as user 127.0.0.1 and a password running up to "@ALIAS".
+_QUOTED_URL = re.compile(
+    r"""(?P<q>['"])[a-zA-Z][a-zA-Z0-9+.-]*://(?:\\.|(?!(?P=q))[^\\\n])*(?P=q)"""
+    r"""(?=$|[\s,;)\]}]|[.:](?:\s|$))""")
 
 
 def mask(text: str) -> str:
     """``text`` with the password of every ``scheme://user:password@`` in it, and of every
     ``?password=`` query parameter, shown as ``***``."""
+    pieces, last, at = [], 0, 0
+    while quoted := _QUOTED_URL.search(text, at):
+        at = quoted.start() + 1
+        line_after = text[quoted.end():].partition("\n")[0]
+        if "@" in line_after and quoted["q"] in line_after.partition("@")[2]:
+            continue  # perhaps a quote in the password ('u:pa' ss@h'): mask to the last "@"
+        pieces += [_mask(text[last:quoted.start()]), _mask(quoted.group())]
+        last = at = quoted.end()
+    return "".join([*pieces, _mask(text[last:])])
+
+
+def _mask(text: str) -> str:
     text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
     return _QUERY.sub(lambda m: f"{m['key']}***", text)
 

@@ -192,7 +192,9 @@ class IndexBatches(Sampler):
 
 def batches(x: torch.Tensor, y: torch.Tensor, config: TrainConfig):
     """``TensorDataset`` + ``DataLoader`` over the tensors already on the device."""
-    sampler = IndexBatches(x.shape[0], config.batch_size or x.shape[0], config.shuffle, x.device)
+    rows = x.shape[0]
+    sampler = IndexBatches(rows, min(config.batch_size or rows, max(rows, 1)), config.shuffle,
+                           x.device)
     return DataLoader(TensorDataset(x, y), sampler=sampler, batch_size=None)
 
 

@@ -134,6 +134,14 @@ def _divergence(config, train_set: Dataset, epoch: int, loss: float, run_id: str
     said = f"training diverged at epoch {epoch}: train_loss became {loss:.6g}"
     if epoch == 0 and not math.isfinite(loss):  # no lr helps: the first loss overflowed
         largest = max(abs(train_set.features).max(), abs(train_set.targets).max())
+        starts = [f"{key}={value:g}" for key, value in (("weight_init", config.weight_init),
+                                                        ("bias_init", config.bias_init))
+                  if isinstance(value, float) and abs(value) > 1]
+        if starts:
+            return (f"{said} before the first step: the starting parameters "
+                    f"({', '.join(starts)}) on the data's values (up to {largest:.3g}) overflow "
+                    f"{config.dtype} arithmetic; start smaller, or set dtype=float64 "
+                    f"(run {run_id} marked FAILED)")
         return (f"{said} before the first step: the data's values (up to {largest:.3g}) "
                 f"overflow {config.dtype} arithmetic; rescale them, or set scale=standard or "
                 f"dtype=float64 (run {run_id} marked FAILED)")

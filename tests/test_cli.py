@@ -194,6 +194,8 @@ def assert_one_line_failure(result: subprocess.CompletedProcess, *expected: str)
         (["-e", "line_fit_15pts", "--set", "batch_size=0"], ["batch_size must be >= 1"]),
         (["-e", "line_fit_15pts", "--set", "seed=-1"], ["seed must lie in [0, 2**32)"]),
         (["-e", "line_fit_15pts", "--set", "seed=99999999999999999999"], ["seed must lie"]),
+        (["-e", "line_fit_15pts", "--set", "weight_init=1e39"],
+         ["weight_init must lie within float32's range"]),
     ],
 )
 def test_bad_config_input(workdir, args, expected):

@@ -493,6 +493,24 @@ def test_csv_column_named_twice_is_rejected(features, targets, message):
     assert info.value.message == message
 
 
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (csv_experiment(["a", ""], ["y"]), "data.features[1] must be a name, got ''"),
+        (csv_experiment(["a"], ["  "]), "data.targets[0] must be a name, got '  '"),
+        ({"lr": 0.1, "epochs": 1, "data": {"source": "table", "features": [[1.0], [2.0]],
+                                           "targets": [[1.0], [2.0]], "feature_names": [""]}},
+         "data.feature_names[0] must be a name, got ''"),
+    ],
+    ids=["csv-feature", "csv-target", "table"],
+)
+def test_a_blank_column_name_is_rejected(raw, message):
+    # MLflow's model signature would refuse it only after training.
+    with pytest.raises(ConfigError) as info:
+        config.build("blank", raw)
+    assert info.value.message == message
+
+
 def test_csv_columns_named_once_each_are_accepted():
     recipe = config.build("csv", csv_experiment(["a", "b"], ["y", "z"])).data
     assert recipe.features == ("a", "b")

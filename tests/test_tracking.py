@@ -33,6 +33,14 @@ from tests.conftest import run_statuses, subprocess_env
         ("http://user@host/path", "http://user@host/path"),
         ("cannot open postgresql://bob:hun ter2@127.0.0.1:1/db: refused",
          "cannot open postgresql://bob:***@127.0.0.1:1/db: refused"),
+        # A quoted URL's password ends inside its quotes: a host:port is no user:password.
+        ("model URI 'http://127.0.0.1:9/m' does not parse; use models:/NAME@ALIAS",
+         "model URI 'http://127.0.0.1:9/m' does not parse; use models:/NAME@ALIAS"),
+        ("\"postgresql://u:pa'ss@h/db\" refused, see x@y", "\"postgresql://u:***@h/db\" refused, "
+                                                        "see x@y"),
+        # A quote in the password, the URL quoted by hand: masked to the line's last "@".
+        ("'postgresql://u:pa'ss@h/db' refused", "'postgresql://u:***@h/db' refused"),
+        ("'postgresql://u:pa' ss@h/db' refused", "'postgresql://u:***@h/db' refused"),
     ],
 )
 def test_mask_hides_passwords_only(url, shown):
@@ -199,6 +207,16 @@ def test_a_new_store_from_the_template_is_mlflows_own(workdir, monkeypatch, tmp_
         assert default.name == "Default"
         assert default.artifact_location.startswith(str(workdir))
     assert list((tmp_path / "cache" / "pipeline").glob("mlflow-*-empty.db"))
+
+
+def test_a_sqlite_uri_with_a_query_is_left_to_mlflow(workdir, monkeypatch, tmp_path):
+    # No template copied to a file named after the whole URI ("store.db?mode=ro", or one
+    # carrying a password given in the query).
+    from pipeline.tracking import store
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    store._start_from_template(f"sqlite:///{workdir / 'store.db'}?password=s3cret")
+    assert list(workdir.iterdir()) == []
 
 
 def test_a_run_interrupted_mid_read_is_closed_killed(store):

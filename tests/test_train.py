@@ -192,6 +192,15 @@ def test_cuda_training_matches_cpu():
     np.testing.assert_allclose(cpu.train_loss, gpu.train_loss, rtol=1e-9)
 
 
+def test_a_batch_size_beyond_the_rows_is_one_batch():
+    # Past 2**63 too, which torch's split cannot take.
+    exp = config.load("line_fit_15pts", ["model=builtin", "shuffle=true",
+                                         f"batch_size={10**30}", "epochs=3"])
+    whole = config.with_train(exp, batch_size=15)
+    dataset = data.build(exp.data, exp.seed)
+    assert train(exp.train, dataset).train_loss == train(whole.train, dataset).train_loss
+
+
 def test_index_batches_draw_what_a_shuffling_dataloader_draws():
     from torch.utils.data import DataLoader, TensorDataset
 

@@ -217,6 +217,15 @@ def test_data_that_overflow_float32_are_named_not_blamed_on_the_lr(experiment):
     assert run.data.tags["diverged_at_epoch"] == "0"
 
 
+def test_starting_parameters_that_overflow_are_named_not_the_data(experiment):
+    exp = load("line_fit_15pts", "weight_init=1e30")  # 1e30 · 10.8, squared: inf in float32
+    with pytest.raises(DivergedError) as info:
+        workflow.train(exp, data.build(exp.data, exp.seed), experiment, echo=quiet)
+    assert re.search(r"before the first step: the starting parameters \(weight_init=1e\+30\) "
+                     r"on the data's values \(up to 10\.8\) overflow float32", str(info.value))
+    assert "rescale" not in str(info.value)
+
+
 # --- evaluate ------------------------------------------------------------------------------------
 
 

@@ -99,9 +99,10 @@ def _start_from_template(uri: str) -> None:
     before (kept per MLflow version in the user's cache), instead of MLflow running its dozens
     of migrations again: 0.05 s instead of 0.75 s for every first command in a folder. The
     copy holds tables only; MLflow adds the Default experiment, with this store's artifact
-    root, as it would. Anything unusual (another file there, no cache folder, a private MLflow
-    function gone) leaves the store to MLflow."""
-    path = Path(uri.split(":///", 1)[-1]) if ":///" in uri else None
+    root, as it would. Anything unusual (another file there, a query in the URI, no cache
+    folder, a private MLflow function gone) leaves the store to MLflow."""
+    # A query (`?mode=ro`...) is the driver's to read: no copy, under any name.
+    path = Path(uri.split(":///", 1)[-1]) if ":///" in uri and "?" not in uri else None
     if path is None or path.exists():
         return
     try:
