@@ -114,7 +114,8 @@ def numeric_matrix(frame, columns: tuple[str, ...], path: str | Path) -> np.ndar
     """The named columns as float64, refusing text and missing values with the first bad cell."""
     import pandas as pd
 
-    if all(pd.api.types.is_numeric_dtype(frame[column]) for column in columns):
+    kinds = [frame[column].dtype for column in columns]
+    if all(pd.api.types.is_numeric_dtype(kind) and kind.kind != "b" for kind in kinds):
         # Columns of numbers: one conversion, one look for NaN and inf (a cell at a time only
         # to name a bad one, below).
         matrix = np.array(frame[list(columns)].to_numpy(dtype=np.float64, na_value=np.nan),
@@ -123,10 +124,13 @@ def numeric_matrix(frame, columns: tuple[str, ...], path: str | Path) -> np.ndar
             return matrix
     matrix = np.empty((len(frame), len(columns)), dtype=np.float64)
     for j, column in enumerate(columns):
-        kind = frame[column].dtype
+        kind = kinds[j]
         if kind.kind in "mM" or isinstance(kind, pd.PeriodDtype):  # pandas would give nanoseconds
             raise DataError(f"{path}: column {column} holds dates or times ({kind}), not "
                             "numbers; convert it to a number first")
+        if kind.kind == "b":  # pandas reads True/False as bool, which converts to 1 and 0
+            raise DataError(f"{path}: column {column} holds true/false values, not numbers; "
+                            "write them as 1 and 0")
         values = pd.to_numeric(frame[column], errors="coerce")
         matrix[:, j] = values.to_numpy(dtype=np.float64, na_value=np.nan)
         bad = ~np.isfinite(matrix[:, j])  # text, an empty cell, NaN or inf

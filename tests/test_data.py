@@ -345,6 +345,14 @@ def test_clean_numeric_columns_parse_as_float64(tmp_path):
     np.testing.assert_array_equal(matrix, [[2.0, 1.5], [4.0, -3.0]])
 
 
+def test_true_and_false_in_a_csv_are_not_taken_for_1_and_0(tmp_path):
+    path = write_csv(tmp_path / "table.csv", "a,b\nTrue,1\nFalse,2\n")
+    with pytest.raises(DataError) as info:
+        data.build(CsvData(csv=str(path), features=("a",), targets=("b",)), seed=0)
+    assert info.value.message == (
+        f"{path}: column a holds true/false values, not numbers; write them as 1 and 0")
+
+
 @pytest.mark.parametrize(("value", "shown"), [(np.nan, "an empty cell"), (np.inf, "'inf'")])
 def test_bad_parquet_value_is_named(tmp_path, value, shown):
     dataset = data.Dataset(np.array([[1.0], [2.0]]), np.array([[3.0], [value]]), ("a",), ("b",))
@@ -361,6 +369,8 @@ def test_bad_parquet_value_is_named(tmp_path, value, shown):
     (pd.to_timedelta([1, 2], unit="s"), "holds dates or times (timedelta64"),
     (pd.period_range("2020-01", periods=2, freq="M"), "holds dates or times (period[M])"),
     ([[1.0, 2.0], [3.0]], "holds a non-numeric or missing value ('[1. 2.]') in data row 1"),
+    ([True, False], "holds true/false values, not numbers; write them as 1 and 0"),
+    (pd.array([True, None], dtype="boolean"), "holds true/false values"),
 ])
 def test_parquet_cells_that_are_not_numbers_are_refused(tmp_path, cells, message):
     # pandas would read times as nanoseconds; a list cell once ended in a traceback.
