@@ -222,27 +222,35 @@ def check_recipe(exp: Experiment, data_uri: str) -> None:
 
     if not (found := re.match(r"^runs:/([0-9a-f]+)/", data_uri)):
         return  # a folder: its recipe is not recorded
-    run = tracking.run_data(found[1])
-    if run.tags.get("stage") != "generate":
+    run = tracking.get_run(found[1])
+    if run.info.lifecycle_stage == "deleted":  # its files go with the next `mlflow gc`
+        raise data.DataError(f"--data {data_uri}: run {found[1]} is deleted; restore it "
+                             f"(`mlflow runs restore --run-id {found[1]}`) or generate again")
+    if run.data.tags.get("stage") != "generate":
         return
-    recorded = run.params
+    recorded = run.data.params
+    advice = (f"give --data generated with {exp.name}'s settings as they are now (or no "
+              "--data, to build the rows)")
+    if (then := recorded.get("data.source")) != exp.data.source:
+        raise data.DataError(f"--data {data_uri} was generated from a {then} recipe, but "
+                             f"{exp.name} makes its rows from a {exp.data.source} recipe; "
+                             f"{advice}")
     for key, value in exp.params().items():
         if key.startswith("data.") and key != "data.csv":  # a path may be written two ways
             if (then := recorded.get(key)) != (now := tracking.param_text(value)):
                 raise data.DataError(f"--data {data_uri} was generated with {key}={then}, but "
-                                     f"{exp.name} has {key}={now} now; drop the override or "
-                                     "--data")
+                                     f"{exp.name} has {key}={now} now; {advice}")
     # The same settings can still give other rows: another CSV file, or another seed where
     # the recipe draws random numbers.
     then_csv, then_seed = recorded.get("data.csv", ""), recorded.get("seed")
     now_csv = getattr(exp.data, "csv", None)
     if now_csv is not None and Path(then_csv).resolve() != Path(now_csv).resolve():
         raise data.DataError(f"--data {data_uri} was generated from {then_csv}, but "
-                             f"{exp.name} reads {now_csv} now; drop the override or --data")
+                             f"{exp.name} reads {now_csv} now; {advice}")
     if data.draws_random_numbers(exp.data) and then_seed != str(exp.seed):
         raise data.DataError(f"--data {data_uri} was generated with seed={then_seed}, but "
                              f"{exp.name} has seed={exp.seed} now, which draws other rows; "
-                             "drop the override or --data")
+                             f"{advice}")
 
 
 def model_columns(exp: Experiment, dataset: Dataset, model: serving.LoadedModel,

@@ -362,6 +362,28 @@ def test_data_generated_for_another_experiment_is_refused(store):
     assert "crop_yields_manual" not in [e.name for e in MlflowClient(store).search_experiments()]
 
 
+def test_data_from_another_recipe_says_so(store):
+    # line_2x_plus_1's rows have line_fit_15pts's columns (x -> y), made another way.
+    data_uri = invoke(store, "generate", "-e", "line_2x_plus_1").output.split()[-1]
+    result = CliRunner().invoke(cli, ["train", "-e", "line_fit_15pts", "--data", data_uri,
+                                      "--tracking-uri", store])
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"Error: --data {data_uri} was generated from a line recipe, but line_fit_15pts makes "
+        "its rows from a table recipe; give --data generated with line_fit_15pts's settings as "
+        "they are now (or no --data, to build the rows)\n")
+
+
+def test_data_of_a_deleted_run_is_refused(store):
+    data_uri = invoke(store, "generate", "-e", "line_fit_15pts").output.split()[-1]
+    run_id = data_uri.split("/")[1]
+    MlflowClient(store).delete_run(run_id)
+    result = CliRunner().invoke(cli, ["train", "-e", "line_fit_15pts", "--data", data_uri,
+                                      "--tracking-uri", store])
+    assert result.exit_code == 1
+    assert f"run {run_id} is deleted; restore it" in result.stderr
+
+
 def test_data_generated_with_other_settings_is_refused(store):
     # The run would record data.n_rows=300 for rows made with 200.
     data_uri = invoke(store, "generate", "-e", "synthetic", "--set",

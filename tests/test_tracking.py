@@ -109,6 +109,25 @@ def test_corrupt_store_is_refused(workdir):
     one_line_failure(["run", "-e", "line_fit_15pts"], "is not an SQLite database")
 
 
+@pytest.mark.parametrize("kind", ["app", "optuna"])
+def test_another_programs_database_is_refused_and_left_as_it_was(workdir, kind):
+    import sqlite3
+
+    import optuna
+
+    path = workdir / "mlflow.db"
+    if kind == "optuna":  # Optuna's tables, alembic_version among them
+        optuna.create_study(storage=f"sqlite:///{path}")
+    else:
+        with sqlite3.connect(path) as db:
+            db.execute("CREATE TABLE orders (id INTEGER)")
+    with sqlite3.connect(path) as db:
+        before = sorted(name for (name,) in db.execute("SELECT name FROM sqlite_master"))
+    one_line_failure(["run", "-e", "line_fit_15pts"], "is another program's SQLite database")
+    with sqlite3.connect(path) as db:
+        assert sorted(name for (name,) in db.execute("SELECT name FROM sqlite_master")) == before
+
+
 def test_truncated_store_is_refused_and_left_as_it_was(workdir, store):
     result = CliRunner().invoke(cli, ["run", "-e", "line_fit_15pts", "--tracking-uri", store])
     assert result.exit_code == 0, result.output

@@ -20,6 +20,7 @@ from pipeline.tracking.artifacts import (  # noqa: F401
 )
 from pipeline.tracking.records import (  # noqa: F401
     SYSTEM_METRICS_S,
+    get_run,
     log_curves,
     log_figure,
     log_metrics,
@@ -28,7 +29,6 @@ from pipeline.tracking.records import (  # noqa: F401
     log_to_run,
     metric_histories,
     param_text,
-    run_data,
     run_tags,
     set_tags,
     system_metrics,

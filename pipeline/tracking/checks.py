@@ -1,11 +1,13 @@
 """What is checked before MLflow sees a tracking URI: a server that does not answer, answers
 something else, or fails every request; a database server that takes no connection or refuses
-the login; a sqlite file under a file, in a missing or read-only folder, corrupt or truncated.
+the login; a sqlite file under a file, in a missing or read-only folder, corrupt or truncated,
+or another program's database.
 Each is one line in seconds, where MLflow would retry for minutes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -162,6 +164,12 @@ def check_sqlite_file(uri: str, shown: str, existing: bool = False) -> None:
         if header and header != SQLITE_HEADER:
             raise TrackingError(f"tracking store {shown}: {path} is not an SQLite database "
                                 "(corrupt, or another kind of file)")
+        if others := _foreign_tables(path):
+            # MLflow would add its tables beside another program's.
+            raise TrackingError(f"tracking store {shown}: {path} is another program's SQLite "
+                                f"database (tables {', '.join(others[:3])}"
+                                f"{', ...' if len(others) > 3 else ''}), not an MLflow store; "
+                                "give another file")
         return
     if existing:
         raise TrackingError(f"tracking store {shown}: there is no {path}, so nothing was "
@@ -172,6 +180,22 @@ def check_sqlite_file(uri: str, shown: str, existing: bool = False) -> None:
     except OSError as err:
         raise TrackingError(f"tracking store {shown}: cannot create {path} "
                             f"({err.strerror.lower()})") from None
+
+
+def _foreign_tables(path: Path) -> list[str]:
+    """The tables of a SQLite file that holds some but not MLflow's (``experiments``, ``runs``;
+    an Optuna storage has an ``alembic_version`` too); nothing where it cannot tell (locked,
+    damaged: MLflow says)."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True,
+                                                timeout=1)) as db:
+            tables = [name for (name,) in db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+    except sqlite3.Error:
+        return []
+    return [] if not tables or {"experiments", "runs"} & set(tables) else tables
 
 
 def _under_a_file(folder: Path) -> bool:

@@ -131,9 +131,9 @@ def run_tags(run_id: str) -> dict[str, str]:
 
 
 @interrupts.shielded
-def run_data(run_id: str):
-    """A run's tags and params, as MLflow keeps them (``.tags``, ``.params``): one read."""
-    return MlflowClient().get_run(run_id).data
+def get_run(run_id: str):
+    """A run as MLflow keeps it (``.info``, ``.data.tags``, ``.data.params``): one read."""
+    return MlflowClient().get_run(run_id)
 
 
 def param_text(value: Any) -> str:
