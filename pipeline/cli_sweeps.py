@@ -125,8 +125,10 @@ def _print_sweep(summary, tracking_uri: str, experiment_name: str) -> None:
     params = summary.best_params
     click.echo(f"best: value {summary.best_value:.6g} with lr={params['lr']:.4g} "
                f"(theory's best {rates['lr_best_constant']:.4g}), epochs={params['epochs']}")
-    click.echo(f"model: {summary.model_name} v{summary.version} ({summary.decision}); "
-               f"champion is v{summary.champion_version}: "
-               f"models:/{summary.model_name}@champion")
+    holder = (f"champion is v{summary.champion_version}: models:/{summary.model_name}@champion"
+              if summary.champion_version else
+              f"no version holds @champion (`pipeline promote {summary.model_name} "
+              f"{summary.version}` gives it)")
+    click.echo(f"model: {summary.model_name} v{summary.version} ({summary.decision}); {holder}")
     click.echo(f"look: {how_to_browse(tracking_uri)}, experiment '{experiment_name}', "
                f"run 'sweep {summary.study_name}'")

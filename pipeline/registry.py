@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import interrupts
 from pipeline.errors import UserError, first_line
+from pipeline.tracking.store import filter_value
 
 CHAMPION = "champion"
 
@@ -47,10 +48,21 @@ def version_of_run(name: str, run_id: str) -> str | None:
     between registering and recording it finds its version again instead of adding one."""
     try:
         found = MlflowClient().search_model_versions(
-            f"name = '{name}' and tags.source_run_id = '{run_id}'")
+            f"name = {filter_value(name)} and tags.source_run_id = '{run_id}'")
     except MlflowException:  # no registered model of that name yet
         return None
     return str(min(int(v.version) for v in found)) if found else None
+
+
+@interrupts.shielded
+def is_version_of_run(name: str, version: str, run_id: str) -> bool:
+    """Whether ``version`` of ``name`` still exists and was registered from ``run_id`` (a
+    version deleted in the UI leaves its number in the trial run's tags)."""
+    try:
+        found = MlflowClient().get_model_version(name, version)
+    except MlflowException:
+        return False
+    return run_id in (found.run_id, found.tags.get("source_run_id"))
 
 
 @interrupts.shielded
@@ -103,7 +115,7 @@ def versions_table(name: str | None = None):
         aliases: dict[str, list[str]] = {}
         for alias, number in client.get_registered_model(model_name).aliases.items():
             aliases.setdefault(str(number), []).append(alias)
-        for version in client.search_model_versions(f"name = '{model_name}'"):
+        for version in client.search_model_versions(f"name = {filter_value(model_name)}"):
             tags = version.tags
             rows.append({
                 "name": model_name,

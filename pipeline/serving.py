@@ -109,6 +109,8 @@ def check_registered(uri: str) -> None:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    from pipeline.tracking.store import filter_value
+
     client = MlflowClient()
     name = match["name"]
     try:
@@ -120,7 +122,8 @@ def check_registered(uri: str) -> None:
         if match["alias"]:
             client.get_model_version_by_alias(name, match["alias"])
         elif match["version"] == "latest":
-            if not client.search_model_versions(f"name = '{name}'", max_results=1):
+            if not client.search_model_versions(f"name = {filter_value(name)}",
+                                                max_results=1):
                 raise MlflowException("no versions")
         else:
             client.get_model_version(name, match["version"])

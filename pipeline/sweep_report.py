@@ -97,11 +97,15 @@ def already_summarised(study: optuna.Study, exp: configs.Experiment, ctx,
     if not states.get(TrialState.COMPLETE.name):
         return summary
     best = study.best_trial
-    tags = tracking.run_tags(best.user_attrs["mlflow_run_id"])
+    run_id = best.user_attrs["mlflow_run_id"]
+    version = tracking.run_tags(run_id).get("registered_version")
+    summary = dataclasses.replace(summary, best_value=best.value, best_params=best.params)
+    if version is None or not registry.is_version_of_run(exp.name, version, run_id):
+        # Deleted from the registry since: registered again, and the champion decided again.
+        return dataclasses.replace(summary, **register_best(best, exp, ctx))
     holder = registry.champion(exp.name)
     return dataclasses.replace(
-        summary, best_value=best.value, best_params=best.params, model_name=exp.name,
-        version=tags.get("registered_version"), decision="already summarised",
+        summary, model_name=exp.name, version=version, decision="already summarised",
         champion_version=holder[0] if holder else None)
 
 
@@ -170,7 +174,10 @@ def register_best(best: optuna.trial.FrozenTrial, exp: configs.Experiment, ctx) 
     run_id = best.user_attrs["mlflow_run_id"]
     run_tags = tracking.run_tags(run_id)
     name = exp.name
-    version = run_tags.get("registered_version") or registry.version_of_run(name, run_id)
+    version = run_tags.get("registered_version")
+    if version is not None and not registry.is_version_of_run(name, version, run_id):
+        version = None  # deleted from the registry since: registered again below
+    version = version or registry.version_of_run(name, run_id)
     if version is None:
         model_uri = run_tags.get("model_uri") or _log_best_model(best, exp, ctx, run_id)
         version = registry.register(
@@ -187,7 +194,7 @@ def register_best(best: optuna.trial.FrozenTrial, exp: configs.Experiment, ctx) 
                 f"({'validation MSE' if exp.val_fraction else 'final training loss'})."
             ),
         )
-    if run_tags.get("registered_version") is None:
+    if run_tags.get("registered_version") != version:
         tracking.log_to_run(run_id, tags={"registered_model": name,
                                           "registered_version": version})
     decision = registry.promote_if_better(name, version, best.value)

@@ -459,6 +459,36 @@ def test_finalising_again_finds_the_version_already_registered(store):
     assert client.get_run(best_run).data.tags["registered_version"] == "1"
 
 
+def test_a_champion_deleted_from_the_registry_is_registered_again(store):
+    args = ("-e", "line_fit_15pts", "--epochs-range", "5", "20", "--n-trials")
+    sweep(store, *args, "3")
+    client = MlflowClient(store)
+    client.delete_model_version("line_fit_15pts", "1")  # in the UI, say
+    output = sweep(store, *args, "3")  # no new trial: the best is registered again
+    assert "model: line_fit_15pts v2 (first champion); champion is v2" in output
+    best_run = study_of("line_fit_15pts").best_trial.user_attrs["mlflow_run_id"]
+    assert client.get_run(best_run).data.tags["registered_version"] == "2"
+    assert str(client.get_model_version_by_alias("line_fit_15pts", "champion").version) == "2"
+    output = sweep(store, *args, "4")  # and the study goes on from there
+    assert "model: line_fit_15pts v2" in output or "model: line_fit_15pts v3" in output
+    client.delete_registered_model_alias("line_fit_15pts", "champion")
+    output = sweep(store, *args, "4")
+    assert "no version holds @champion (`pipeline promote line_fit_15pts" in output
+
+
+def test_a_model_named_with_a_quote_is_found_in_the_registry(store, workdir):
+    # MLflow's search filters have no escapes: the name goes in double quotes.
+    (workdir / "it's.yaml").write_text(
+        (config.experiments_dir() / "line_fit_15pts.yaml").read_text())
+    sweep(store, "-e", str(workdir / "it's.yaml"), "--n-trials", "2", "--epochs-range", "5", "20")
+    models = CliRunner().invoke(cli, ["models", "--tracking-uri", store])
+    assert models.exit_code == 0 and "it's" in models.output, models.output
+    from pipeline import registry
+
+    best_run = study_of("it's").best_trial.user_attrs["mlflow_run_id"]
+    assert registry.version_of_run("it's", best_run) == "1"
+
+
 def test_equal_bounds_hold_epochs_while_lr_is_searched(store):
     # The 1000-epoch sweep shape: every trial runs exactly the fixed count, lr varies.
     sweep(store, "-e", "line_fit_15pts", "--n-trials", "4", "--epochs-range", "30", "30",

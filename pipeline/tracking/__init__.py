@@ -52,6 +52,7 @@ from pipeline.tracking.store import (  # noqa: F401
     connect,
     experiment_id,
     experiment_name,
+    filter_value,
     store_error,
     store_lock,
 )

@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import interrupts
 from pipeline.tracking.records import log_to_run
-from pipeline.tracking.store import NOTE
+from pipeline.tracking.store import NOTE, filter_value
 
 
 @contextlib.contextmanager
@@ -146,7 +146,7 @@ def find_child(experiment: str, parent_run_id: str, tags: dict[str, str]) -> str
 
 
 def _tag_clauses(tags: dict[str, str]) -> list[str]:
-    return [f"tags.{key} = '{value}'" for key, value in tags.items()]
+    return [f"tags.{key} = {filter_value(str(value))}" for key, value in tags.items()]
 
 
 @interrupts.shielded

@@ -183,3 +183,15 @@ def experiment_id(name: str, description: str = "") -> str:
         reason = redact.mask(first_line(err))
         reason = reason if len(reason) <= 200 else reason[:200] + "..."
         raise TrackingError(f"tracking store refused experiment {name!r}: {reason}") from None
+
+
+def filter_value(text: str) -> str:
+    """``text`` as a string in an MLflow search filter: in single quotes, or in double quotes
+    where it holds a single one (the filters have no escapes), so a model named ``it's`` is
+    found too."""
+    if "'" not in text:
+        return f"'{text}'"
+    if '"' not in text:
+        return f'"{text}"'
+    raise UserError(f"{text!r} holds both kinds of quote, which MLflow's searches cannot match; "
+                    "rename it")
