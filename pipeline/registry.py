@@ -19,6 +19,7 @@ from pipeline.errors import UserError, first_line
 from pipeline.tracking.store import filter_value
 
 CHAMPION = "champion"
+BASIS_TAG = "objective_basis"  # what a version's objective measured: comparable only if equal
 
 
 @dataclass(frozen=True)
@@ -79,10 +80,19 @@ def champion(name: str, alias: str = CHAMPION) -> tuple[str, float] | None:
 @interrupts.shielded
 def promote_if_better(name: str, version: str, objective: float,
                       alias: str = CHAMPION) -> Decision:
-    """Give ``alias`` to ``version`` when its objective is lower than the holder's."""
+    """Give ``alias`` to ``version`` when its objective is lower than the holder's, measured
+    the same way (the versions' ``objective_basis`` tags: which rows, which loss)."""
     current = champion(name, alias)
     if current is not None and current[0] == version:
         return Decision(version, None, "already the champion")
+    if current is not None:
+        client = MlflowClient()
+        theirs = client.get_model_version(name, current[0]).tags.get(BASIS_TAG)
+        ours = client.get_model_version(name, version).tags.get(BASIS_TAG)
+        if theirs and ours and theirs != ours:
+            return Decision(current[0], None, (
+                f"kept v{current[0]}, not compared: its objective is the {theirs}, this one "
+                f"the {ours}; `pipeline promote {name} {version}` moves the alias by hand"))
     if current is not None and not objective < current[1]:
         reason = f"kept v{current[0]}: its objective {current[1]:.6g} <= {objective:.6g}"
         return Decision(current[0], current[1], reason)

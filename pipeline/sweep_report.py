@@ -186,6 +186,7 @@ def register_best(best: optuna.trial.FrozenTrial, exp: configs.Experiment, ctx) 
                   "lr": repr(best.params["lr"]), "epochs": str(best.params["epochs"]),
                   "model_kind": exp.train.model,
                   "data_key": data.content_key(exp.data, exp.seed)[:16],
+                  registry.BASIS_TAG: objective_basis(exp),
                   "source_run_id": run_id},
             description=(
                 f"Best of Optuna study '{ctx.study_name}' (trial {best.number}): "
@@ -210,6 +211,14 @@ def register_best(best: optuna.trial.FrozenTrial, exp: configs.Experiment, ctx) 
     )
     return {"model_name": name, "version": version, "decision": decision.reason,
             "champion_version": decision.champion_version}
+
+
+def objective_basis(exp: configs.Experiment) -> str:
+    """What a sweep's objective measures, in words: champions are compared only when equal."""
+    rows = f"rows of data {data.content_key(exp.data, exp.seed)[:12]}"
+    if exp.val_fraction:
+        return f"validation MSE on {exp.val_fraction:g} of the {rows} (split seed {exp.seed})"
+    return f"final training loss ({exp.train.loss}) on the {rows}"
 
 
 def _log_best_model(best, exp: configs.Experiment, ctx, run_id: str) -> str:

@@ -46,11 +46,12 @@ def logged(tmp_path_factory):
         yield uris
 
 
-def register(name: str, uris: dict, line: str) -> str:
+def register(name: str, uris: dict, line: str, basis: str | None = None) -> str:
     uri, run_id = uris[line]
+    extra = {} if basis is None else {registry.BASIS_TAG: basis}
     return registry.register(name, uri, LINES[line][2],
                              tags={"model_kind": "manual", "lr": "0.01", "epochs": "7",
-                                   "source_run_id": run_id},
+                                   "source_run_id": run_id, **extra},
                              description=f"the {line} line")
 
 
@@ -123,6 +124,24 @@ def test_an_equal_objective_does_not_take_the_alias(logged):
     decision = registry.promote_if_better(name, register(name, logged, "best"), 0.1)
     assert decision.champion_version == "1"
     assert registry.champion(name) == ("1", 0.1)
+
+
+def test_objectives_measured_differently_are_not_compared(logged):
+    # A validation MSE against a training loss, or losses on other rows: lower is no better.
+    name = "bases"
+    registry.promote_if_better(name, register(name, logged, "good", "final training loss"), 0.1)
+    decision = registry.promote_if_better(
+        name, register(name, logged, "best", "validation MSE"), 0.05)
+    assert decision.champion_version == "1" and registry.champion(name) == ("1", 0.1)
+    assert decision.reason == (
+        "kept v1, not compared: its objective is the final training loss, this one the "
+        "validation MSE; `pipeline promote bases 2` moves the alias by hand")
+    # Measured alike, compared; a version from before the tag existed is compared as before.
+    decision = registry.promote_if_better(
+        name, register(name, logged, "best", "final training loss"), 0.05)
+    assert decision.champion_version == "3"
+    assert registry.promote_if_better(name, register(name, logged, "best"), 0.01
+                                      ).champion_version == "4"
 
 
 def test_the_champion_asked_again_stays(logged):

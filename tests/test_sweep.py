@@ -476,6 +476,17 @@ def test_a_champion_deleted_from_the_registry_is_registered_again(store):
     assert "no version holds @champion (`pipeline promote line_fit_15pts" in output
 
 
+def test_a_study_measuring_its_objective_otherwise_does_not_take_the_champion(store):
+    args = ("-e", "line_fit_15pts", "--epochs-range", "5", "20", "--n-trials", "3")
+    sweep(store, *args)
+    output = sweep(store, *args, "--study-name", "held_out", "--set", "val_fraction=0.2")
+    assert "model: line_fit_15pts v2 (kept v1, not compared: its objective is the final " \
+           "training loss (mean) on the rows of data" in output
+    assert "this one the validation MSE on 0.2 of the rows of data" in output
+    holder = MlflowClient(store).get_model_version_by_alias("line_fit_15pts", "champion")
+    assert str(holder.version) == "1"
+
+
 def test_a_model_named_with_a_quote_is_found_in_the_registry(store, workdir):
     # MLflow's search filters have no escapes: the name goes in double quotes.
     (workdir / "it's.yaml").write_text(
