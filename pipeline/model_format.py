@@ -24,6 +24,12 @@ CODE_FILE = Path(__file__).with_name("pyfunc_model.py")
 PROGRAM_FILE = "model.pt2"
 EXAMPLE_ROWS = 5  # a one-row example would pin the exported graph to batch size 1
 SAFE_LOADERS = {"mlflow.pytorch", "mlflow.pyfunc.loaders.code_model"}
+# sha256 of the earlier versions of pyfunc_model.py, which models logged then carry: still this
+# project's code (`git log pipeline/pyfunc_model.py`), so those models load after an upgrade.
+EARLIER_CODE = {
+    "70191745799752bd9939da14b553e4bb739e697e8a07d42714fa939091843d64",  # 859750e
+    "f3e7317057501cae147e05418a6ccfcb598a12b3e88cff4a14b54ef284740d39",  # ab5ff2c
+}
 
 
 class UnsafeModel(Exception):
@@ -121,7 +127,7 @@ def check_safe(folder: Path, meta) -> None:
         raise UnsafeModel("its python_function flavor ships code of its own")
     # MLflow runs the file of that name in the model folder, wherever it was logged from.
     code = folder / Path(str(pyfunc.get("model_code_path") or "")).name
-    if not (code.is_file() and _digest(code) == _digest(CODE_FILE)):
+    if not (code.is_file() and _digest(code) in {_digest(CODE_FILE), *EARLIER_CODE}):
         raise UnsafeModel("its python_function flavor runs code other than this project's")
     # That code loads the folder two levels above its "program" artifact: it must be this one.
     artifacts = pyfunc.get("artifacts") or {}

@@ -158,7 +158,7 @@ def load(uri: str, device: torch.device | None = None, allow_pickle: bool = Fals
         features, targets = _names_of(meta)
     except model_format.UnsafeModel as err:
         raise ModelError(f"refusing to load model {uri}: {err}; `pipeline predict "
-                         "--allow-pickle` loads it, for a source you trust") from None
+                         "--allow-pickle` skips these checks, for a source you trust") from None
     except model_format.DamagedModel as err:
         raise ModelError(f"cannot load model {uri}: {err}") from None
     except UserError:

@@ -307,3 +307,37 @@ def test_make_serve_checks_the_model_loads_safely_first(genuine, tmp_path, workd
     assert refused.exit_code == 1 and "holds a file name twice" in refused.stderr
     assert not marker.exists()
     assert CliRunner().invoke(cli, ["models", "--check", str(genuine)]).exit_code == 0
+
+
+def test_models_carrying_an_earlier_version_of_the_project_code_still_load(genuine, tmp_path,
+                                                                            monkeypatch):
+    # Every model carries the pyfunc_model.py it was logged with; an upgrade changes ours.
+    folder = tmp_path / "older"
+    shutil.copytree(genuine, folder)
+    code = folder / "pyfunc_model.py"
+    code.write_text(code.read_text() + "\n# as an earlier release wrote it\n")
+    with pytest.raises(model_format.UnsafeModel, match="code other than this project's"):
+        model_format.check_safe(folder, Model.load(str(folder)))
+    monkeypatch.setattr(model_format, "EARLIER_CODE",
+                        {*model_format.EARLIER_CODE, model_format._digest(code)})
+    model_format.check_safe(folder, Model.load(str(folder)))
+
+
+def test_every_released_version_of_the_model_code_is_known():
+    # Changing pyfunc_model.py must keep the models logged with it loadable: its old digest
+    # goes into EARLIER_CODE (this lists the file's history where git is there to ask).
+    import hashlib
+    import subprocess
+
+    def git(*args: str) -> bytes:
+        return subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), *args],
+                              capture_output=True, check=True, timeout=30).stdout
+
+    try:
+        commits = git("log", "--format=%H", "--", "pipeline/pyfunc_model.py").split()
+    except (OSError, subprocess.SubprocessError):
+        pytest.skip("no git history here")
+    known = {model_format._digest(model_format.CODE_FILE), *model_format.EARLIER_CODE}
+    for commit in commits:
+        text = git("show", f"{commit.decode()}:pipeline/pyfunc_model.py")
+        assert hashlib.sha256(text).hexdigest() in known, f"pyfunc_model.py of {commit[:7]}"
