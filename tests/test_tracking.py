@@ -128,6 +128,23 @@ def test_another_programs_database_is_refused_and_left_as_it_was(workdir, kind):
         assert sorted(name for (name,) in db.execute("SELECT name FROM sqlite_master")) == before
 
 
+def test_a_deleted_experiment_is_not_brought_back_with_its_deleted_runs(workdir, store):
+    from mlflow import MlflowClient
+
+    assert CliRunner().invoke(cli, ["train", "-e", "line_fit_15pts", "--tracking-uri",
+                                    store]).exit_code == 0
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("line_fit_15pts").experiment_id
+    [run] = client.search_runs([experiment])
+    client.delete_run(run.info.run_id)  # deleted on purpose, then the whole experiment
+    client.delete_experiment(experiment)
+    one_line_failure(["train", "-e", "line_fit_15pts", "--tracking-uri", store],
+                     f"experiment 'line_fit_15pts' is deleted in this store: restore it "
+                     f"(`mlflow experiments restore --experiment-id {experiment}`)")
+    assert client.get_experiment(experiment).lifecycle_stage == "deleted"
+    assert client.get_run(run.info.run_id).info.lifecycle_stage == "deleted"
+
+
 def test_truncated_store_is_refused_and_left_as_it_was(workdir, store):
     result = CliRunner().invoke(cli, ["run", "-e", "line_fit_15pts", "--tracking-uri", store])
     assert result.exit_code == 0, result.output

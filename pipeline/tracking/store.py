@@ -172,7 +172,13 @@ def experiment_id(name: str, description: str = "") -> str:
                 if found is None:
                     raise
         if found.lifecycle_stage == "deleted":
-            client.restore_experiment(found.experiment_id)
+            # As mlflow.set_experiment refuses it: restoring would bring back every run of it,
+            # those deleted one by one before too.
+            number = found.experiment_id
+            raise TrackingError(
+                f"experiment {name!r} is deleted in this store: restore it (`mlflow experiments "
+                f"restore --experiment-id {number}`), or remove it for good (`mlflow gc "
+                f"--experiment-ids {number}`) to start it anew")
         for key, value in tags.items():  # an experiment made elsewhere, or before these tags
             if key not in found.tags:
                 client.set_experiment_tag(found.experiment_id, key, value)
