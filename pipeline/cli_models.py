@@ -65,7 +65,8 @@ def predict(model_uri: str, input_path: str, output_path: str | None, device: st
 
 
 def _check_output(output: Path, input_path: Path) -> None:
-    """Predictions never overwrite their own input or a database (the tracking store)."""
+    """Predictions never overwrite their own input, a database (the tracking store) or an
+    Optuna journal (a study)."""
     if not output.resolve().parent.is_dir():
         raise UserError(f"--output {output}: the folder {output.resolve().parent} does not exist")
     if not output.exists():
@@ -76,11 +77,14 @@ def _check_output(output: Path, input_path: Path) -> None:
 
     try:
         with output.open("rb") as existing:
-            database = existing.read(len(SQLITE_HEADER)) == SQLITE_HEADER
+            start = existing.read(64)
     except OSError:
         return  # not readable: writing it will say so
-    if database:
+    if start.startswith(SQLITE_HEADER):
         raise UserError(f"--output {output} is a SQLite database (a tracking store?); "
+                        "refusing to overwrite it")
+    if start.startswith(b'{"op_code"'):  # each line of a journal is one operation
+        raise UserError(f"--output {output} is an Optuna journal (a study's trials); "
                         "refusing to overwrite it")
 
 
@@ -123,6 +127,7 @@ def promote(name: str, version: str, alias: str, reason: str, tracking_uri: str)
 
     if not (version.isascii() and version.isdigit()):
         raise UserError(f"VERSION must be a version number, got {version!r}")
+    version = str(int(version))  # "01" is version 1
     connect_store(tracking_uri, existing=True)
     previous = registry.promote(name, version, alias, reason)
     before = f"v{previous}" if previous else "no version"

@@ -47,7 +47,8 @@ def runs_table(runs: pd.DataFrame, metric: str | None = None, top: int | None = 
                             f"{', '.join(present) or 'none'})")
     if metric is None:
         order = score(runs)
-        if runs.empty or order.isna().all():
+        # Runs of one stage are listed even unscored (generate runs: oldest first).
+        if runs.empty or (order.isna().all() and stage is None):
             raise UserError("no run has a score yet (objective, mse, val_loss or train_loss)")
     else:
         column = f"metrics.{metric}"

@@ -101,6 +101,13 @@ def test_the_best_trial_sorts_among_evaluations_and_stage_filters(compare_store)
         compare.runs_table(runs, stage="generate")
 
 
+def test_a_stage_without_scores_is_listed(compare_store):
+    make_runs({"g0": ("generate", "FINISHED", {}, {}), "g1": ("generate", "FINISHED", {}, {}),
+               "t": ("train", "FINISHED", {}, {"train_loss": 0.1})}, "generated")
+    table = compare.runs_table(tracking.runs_frame("generated"), stage="generate")
+    assert sorted(table["run_name"]) == ["g0", "g1"] and table["score"].isna().all()
+
+
 @pytest.mark.parametrize(("top", "names"), [(1, ["b"]), (2, ["b", "a"]), (3, ["b", "a", "c"]),
                                             (10, ["b", "a", "c", "d"])])
 def test_top_keeps_the_best_runs(runs, top, names):

@@ -141,8 +141,8 @@ def test_promote_moves_the_alias(registry_store):
     assert holder.tags["champion.promoted_reason"] == "checked by hand"
     assert holder.tags["champion.promoted_previous_version"] == "1"
     assert "champion.promoted_by" in holder.tags and "champion.promoted_at" in holder.tags
-    back = pipeline(folder, "promote", "crop_yields_builtin", "1", "--tracking-uri", store)
-    assert back.returncode == 0 and "v2 -> v1" in back.stdout
+    back = pipeline(folder, "promote", "crop_yields_builtin", "01", "--tracking-uri", store)
+    assert back.returncode == 0 and "v2 -> v1 " in back.stdout  # "01" is version 1
 
 
 def test_compare_gives_one_sorted_row_per_run(registry_store):
@@ -245,7 +245,10 @@ def test_predictions_never_overwrite_their_input_or_the_store(registry_store, tm
     before = rows.read_bytes()
     database = folder / "mlflow.db"
     stored = database.stat().st_size
-    for output, expected in ((rows, "is the input file"), (database, "is a SQLite database")):
+    journal = tmp_path / "optuna.journal"
+    journal.write_text('{"op_code":0,"worker_id":"w","study_name":"s","directions":[1]}\n')
+    for output, expected in ((rows, "is the input file"), (database, "is a SQLite database"),
+                             (journal, "is an Optuna journal")):
         result = CliRunner().invoke(cli, [
             "predict", "--model", "models:/crop_yields_builtin@champion", "--input", str(rows),
             "--output", str(output), "--tracking-uri", store])
