@@ -153,13 +153,23 @@ def _check_torch_data(folder: Path, flavor: dict, name: str) -> None:
     _check_program(data / PROGRAM_FILE)
 
 
+# Constants torch.export.load unpickles whatever their config says (torchbind and opaque
+# objects): no model of ours has any.
+PICKLED_CONSTANTS = ("custom_obj_", "opaque_obj_")
+
+
 def _check_program(program: Path) -> None:
-    """``torch.export.load`` unpickles a weight or constant its archive marks ``use_pickle``.
+    """``torch.export.load`` unpickles a weight or constant its archive marks ``use_pickle``,
+    any constant stored as an object, and sample inputs that a weights-only load refuses.
     MLflow's check of the archive reads each config by name, keeping the last copy of a name
     written twice, while torch reads the first: refuse names written twice (or not in the plain
-    form torch looks up), and any record marked as a pickle, which no program of ours holds."""
+    form torch looks up), any record marked as a pickle or stored as an object, and sample
+    inputs that are not plain tensors; no program of ours holds any of these."""
+    import io
     import json
     import zipfile
+
+    import torch
 
     try:
         with zipfile.ZipFile(program) as archive:
@@ -170,21 +180,30 @@ def _check_program(program: Path) -> None:
             if any(n.startswith(("/", "./", "../")) or "//" in n or "\\" in n or "/./" in n
                    or "/../" in n for n in names):
                 raise UnsafeModel(f"its {PROGRAM_FILE} holds a file under an irregular name")
+            if any(n.rpartition("/")[2].startswith(PICKLED_CONSTANTS) for n in names):
+                raise UnsafeModel(f"its {PROGRAM_FILE} holds a constant stored as an object")
             for info in infos:
                 if info.filename.endswith("_config.json") and _marks_a_pickle(
                         json.loads(archive.read(info))):
                     raise UnsafeModel(f"its {PROGRAM_FILE} stores {info.filename} as a pickle")
+                if "/sample_inputs/" in info.filename:
+                    try:  # what torch tries first, before a load that runs any pickle
+                        torch.load(io.BytesIO(archive.read(info)), weights_only=True)
+                    except Exception:  # noqa: BLE001  (any failure: torch would unpickle)
+                        raise UnsafeModel(f"its {PROGRAM_FILE}'s sample inputs are not plain "
+                                          "tensors") from None
     except (zipfile.BadZipFile, OSError, ValueError, UnicodeDecodeError):
         raise DamagedModel(f"its {PROGRAM_FILE} is not a readable torch.export archive") from None
 
 
 def _marks_a_pickle(node) -> bool:
+    """A record marked ``use_pickle``, or naming a constant torch stores as an object."""
     if isinstance(node, dict):
         return node.get("use_pickle") not in (None, False) or any(
             _marks_a_pickle(value) for value in node.values())
     if isinstance(node, list):
         return any(_marks_a_pickle(value) for value in node)
-    return False
+    return isinstance(node, str) and node.startswith(PICKLED_CONSTANTS)
 
 
 def _digest(path: Path) -> str:

@@ -206,6 +206,39 @@ def _rewrite_program(folder: Path, marker: Path, config_twice: bool) -> None:
                 archive.writestr(config_name, honest)
 
 
+def _pickled_sample_inputs(folder: Path, marker: Path) -> None:
+    """Sample inputs that a weights-only load refuses: torch then loads them with any pickle."""
+    payload = io.BytesIO()
+    torch.save(Payload(marker), payload)
+    _replace_in_program(folder, lambda name, content: payload.getvalue()
+                        if "/sample_inputs/" in name else content)
+
+
+def _object_constant(folder: Path, marker: Path) -> None:
+    """A constant stored as an opaque object, which torch unpickles whatever its config says."""
+    def edit(name: str, content: bytes) -> bytes:
+        if name.endswith("constants_config.json"):
+            config = json.loads(content)
+            config["config"]["c"] = {"path_name": "opaque_obj_0", "is_param": False,
+                                     "use_pickle": False, "tensor_meta": None}
+            return json.dumps(config).encode()
+        return content
+
+    _replace_in_program(folder, edit, extra={"opaque_obj_0": pickle.dumps(Payload(marker))})
+
+
+def _replace_in_program(folder: Path, edit, extra: dict | None = None) -> None:
+    program = folder / "artifacts" / "model.pt2"
+    with zipfile.ZipFile(program) as archive:
+        entries = [(info.filename, archive.read(info)) for info in archive.infolist()]
+    root = entries[0][0].split("/")[0]
+    with zipfile.ZipFile(program, "w") as archive:
+        for name, content in entries:
+            archive.writestr(name, edit(name, content))
+        for name, content in (extra or {}).items():
+            archive.writestr(f"{root}/data/constants/{name}", content)
+
+
 HOSTILE = {
     "pt2 and pth": (_pth_beside, "pickled model.pth"),
     "pth only": (_pth_only, "pickled model.pth"),
@@ -219,6 +252,8 @@ HOSTILE = {
                              "holds a file name twice"),
     "weight as a pickle": (lambda folder, marker: _rewrite_program(folder, marker, False),
                            "as a pickle"),
+    "pickled sample inputs": (_pickled_sample_inputs, "sample inputs are not plain tensors"),
+    "constant as an object": (_object_constant, "constant stored as an object"),
 }
 
 
