@@ -157,14 +157,51 @@ def check_resumable(study_name: str, spec: dict | None, exp: Experiment) -> str:
     return data_key
 
 
-def check_before_tracking(storage, study_name: str, exp: Experiment) -> None:
+def check_before_tracking(storage, study_name: str, exp: Experiment,
+                          tracking_uri: str) -> dict | None:
     """What :func:`load` and the sweep's set-up refuse, checked before the tracking store is
-    touched, so that a refused sweep leaves no experiment behind."""
+    touched, so that a refused sweep leaves no experiment behind; the study's spec, if any."""
     try:
         study_id = storage.get_study_id_from_name(study_name)
     except KeyError:
-        return  # a new study
+        return None  # a new study
     attrs = storage.get_study_user_attrs(study_id)
     check_ours(study_name, storage.get_study_directions(study_id), attrs,
                len(storage.get_all_trials(study_id, deepcopy=False)))
-    check_resumable(study_name, attrs.get(SPEC_ATTR), exp)
+    spec = attrs.get(SPEC_ATTR)
+    check_resumable(study_name, spec, exp)
+    if spec is not None:
+        check_same_store(study_name, spec, tracking_uri)
+    return spec
+
+
+def check_same_store(study_name: str, spec: dict, tracking_uri: str) -> None:
+    """A study's runs are in the store it recorded: a SQLite file elsewhere is another store
+    (checked before connecting, which would make that file). Other stores are known by the
+    study's parent run (:func:`check_parent_here`), whatever the URL that reaches them."""
+    recorded, now = _sqlite_file(spec["tracking_uri"]), _sqlite_file(tracking_uri)
+    if recorded is not None and now is not None and recorded != now:
+        raise elsewhere(study_name, spec, tracking_uri)
+
+
+def check_parent_here(study_name: str, spec: dict, tracking_uri: str, present: bool) -> None:
+    """After connecting: the study's parent run must be in this store (``present``)."""
+    if not present:
+        raise elsewhere(study_name, spec, tracking_uri)
+
+
+def elsewhere(study_name: str, spec: dict, tracking_uri: str) -> SweepError:
+    from pipeline import redact
+
+    return SweepError(
+        f"study {study_name!r} is tracked in {spec['tracking_uri']} (its parent run "
+        f"{spec['parent_run_id']}), not in {redact.mask(tracking_uri)}: give --tracking-uri "
+        f"{spec['tracking_uri']} to go on with it, or --study-name to start another study")
+
+
+def _sqlite_file(uri: str):
+    from pathlib import Path
+
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").partition("?")[0]).resolve()

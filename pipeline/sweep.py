@@ -90,9 +90,12 @@ def run(exp: Experiment, settings: SweepSettings, tracking_uri: str,
         echo("note: no validation split (val_fraction: 0), so the objective is the final "
              "training loss, which more epochs only ever lower; set val_fraction to weigh them")
     storage = storages.open_storage(settings.storage, settings.n_trials)
-    studies.check_before_tracking(storage, study_name, exp)
+    recorded = studies.check_before_tracking(storage, study_name, exp, tracking_uri)
     # The input is good: now the tracking store may be reached (and made) and the experiment.
     tracking.connect(tracking_uri)
+    if recorded is not None:
+        studies.check_parent_here(study_name, recorded, tracking_uri,
+                                  tracking.run_exists(recorded["parent_run_id"]))
     experiment_id = tracking.experiment_id(exp.name, exp.description)
     tracking.close_dead_runs(experiment_id)  # runs of this host's commands killed with -9
     with interrupts.deferred():

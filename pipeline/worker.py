@@ -10,6 +10,7 @@ never closes the parent run or registers a model; the coordinator does that once
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -84,7 +85,12 @@ def run(storage_url: str, study_name: str, tracking_uri: str | None = None, offs
     ``--n-trials``, which another coordinator of the study may have recorded otherwise."""
     study, storage, spec = join(storage_url, study_name, offset)
     storage.total = total = total or spec.n_trials
-    tracking.connect(tracking_uri or spec.tracking_uri)
+    tracking_uri = tracking_uri or spec.tracking_uri
+    recorded = dataclasses.asdict(spec)
+    studies.check_same_store(study_name, recorded, tracking_uri)
+    tracking.connect(tracking_uri)
+    studies.check_parent_here(study_name, recorded, tracking_uri,
+                              tracking.run_exists(spec.parent_run_id))
     try:
         return loop(study, storage, context(spec, study_name), total, timeout, echo)
     except interrupts.Interrupted as stop:

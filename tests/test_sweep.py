@@ -487,6 +487,36 @@ def test_a_study_measuring_its_objective_otherwise_does_not_take_the_champion(st
     assert str(holder.version) == "1"
 
 
+def test_a_study_goes_on_only_in_the_store_it_is_tracked_in(store, workdir):
+    args = ["sweep", "-e", "line_fit_15pts", "--epochs-range", "5", "20", "--n-trials"]
+    sweep(store, *args[1:], "2")
+    other = f"sqlite:///{workdir / 'other.db'}"
+    for uri in (other, "sqlite:///other.db"):  # refused before that file is made
+        result = CliRunner().invoke(cli, [*args, "3", "--tracking-uri", uri])
+        assert result.exit_code == 1, result.output
+        assert (f"study 'line_fit_15pts' is tracked in {store} (its parent run " in result.stderr
+                and f"not in {uri}: give --tracking-uri {store} to go on" in result.stderr)
+        assert not (workdir / "other.db").exists()
+    # The store it recorded, wiped: its parent run is not there (a process of its own: this
+    # one keeps MLflow's connection to the removed file).
+    (workdir / "mlflow.db").unlink()
+    result = subprocess.run([sys.executable, "-m", "pipeline", *args, "3", "--tracking-uri",
+                             store], capture_output=True, text=True, env=subprocess_env(),
+                            cwd=workdir, timeout=120)
+    assert result.returncode == 1 and "is tracked in" in result.stderr, result.stderr
+    assert len(study_of("line_fit_15pts").trials) == 2
+
+
+def test_a_worker_pointed_at_another_store_says_so(store, workdir):
+    from pipeline import storages
+    from pipeline import worker as workers
+
+    sweep(store, "-e", "line_fit_15pts", "--epochs-range", "5", "20", "--n-trials", "2")
+    with pytest.raises(storages.SweepError, match="is tracked in .* not in sqlite:///other.db"):
+        workers.run("optuna.journal", "line_fit_15pts", "sqlite:///other.db")
+    assert not (workdir / "other.db").exists()
+
+
 def test_a_model_named_with_a_quote_is_found_in_the_registry(store, workdir):
     # MLflow's search filters have no escapes: the name goes in double quotes.
     (workdir / "it's.yaml").write_text(

@@ -29,6 +29,7 @@ from pipeline.tracking.records import (  # noqa: F401
     log_to_run,
     metric_histories,
     param_text,
+    run_exists,
     run_tags,
     set_tags,
     system_metrics,

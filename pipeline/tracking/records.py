@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline import interrupts
@@ -131,6 +132,18 @@ def run_tags(run_id: str) -> dict[str, str]:
 
 
 @interrupts.shielded
+@interrupts.shielded
+def run_exists(run_id: str) -> bool:
+    """Whether this store holds run ``run_id`` (deleted or not)."""
+    try:
+        MlflowClient().get_run(run_id)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
+
+
 def get_run(run_id: str):
     """A run as MLflow keeps it (``.info``, ``.data.tags``, ``.data.params``): one read."""
     return MlflowClient().get_run(run_id)
