@@ -62,13 +62,17 @@ def sweep(experiment, tracking_uri: str, device: str | None, n_trials: int,
         seed=experiment.seed if seed is None else seed, log_models=log_models,
         lr_range=lr_range, epochs_range=epochs_range, batch=batch,
     )
-    from pipeline import interrupts, tracking
+    from pipeline import interrupts, storages, tracking
     from pipeline import sweep as sweeps
 
     try:
         summary = sweeps.run(experiment, settings, tracking_uri, echo=click.echo)
     except interrupts.Interrupted as stop:
         _stopped(stop)
+    except Exception as err:
+        if (failed := storages.storage_failure(err, storage)) is not None:
+            raise failed from None
+        raise
     _print_sweep(summary, redact.mask(tracking_uri),
                  tracking.experiment_name(summary.experiment_id))
 
@@ -97,7 +101,7 @@ def worker(storage: str, study_name: str, tracking_uri: str | None,
     """
     import os
 
-    from pipeline import interrupts
+    from pipeline import interrupts, storages
     from pipeline import worker as workers
 
     with interrupts.deferred():
@@ -106,6 +110,10 @@ def worker(storage: str, study_name: str, tracking_uri: str | None,
                                   timeout=timeout, echo=click.echo)
         except interrupts.Interrupted as stop:
             _stopped(stop)
+        except Exception as err:
+            if (failed := storages.storage_failure(err, storage)) is not None:
+                raise failed from None
+            raise
     click.echo(f"worker: ran {outcome.ran} trials; study {study_name} holds "
                f"{outcome.finished} of {outcome.total} finished")
 

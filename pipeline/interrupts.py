@@ -4,25 +4,32 @@ Sweeps and workers (:func:`deferred`): a signal only sets a flag; the long-runni
 epoch of training, a worker waiting for its study) call :func:`check`, which raises
 :class:`Interrupted` there, where no store call is half done. So a sweep interrupted at any
 moment closes its MLflow runs and tells Optuna, and SQLite never sees a transaction cut in the
-middle ("database is locked"). A second Ctrl-C stops at once, as Python normally does.
+middle ("database is locked"). A second Ctrl-C stops at once, as Python normally does. A call
+to an MLflow server is not waited for: one that does not answer retries for minutes.
 
 Other commands (:func:`raise_interrupted`) stop at once, except inside a :func:`shielded`
 store call: that call finishes first, so a run is never created without its id or left
 RUNNING by a status write cut short.
+
+Once a stop is asked for, calls to an MLflow server try once, for a few seconds: the runs are
+closed if it answers, and by the next command if it does not.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import signal
 import sys
 import threading
 from collections.abc import Iterator
 
+STOPPING_TIMEOUT_S = 3  # each MLflow server call once a stop is asked for
 _requested: int | None = None
 _shielding = True  # off for an MLflow server (see shield_store_calls)
 _shields = 0  # shielded calls under way in the main thread (the one signals interrupt)
+_remote_calls = 0  # calls to an MLflow server under way in the main thread
 _held: int | None = None  # a signal that came during one, raised as the call returns
 
 
@@ -68,6 +75,7 @@ def raise_interrupted(signum: int, _frame) -> None:
     global _requested, _held
     again = _requested is not None
     _requested = signum
+    _stopping()
     if _shields and not again:
         _held = signum
         return
@@ -93,12 +101,33 @@ def shield_store_calls(enabled: bool) -> None:
     _shielding = enabled
 
 
+def _stopping() -> None:
+    """A stop was asked for. Against an MLflow server the calls that close the runs try once
+    and briefly: one that does not answer would have each retry for minutes; its runs are
+    then closed by the next command (see tracking.close_dead_runs)."""
+    if not _shielding:
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(STOPPING_TIMEOUT_S)
+
+
+def store_is_remote() -> bool:
+    """Whether the tracking store is an MLflow server (its calls are not shielded)."""
+    return not _shielding
+
+
 @contextlib.contextmanager
 def shield() -> Iterator[None]:
     """A block that a signal does not cut: one arriving meanwhile is raised at its end."""
-    global _shields, _held
-    if not _shielding or threading.current_thread() is not threading.main_thread():
+    global _shields, _held, _remote_calls
+    if threading.current_thread() is not threading.main_thread():
         yield  # signals interrupt the main thread only
+        return
+    if not _shielding:  # counted, so that a deferred stop need not wait for it
+        _remote_calls += 1
+        try:
+            yield
+        finally:
+            _remote_calls -= 1
         return
     _shields += 1
     try:
@@ -125,6 +154,9 @@ def _record(signum: int, _frame) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         raise Interrupted(signum)
     _requested = signum
+    _stopping()
+    if _remote_calls:  # an MLflow server's call, which retries for minutes if it is down
+        raise Interrupted(signum)
 
 
 @contextlib.contextmanager

@@ -43,6 +43,22 @@ class SweepError(UserError):
     """A sweep that cannot start: unreachable storage, a study made for other settings."""
 
 
+def storage_failure(err: BaseException, url: str) -> SweepError | None:
+    """An Optuna storage that failed under way (a database server gone), as one line; None
+    for any other error."""
+    import sqlalchemy.exc
+
+    if not isinstance(err, (optuna.exceptions.StorageInternalError,
+                            sqlalchemy.exc.SQLAlchemyError)):
+        return None
+    # Optuna's own message blames the data ("exceeding max length"); the driver's says why.
+    cause = err.__cause__ if isinstance(err.__cause__, Exception) else err
+    reason = getattr(cause, "orig", None) or cause
+    return SweepError(f"the Optuna storage {redact.mask(url)} failed: "
+                      f"{redact.scrub(first_line(reason), url)}; once it answers, run the same "
+                      "command to resume (no finished trial is lost)")
+
+
 class NotYet(SweepError):
     """What a worker may wait out: a database still starting, a study not yet set up."""
 

@@ -8,6 +8,7 @@ its user attribute ``mlflow_run_id``, and the process that runs it as ``worker``
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -87,10 +88,16 @@ def run_batch(study: optuna.Study, asked: list[optuna.Trial], ctx: TrialContext,
                                     kept=ctx.kept)
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-        for trial, run_id in zip(asked, run_ids, strict=True):
-            tracking.close_run(run_id, status, tags={"optuna_state": TrialState.FAIL.name},
-                               params=trial_params(ctx, trial))
-            study.tell(trial, state=TrialState.FAIL)
+        closed = [tracking.close_run(run_id, status, tags={"optuna_state": TrialState.FAIL.name},
+                                     params=trial_params(ctx, trial))
+                  for trial, run_id in zip(asked, run_ids, strict=True)]
+        for trial, told_mlflow in zip(asked, closed, strict=True):
+            # A trial whose run or state cannot be written (the MLflow server or the storage
+            # is what failed) stays RUNNING: the next command finds it dead and closes its run
+            # with it (pipeline.dead_trials). The error that stopped the batch is raised.
+            if told_mlflow:
+                with contextlib.suppress(Exception):
+                    study.tell(trial, state=TrialState.FAIL)
         raise
     for k, (trial, run_id, result) in enumerate(zip(asked, run_ids, results, strict=True)):
         try:

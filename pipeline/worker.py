@@ -190,8 +190,13 @@ def spawned(storage_url: str, study_name: str, tracking_uri: str | None, offset:
             run(storage_url, study_name, tracking_uri, offset, timeout, total=total)
         except interrupts.Interrupted as stop:
             sys.exit(stop.exit_code)
-        except UserError as err:  # one line, as the coordinator's own errors
-            print(f"Error: worker {offset}: {err.message}", file=sys.stderr)
+        except Exception as err:
+            failed = err if isinstance(err, UserError) else storages.storage_failure(
+                err, storage_url)
+            if failed is None:
+                raise
+            # One line, as the coordinator's own errors.
+            print(f"Error: worker {offset}: {failed.message}", file=sys.stderr)
             sys.exit(1)
         finally:
             lifetime.leave()

@@ -70,6 +70,15 @@ class Postgres:
         self.sql(f'create database "{name}" owner {USER}')
         return self.url(name)
 
+    def crash(self) -> None:
+        """Stop the server at once, as a crash would (``pg_ctl stop -m immediate``)."""
+        _run_unprivileged([self.binaries / "pg_ctl", "-D", str(self.folder / "data"), "-m",
+                           "immediate", "-w", "stop"], self.folder)
+
+    def restart(self) -> None:
+        """Start the stopped server again, on the same port, with the same data."""
+        _start(self, self.folder / "data")
+
     def sql(self, *statements: str) -> str:
         """Run statements as the superuser with psql over the socket; psql's output."""
         commands = [arg for statement in statements for arg in ("-c", statement)]
@@ -215,18 +224,20 @@ class Server:
 
 
 @contextmanager
-def mlflow_server(folder: Path, backend_uri: str | None = None) -> Iterator[Server]:
-    """Start `mlflow server` on a free loopback port with one worker (the default four keep
-    dying on two cores), its store at ``backend_uri`` (default: a sqlite file in ``folder``)
-    and artifacts proxied to ``folder/artifacts``; wait until /health answers (up to 90 s,
-    failing the test with the server's log otherwise); stop it on exit."""
+def mlflow_server(folder: Path, backend_uri: str | None = None,
+                  port: int | None = None) -> Iterator[Server]:
+    """Start `mlflow server` on a free loopback port (or ``port``: the same server again)
+    with one worker (the default four keep dying on two cores), its store at ``backend_uri``
+    (default: a sqlite file in ``folder``) and artifacts proxied to ``folder/artifacts``; wait
+    until /health answers (up to 90 s, failing the test with the server's log otherwise);
+    stop it on exit."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     backend_uri = backend_uri or f"sqlite:///{folder / 'mlflow.db'}"
-    port = free_port()
+    port = port or free_port()
     server = Server(url=f"http://127.0.0.1:{port}", artifacts=folder / "artifacts",
                     backend_uri=backend_uri, log=folder / "mlflow-server.log")
-    with server.log.open("w") as log:
+    with server.log.open("a") as log:
         process = subprocess.Popen(
             [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
              "--backend-store-uri", backend_uri,

@@ -183,3 +183,66 @@ def test_local_workers_stopped_one_by_one_are_named_and_the_sweep_resumes(workdi
     assert "RUNNING" not in run_statuses(workdir / "mlflow.db")
     resume(workdir, 30, 2)
     check_consistent(workdir, 30)
+
+
+@pytest.mark.servers
+def test_a_stop_while_the_tracking_server_is_gone_is_prompt_and_the_rerun_mends_it(workdir):
+    # The server's calls retry for minutes when it is gone; a stop does not wait for them,
+    # and the runs it could not close are closed by the next command, once it is back.
+    from tests.conftest import free_port
+    from tests.servers import mlflow_server
+
+    folder, port = workdir / "server", free_port()
+    command = [sys.executable, "-m", "pipeline", "sweep", "-e", "line_fit_15pts",
+               "--n-trials", "40", "--epochs-range", "50", "2000", "--batch", "2",
+               "--tracking-uri", f"http://127.0.0.1:{port}"]
+    with mlflow_server(folder, port=port):
+        process, lines = start(workdir, command)
+        wait_for_done(process, lines, 2)
+    time.sleep(2)  # the server is gone: the sweep's next call retries
+    stopped = time.monotonic()
+    os.killpg(process.pid, signal.SIGINT)
+    process.wait(timeout=120)
+    waited = time.monotonic() - stopped
+    stderr = process.stderr.read()
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and waited < 30, (waited, stderr)
+    assert re.match(r"interrupted: \d+ of 40 trials finished; run the same command to resume",
+                    stderr.strip().splitlines()[-1]), stderr
+    with mlflow_server(folder, port=port):
+        resume_run = subprocess.run(command, cwd=workdir, capture_output=True, text=True,
+                                    env=subprocess_env(), timeout=400)
+        assert resume_run.returncode == 0, resume_run.stderr[-2000:]
+    study = optuna.load_study(study_name="line_fit_15pts",
+                              storage=open_storage(str(workdir / "optuna.journal")))
+    assert len([t for t in study.trials if t.state in FINISHED]) == 40
+    assert {t.state.name for t in study.trials} <= {"COMPLETE", "PRUNED", "FAIL"}
+    assert "RUNNING" not in run_statuses(folder / "mlflow.db")
+
+
+@pytest.mark.servers
+def test_a_storage_lost_under_way_is_one_line_each_and_the_rerun_mends_it(workdir):
+    # PostgreSQL gone mid-sweep: the coordinator and its workers say so in one line each,
+    # no traceback; once it is back, the same command finishes the exact total.
+    from tests.servers import postgres
+
+    with postgres() as database:
+        command = [*sweep_command(40, 2), "--batch", "2", "--storage", database.url()]
+        process, lines = start(workdir, command)
+        wait_for_done(process, lines, 4)
+        database.crash()
+        process.wait(timeout=240)
+        stderr = process.stderr.read()
+        assert process.returncode == 1 and "Traceback" not in stderr, stderr
+        failed = [line for line in stderr.splitlines() if "the Optuna storage" in line]
+        assert failed and all(line.startswith("Error:") and "optuna:***@127.0.0.1" in line
+                              and "run the same command to resume" in line for line in failed)
+        assert "optuna-pw" not in stderr
+        database.restart()
+        result = subprocess.run(command, cwd=workdir, capture_output=True, text=True,
+                                env=subprocess_env(), timeout=400)
+        assert result.returncode == 0, result.stderr[-2000:]
+        study = optuna.load_study(study_name="line_fit_15pts", storage=database.url())
+        assert len([t for t in study.trials if t.state in FINISHED]) == 40
+        assert {t.state.name for t in study.trials} <= {"COMPLETE", "PRUNED", "FAIL"}
+    assert "RUNNING" not in run_statuses(workdir / "mlflow.db")

@@ -89,11 +89,16 @@ def system_metrics(run_id: str) -> Iterator[None]:
     try:
         yield
     finally:
-        monitor.finish()
-        if monitor._logging_step == first_step:  # shorter than one interval: one sample now
-            monitor.collect_metrics()
-            monitor.publish_metrics(monitor.aggregate_metrics())
-            monitor.mlflow_logger.flush()
+        if interrupts.requested() is not None and interrupts.store_is_remote():
+            # Stopping: the monitor's thread (a daemon) may be retrying a call to a server
+            # that is gone, for minutes; it is not waited for.
+            monitor._shutdown_event.set()
+        else:
+            monitor.finish()
+            if monitor._logging_step == first_step:  # shorter than one interval: one sample
+                monitor.collect_metrics()
+                monitor.publish_metrics(monitor.aggregate_metrics())
+                monitor.mlflow_logger.flush()
 
 
 @interrupts.shielded

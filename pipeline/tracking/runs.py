@@ -62,7 +62,18 @@ def run(experiment: str, name: str, parent_run_id: str | None = None,
 
 @interrupts.shielded
 def _terminate(run_id: str, status: str) -> None:
-    MlflowClient().set_terminated(run_id, status)
+    try:
+        MlflowClient().set_terminated(run_id, status)
+    except MlflowException:
+        if not stopping_unanswered():
+            raise
+
+
+def stopping_unanswered() -> bool:
+    """A stop was asked for and the MLflow server did not answer the call closing a run: the
+    run is left RUNNING, for the next command to close (the stop is not turned into an error
+    about a server that is gone)."""
+    return interrupts.requested() is not None and interrupts.store_is_remote()
 
 
 # The process that opened a run, so that a later one can close it if it was killed with -9.
@@ -166,11 +177,18 @@ def close_running(experiment: str, tags: dict[str, str], status: str,
 @interrupts.shielded
 def close_run(run_id: str, status: str, curves: dict[str, list[float]] | None = None,
               metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None,
-              params: dict[str, Any] | None = None) -> None:
+              params: dict[str, Any] | None = None) -> bool:
     """Log params, curves, final metrics and tags in one batch, then end the run with
-    ``status``: two store calls, whatever the length of the curves."""
-    log_to_run(run_id, params=params, metrics=metrics, tags=tags, curves=curves)
-    MlflowClient().set_terminated(run_id, status)
+    ``status``: two store calls, whatever the length of the curves. False where a stop was
+    asked for and the MLflow server does not answer (:func:`stopping_unanswered`)."""
+    try:
+        log_to_run(run_id, params=params, metrics=metrics, tags=tags, curves=curves)
+        MlflowClient().set_terminated(run_id, status)
+    except MlflowException:
+        if stopping_unanswered():
+            return False
+        raise
+    return True
 
 
 @interrupts.shielded
