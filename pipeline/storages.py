@@ -172,7 +172,10 @@ def open_storage(url: str, total: int | None = None):
         storage.lock_name = str(Path(url).resolve())
     else:
         storage = _open_rdb(url)
-        storage.lock_name = url
+        # One file, one lock, however its URL is written (relative or absolute path).
+        database = url.partition(":///")[2].partition("?")[0]
+        storage.lock_name = (str(Path(database).resolve()) if url.startswith("sqlite:///")
+                             and database else url)
     storage.total = total
     return storage
 

@@ -110,3 +110,11 @@ def test_a_worker_waits_for_its_coordinators_journal_and_makes_none(tmp_path):
                                              r"`pipeline sweep --storage"):
         worker.join(str(journal), "any", wait_s=0)
     assert not journal.exists()
+
+
+def test_one_sqlite_storage_has_one_lock_however_its_url_is_written(tmp_path, monkeypatch):
+    # Two sweeps writing the same file two ways must take the same lock, or the total slips.
+    monkeypatch.chdir(tmp_path)
+    relative = storages.open_storage("sqlite:///optuna.db")
+    absolute = storages.open_storage(f"sqlite:///{tmp_path / 'sub' / '..' / 'optuna.db'}")
+    assert relative.lock_name == absolute.lock_name == str(tmp_path / "optuna.db")

@@ -49,13 +49,16 @@ def connect(tracking_uri: str, existing: bool = False) -> None:
     A server must answer its health check; a database store must be writable and is migrated
     here, once, under a lock, so that several processes starting on a fresh store do not race
     to create its tables. Credentials in an ``http(s)`` URI move to MLflow's environment
-    variables, so that MLflow never prints them in its "View run" links.
+    variables, so that MLflow never prints them (in its "View run" links, were they shown).
     """
     lifetime.settle()  # torch and MLflow are imported by now (see pipeline.lifetime)
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    # Progress bars for a few small artifacts are noise on stderr.
+    # Progress bars for a few small artifacts are noise on stderr; a server's "View run" and
+    # "View experiment" links, two lines per run (a hundred trials: two hundred), are noise
+    # on stdout, where commands print what scripts read. Each command says where to look.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     shown = redact.mask(tracking_uri)
     if not tracking_uri.strip():
         raise TrackingError("the tracking URI is empty; give one such as sqlite:///mlflow.db "
