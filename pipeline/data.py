@@ -51,7 +51,7 @@ def build(config: DataConfig, seed: int) -> Dataset:
     if isinstance(config, TableData):
         dataset = _table(config)
     elif isinstance(config, LineData):
-        dataset = _line(config, np.random.default_rng(seed))
+        dataset = _line(config, seed)
     elif isinstance(config, SyntheticData):
         dataset = _synthetic(config, np.random.default_rng(seed))
     elif isinstance(config, CsvData):
@@ -120,15 +120,18 @@ def _table(config: TableData) -> Dataset:
     )
 
 
-def _line(config: LineData, rng: np.random.Generator) -> Dataset:
-    if config.x:
-        x = np.asarray(config.x, dtype=np.float64)
+def _line(config: LineData, seed: int) -> Dataset:
+    if config.built_with == "torch":
+        x, y = _line_in_torch(config, seed)
     else:
-        x = np.arange(*config.x_range, dtype=np.float64)
-    x = x / config.x_divisor
-    y = config.weight * x + config.bias
-    if config.noise:
-        y = y + config.noise * rng.standard_normal(x.shape)
+        if config.x:
+            x = np.asarray(config.x, dtype=np.float64)
+        else:
+            x = np.arange(*config.x_range, dtype=np.float64)
+        x = x / config.x_divisor
+        y = config.weight * x + config.bias
+        if config.noise:
+            y = y + config.noise * np.random.default_rng(seed).standard_normal(x.shape)
     return Dataset(
         x[:, None],
         y[:, None],
@@ -137,6 +140,23 @@ def _line(config: LineData, rng: np.random.Generator) -> Dataset:
         true_weight=np.array([[config.weight]]),
         true_bias=np.array([config.bias]),
     )
+
+
+def _line_in_torch(config: LineData, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``X = torch.arange(...)``, ``Y = w * X + b + noise * torch.randn(X.size())``, in float32
+    as torch's tutorials compute them (float64 holds those values exactly)."""
+    import torch
+
+    if config.x:
+        x = torch.tensor(config.x, dtype=torch.float32)
+    else:
+        x = torch.arange(*config.x_range, dtype=torch.float32)
+    x = x / config.x_divisor
+    y = config.weight * x + config.bias
+    if config.noise:
+        generator = torch.Generator().manual_seed(seed)  # torch.manual_seed's draws, no more
+        y = y + config.noise * torch.randn(x.size(), generator=generator)
+    return x.double().numpy(), y.double().numpy()
 
 
 def _synthetic(config: SyntheticData, rng: np.random.Generator) -> Dataset:

@@ -65,6 +65,9 @@ class LineData(DataRecipe):
     x_divisor: Annotated[Number, must(lambda x: math.isfinite(x) and x != 0,
                                       "must be a finite non-zero number")] = 1.0
     noise: NonNegative = 0.0
+    # What makes the rows, as the tutorial makes them: numpy in float64, or torch in float32
+    # (torch.arange, and noise from torch.randn seeded with the experiment's seed).
+    built_with: Literal["numpy", "torch"] = "numpy"
     source: Literal["line"] = "line"
 
     @model_validator(mode="after")

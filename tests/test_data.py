@@ -66,7 +66,8 @@ def test_table_without_names_gets_default_names():
 
 
 def test_line_from_range_matches_arange_and_truth():
-    dataset = built("slope_only")
+    exp = config.load("slope_only", ["data.built_with=numpy"])  # numpy's float64 arange
+    dataset = data.build(exp.data, exp.seed)
     expected_x = np.arange(-3, 3, 0.1)
     assert dataset.features.shape == (60, 1)
     assert dataset.targets.shape == (60, 1)
@@ -533,6 +534,24 @@ def test_read_of_a_damaged_schema_is_one_data_error(tmp_path, schema, message):
     with pytest.raises(DataError) as info:
         tables.read(folder)
     assert info.value.message.startswith(f"{folder / 'schema.json'}: {message}")
+
+
+def test_slope_only_rows_are_the_tutorials_torch_calls():
+    # Tutorial 003: X = torch.arange(-3, 3, 0.1); Y = -3 * X + 0.1 * torch.randn(X.size()),
+    # in float32; unseeded there, seed 0 here gives what torch.manual_seed(0) would.
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    x = torch.arange(-3, 3, 0.1).view(-1, 1)
+    y = -3 * x + 0.1 * torch.randn(x.size())
+    dataset = built("slope_only")
+    np.testing.assert_array_equal(dataset.features, x.double().numpy())
+    np.testing.assert_array_equal(dataset.targets, y.double().numpy())
+    # Drawn from a generator of its own: torch's global one is left as it was.
+    torch.manual_seed(1)
+    before = torch.rand(1)
+    torch.manual_seed(1)
+    built("slope_only")
+    assert torch.rand(1) == before
 
 
 # --- content key ----------------------------------------------------------------------------------
