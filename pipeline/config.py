@@ -98,6 +98,10 @@ class TrainConfig(Schema):
     shuffle: Flag = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "float64"] = "float32"
+    # The dtype the parameters are kept and updated in, where it is not ``dtype`` (the rows',
+    # and the forward pass's): tutorial 004 keeps float32 parameters and computes in float64
+    # (``X.mm(w1.double())``), so their gradients come back as float32. Manual models.
+    param_dtype: Literal["float32", "float64"] | None = None
     seed: Seed = 0
     # standard: features to zero mean, unit variance (training rows' stats)
     scale: Literal["none", "standard"] = "none"
@@ -117,6 +121,23 @@ class TrainConfig(Schema):
         if self.gradient == "analytic" and self.model != "manual":
             raise ValueError("gradient: analytic is a manual-model option; use model=manual")
         return self
+
+    @model_validator(mode="after")
+    def _param_dtype_fits(self) -> TrainConfig:
+        if self.param_dtype in (None, self.dtype):
+            return self
+        if self.model != "manual":
+            raise ValueError("param_dtype is a manual-model option (nn.Linear keeps its "
+                             "parameters in dtype); use model=manual")
+        if self.engine == "statistics":
+            raise ValueError("engine: statistics descends in float64, not with parameters in "
+                             f"{self.param_dtype}; use engine=loop or auto")
+        return self
+
+    @property
+    def mixed(self) -> bool:
+        """Parameters in another dtype than the rows (see ``param_dtype``)."""
+        return self.param_dtype not in (None, self.dtype)
 
     @model_validator(mode="after")
     def _statistics_fit_descent(self) -> TrainConfig:

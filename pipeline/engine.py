@@ -61,13 +61,15 @@ def train_many(config: TrainConfig, train_set: Dataset, val_set: Dataset | None,
     program = program or program_for(config, train_set.n_rows)
     device = resolve_device(config.device)
     dtype = torch.float64 if program == "statistics" else models.DTYPES[config.dtype]
+    # Parameters kept in another dtype than the rows (param_dtype): the loop only.
+    kept_in = models.DTYPES[config.param_dtype] if config.mixed else dtype
     torch.manual_seed(config.seed)
     weight, bias = models.init_parameters(train_set.features.shape[1],
                                           train_set.targets.shape[1], config)
     count = len(lrs)
-    state = _Stacked(weight.to(device, dtype).expand(count, -1, -1).clone(),
-                     None if bias is None else bias.to(device, dtype).expand(count, -1).clone(),
-                     torch.tensor(lrs, dtype=dtype, device=device), config)
+    state = _Stacked(weight.to(device, kept_in).expand(count, -1, -1).clone(),
+                     None if bias is None else bias.to(device, kept_in).expand(count, -1).clone(),
+                     torch.tensor(lrs, dtype=kept_in, device=device), config)
     watch = _Stops(torch.tensor(list(epochs), device=device), on_epoch, report_every,
                    val_set is not None, models.DTYPES[config.dtype])
     path = None
@@ -110,7 +112,8 @@ def program_for(config: TrainConfig, n_rows: int) -> str:
     """The program ``config.engine`` asks for: ``auto`` takes the statistics where they are
     exact (the config refuses ``statistics`` elsewhere)."""
     if config.engine == "auto":
-        return "statistics" if theory.exact_for(config, n_rows) else "loop"
+        return ("statistics" if theory.exact_for(config, n_rows) and not config.mixed
+                else "loop")
     return config.engine
 
 
@@ -248,7 +251,8 @@ class _Stacked:
         """(prediction, pre-activation), both (n, K, k) in ``space``; one tensor without ReLU."""
         count, k, d = self.weight.shape
         pre = space.get("pre", (len(x), count, k), x)
-        rows_times(x, self.weight.reshape(count * k, d).T, pre.view(len(x), count * k))
+        rows_times(x, self.weight.to(x.dtype).reshape(count * k, d).T,
+                   pre.view(len(x), count * k))
         out = torch.clamp(pre, min=0, out=space.get("out", pre.shape, x)) if self.relu else pre
         return (out if self.bias is None else out.add_(self.bias)), pre
 
@@ -262,7 +266,9 @@ class _Stacked:
         return transposed_times(d_out.view(len(x), count * k), x).view(count, k, d), grad_bias
 
     def step(self, grad_weight, grad_bias, mask) -> None:
+        """Each trial's update, in the parameters' dtype (the gradients cast to it first, as
+        autograd casts them where the parameters are kept in another dtype than the rows)."""
         rate = torch.where(mask, self.lrs, torch.zeros_like(self.lrs))
-        self.weight -= rate[:, None, None] * grad_weight
+        self.weight -= rate[:, None, None] * grad_weight.to(self.weight.dtype)
         if self.bias is not None:
-            self.bias -= rate[:, None] * grad_bias
+            self.bias -= rate[:, None] * grad_bias.to(self.bias.dtype)

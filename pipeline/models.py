@@ -29,7 +29,7 @@ def init_parameters(
     parameters that way even when they compute in float64 (tutorial 004's ``w1.double()``).
     """
     weight, bias = _draw_float32(n_features, n_targets, config)
-    dtype = DTYPES[config.dtype]
+    dtype = DTYPES[config.param_dtype or config.dtype]
     return weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
@@ -61,19 +61,23 @@ def _draw(spec: str | float, shape: tuple[int, ...], dtype) -> torch.Tensor:
 
 
 def linear_forward(x, weight, bias, activation: str):
-    out = x @ weight.T
+    """``act(x @ weight.T) + bias`` in ``x``'s dtype (parameters kept in another are cast, as
+    tutorial 004 writes ``X.mm(w1.double())``; their gradients come back in their own)."""
+    out = x @ weight.to(x.dtype).T
     if activation == "relu":
         out = out.clamp(min=0)
-    return out if bias is None else out + bias
+    return out if bias is None else out + bias.to(x.dtype)
 
 
 class ManualLinear:
     """Weight and bias as plain tensors with ``requires_grad``; no ``nn`` machinery."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "none"):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "none",
+                 computes_in: torch.dtype | None = None):
         self.weight = weight.requires_grad_()
         self.bias = None if bias is None else bias.requires_grad_()
         self.activation = activation
+        self.computes_in = computes_in or weight.dtype  # the rows' dtype (see param_dtype)
 
     def parameters(self) -> list[torch.Tensor]:
         return [self.weight] if self.bias is None else [self.weight, self.bias]
@@ -91,10 +95,13 @@ class ManualLinear:
         with torch.no_grad():
             weight = self.weight.detach().to(device)
             bias = None if self.bias is None else self.bias.detach().to(device)
-        return ManualLinear(weight, bias, self.activation)
+        return ManualLinear(weight, bias, self.activation, self.computes_in)
 
     def to_module(self) -> nn.Module:
-        return LinearRegressor(self.weight.detach(), self.bias, self.activation)
+        """The model as it predicts: its parameters in the dtype it computes in."""
+        return LinearRegressor(self.weight.detach().to(self.computes_in),
+                               None if self.bias is None else self.bias.to(self.computes_in),
+                               self.activation)
 
 
 class LinearRegressor(nn.Module):
@@ -171,5 +178,5 @@ def build(n_features: int, n_targets: int, config: TrainConfig):
     """A fresh model of the configured kind, initialised from the global RNG."""
     weight, bias = init_parameters(n_features, n_targets, config)
     if config.model == "manual":
-        return ManualLinear(weight, bias, config.activation)
+        return ManualLinear(weight, bias, config.activation, DTYPES[config.dtype])
     return BuiltinLinear(weight, bias, config.activation)

@@ -223,7 +223,7 @@ class _AnalyticStep(_AutogradStep):
 
     def forward(self, x, y):
         with torch.no_grad():
-            pre_activation = x @ self.model.weight.T
+            pre_activation = x @ self.model.weight.to(x.dtype).T
             pred = models.linear_forward(x, self.model.weight, self.model.bias,
                                          self.model.activation)
             residual = pred - y
@@ -235,10 +235,11 @@ class _AnalyticStep(_AutogradStep):
         scale = 2.0 / residual.numel() if self.reduction == "mean" else 2.0
         d_out = scale * residual
         d_pre = d_out * (pre_activation > 0) if self.model.activation == "relu" else d_out
-        with torch.no_grad():
-            self.model.weight -= self.lr * (d_pre.T @ x)
-            if self.model.bias is not None:
-                self.model.bias -= self.lr * d_out.sum(dim=0)
+        with torch.no_grad():  # the gradients in the parameters' dtype, as autograd gives them
+            weight, bias = self.model.weight, self.model.bias
+            weight -= self.lr * (d_pre.T @ x).to(weight.dtype)
+            if bias is not None:
+                bias -= self.lr * d_out.sum(dim=0).to(bias.dtype)
 
 
 class _OptimizerStep:

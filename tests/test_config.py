@@ -9,7 +9,7 @@ from pathlib import Path
 import pydantic
 import pytest
 
-from pipeline import config, recipes
+from pipeline import config, engine, recipes
 from pipeline.config import ConfigError
 from pipeline.sweep_settings import Range, SweepSettings
 
@@ -49,7 +49,8 @@ SHIPPED = {
         weight_init="randn", bias_init="zeros", activation="none", dtype="float32"),
     "relu_line": dict(
         model="manual", lr=1e-3, epochs=149, batch_size=None, shuffle=False, loss="sum", seed=0,
-        weight_init="rand", bias_init="rand", activation="relu", dtype="float64"),
+        weight_init="rand", bias_init="rand", activation="relu", dtype="float64",
+        param_dtype="float32"),
     "slope_only": dict(
         model="manual", lr=0.1, epochs=4, batch_size=None, shuffle=False, loss="mean", seed=0,
         weight_init=-10.0, bias_init="none", activation="none", dtype="float32"),
@@ -680,3 +681,18 @@ def test_sweep_settings_name_the_option(options, message):
 )
 def test_the_batch_is_sized_to_the_workers(batch, missing, workers, expected):
     assert SweepSettings(n_trials=100, batch=batch).batch_size(missing, workers) == expected
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["model=builtin", "dtype=float64", "param_dtype=float32"],
+     "param_dtype is a manual-model option"),
+    (["dtype=float64", "param_dtype=float32", "engine=statistics"],
+     "engine: statistics descends in float64, not with parameters in float32"),
+])
+def test_parameters_in_another_dtype_than_the_rows_only_where_they_can_be(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        config.load("slope_only", overrides)
+    same = config.load("line_2x_plus_1", ["model=builtin", "param_dtype=float32"]).train
+    assert not same.mixed  # float32 parameters on float32 rows: nothing mixed
+    mixed = config.load("slope_only", ["dtype=float64", "param_dtype=float32"]).train
+    assert mixed.mixed and engine.program_for(mixed, 60) == "loop"  # auto: not the closed form

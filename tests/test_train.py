@@ -125,9 +125,46 @@ def test_relu_line_recovers_the_tutorials_line():
     _, _, result = fit("relu_line")
     weight, bias = params(result)
     assert len(result.train_loss) == 150  # range(1, 150): 149 updates
-    assert result.model.weight.dtype == torch.float64
+    assert result.model.weight.dtype == torch.float32  # updated in float32, as there
+    assert result.model.to_module().weight.dtype == torch.float64  # predicts as it trained
     assert abs(weight[0, 0] - 0.175) < 0.01
     assert abs(bias[0] - 0.4) < 0.01
+
+
+def tutorial_004(seed: int) -> tuple[list[float], float, float]:
+    """Tutorial 004's own code (its rows, float32 parameters, float64 forward), with a seed."""
+    x = np.array([1.0, 20.4, 30.5, 7.5, 9.9, 100.9, 200.1, 45.1, 150.1, 7.0, 29.4, 31.5, 157.3,
+                  10.9, 120.6, 16.9, 201.1, 21.1, 300.1, 21.0, 120.4, 230.5, 37.5, 49.9,
+                  230.0, 109.9, 121.1, 145.1, 157.1, 17.0, 219.4, 131.5, 187.3, 210.9, 290.6,
+                  126.9, 71.1, 91.1, 19.1, 100.0])
+    x_train = np.array([[i / 100] for i in x])
+    y_train = np.array([i * 0.175 + 0.4 for i in x_train])
+    X, y = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    torch.manual_seed(seed)
+    w1 = torch.rand(1, 1, requires_grad=True)
+    b1 = torch.rand(1, 1, requires_grad=True)
+    losses = []
+    for _ in range(1, 150):
+        y_pred = X.mm(w1.double()).clamp(min=0).add(b1.double())
+        loss = (y - y_pred).pow(2).sum()
+        losses.append(loss.item())
+        loss.backward()
+        with torch.no_grad():
+            w1 -= 0.001 * w1.grad
+            b1 -= 0.001 * b1.grad
+            w1.grad.zero_()
+            b1.grad.zero_()
+    return losses, w1.item(), b1.item()
+
+
+@pytest.mark.parametrize("gradient", ["autograd", "analytic"])
+def test_relu_line_is_tutorial_004_to_the_bit(gradient):
+    # Float32 parameters, a float64 forward pass, float32 updates: each of the 149 losses
+    # before an update and the final parameters equal the tutorial's code run with seed 0.
+    losses, w, b = tutorial_004(seed=0)
+    _, _, result = fit("relu_line", f"gradient={gradient}")
+    assert result.train_loss[:149] == losses
+    assert (result.model.weight.item(), result.model.bias.item()) == (w, b)
 
 
 def test_line_2x_plus_1_learns_slope_2_and_intercept_1():
