@@ -147,10 +147,13 @@ def _line_in_torch(config: LineData, seed: int) -> tuple[np.ndarray, np.ndarray]
     as torch's tutorials compute them (float64 holds those values exactly)."""
     import torch
 
+    start, stop, step = config.x_range or (0, 0, 1)
     if config.x:
         x = torch.tensor(config.x, dtype=torch.float32)
+    elif (stop - start) / step <= 0:  # no rows, which torch.arange refuses to say
+        x = torch.empty(0)
     else:
-        x = torch.arange(*config.x_range, dtype=torch.float32)
+        x = torch.arange(start, stop, step, dtype=torch.float32)
     x = x / config.x_divisor
     y = config.weight * x + config.bias
     if config.noise:
