@@ -82,6 +82,26 @@ def promote_if_better(name: str, version: str, objective: float,
                       alias: str = CHAMPION) -> Decision:
     """Give ``alias`` to ``version`` when its objective is lower than the holder's, measured
     the same way (the versions' ``objective_basis`` tags: which rows, which loss)."""
+    with _deciding(name):
+        return _promote_if_better(name, version, objective, alias)
+
+
+@contextlib.contextmanager
+def _deciding(name: str):
+    """One champion decision at a time per model and store on this machine: two studies
+    finishing together would each read the holder before the other moves the alias."""
+    import hashlib
+    import tempfile
+    from pathlib import Path
+
+    import filelock
+
+    key = hashlib.sha256(f"{mlflow.get_tracking_uri()}\0{name}".encode()).hexdigest()[:16]
+    with filelock.FileLock(Path(tempfile.gettempdir()) / f"pipeline-champion-{key}.lock"):
+        yield
+
+
+def _promote_if_better(name: str, version: str, objective: float, alias: str) -> Decision:
     current = champion(name, alias)
     if current is not None and current[0] == version:
         return Decision(version, None, "already the champion")

@@ -135,6 +135,16 @@ def finished(study: optuna.Study) -> int:
 # --- resuming a study --------------------------------------------------------------------------
 
 
+def recorded_total(study: optuna.Study, old: dict | None, n_trials: int) -> int:
+    """The total `pipeline worker`s work toward: this command's, but never lowered while
+    trials are under way (another coordinator's campaign, whose workers would stop short of
+    it and leave it waiting)."""
+    under_way = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+    if old is None or not study.get_trials(deepcopy=False, states=under_way):
+        return n_trials
+    return max(n_trials, old["n_trials"])
+
+
 def config_digest(exp: Experiment) -> str:
     """What must stay the same for trials of one study to be comparable (the engine gives
     the same curves either way)."""

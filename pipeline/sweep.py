@@ -159,7 +159,7 @@ def _set_up(study: optuna.Study, exp: Experiment, settings: SweepSettings, datas
         spec = studies.Spec(
             experiment=configs.to_raw(exp), experiment_name=exp.name,
             digest=studies.config_digest(exp), lr=space[0], epochs=space[1],
-            n_trials=settings.n_trials,
+            n_trials=studies.recorded_total(study, old, settings.n_trials),
             parent_run_id=parent_run_id, experiment_id=experiment_id,
             tracking_uri=tracking.portable_uri(tracking_uri), data_uri=data_uri,
             data_key=data_key, log_models=settings.log_models, sampler=settings.sampler,

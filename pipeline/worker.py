@@ -84,6 +84,7 @@ def run(storage_url: str, study_name: str, tracking_uri: str | None = None, offs
     The total is the study's recorded one, or ``total``: a local worker's coordinator's own
     ``--n-trials``, which another coordinator of the study may have recorded otherwise."""
     study, storage, spec = join(storage_url, study_name, offset)
+    on_its_own = total is None
     storage.total = total = total or spec.n_trials
     tracking_uri = tracking_uri or spec.tracking_uri
     recorded = dataclasses.asdict(spec)
@@ -91,16 +92,21 @@ def run(storage_url: str, study_name: str, tracking_uri: str | None = None, offs
     tracking.connect(tracking_uri)
     studies.check_parent_here(study_name, recorded, tracking_uri,
                               tracking.run_exists(spec.parent_run_id))
+    # A worker of its own (no coordinator's total) follows the study's recorded one, which a
+    # resume with a larger --n-trials raises while it runs.
+    latest = (lambda: studies.read_spec(study).n_trials) if on_its_own else None
     try:
-        return loop(study, storage, context(spec, study_name), total, timeout, echo)
+        return loop(study, storage, context(spec, study_name), total, timeout, echo, latest)
     except interrupts.Interrupted as stop:
         stop.finished, stop.total = studies.finished(study), total
         raise
 
 
 def loop(study: optuna.Study, storage, ctx: trials.TrialContext, total: int,
-         timeout: float | None = None, echo: Echo = print) -> Outcome:
-    """Start trials while the study lacks some; wait while others' trials finish the total."""
+         timeout: float | None = None, echo: Echo = print,
+         latest: Callable[[], int] | None = None) -> Outcome:
+    """Start trials while the study lacks some; wait while others' trials finish the total
+    (``latest``: where to read it again, once reached, in case it was raised)."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # trials print their own line
     logging.getLogger("optuna").setLevel(logging.ERROR)
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -109,7 +115,10 @@ def loop(study: optuna.Study, storage, ctx: trials.TrialContext, total: int,
     while True:
         interrupts.check()
         if studies.finished(study) >= total:
-            break
+            if latest is None or (raised := latest()) <= total:
+                break
+            storage.total = total = raised
+            callback = progress_line(echo, total)
         if deadline is not None and time.monotonic() > deadline:
             break
         dead_trials.recover_dead_trials(study, storage, trials.close_dead_trial_run)

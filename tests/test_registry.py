@@ -227,3 +227,33 @@ def test_a_trained_champion_predicts_what_the_trained_model_does(logged):
     assert loaded.target_names == ("apples", "oranges")
     np.testing.assert_array_equal(loaded.predict(dataset.features), direct.astype(np.float64))
     assert MlflowClient().get_model_version(name, version).run_id == run_id
+
+
+def test_two_champion_decisions_at_once_keep_the_better(logged, monkeypatch):
+    # Two studies finishing together: each reads the holder, then moves the alias. One at a
+    # time, the second compares against the first's version.
+    import threading
+    import time
+
+    name = "race"
+    slow, fast = register(name, logged, "worse"), register(name, logged, "good")
+    read = registry.champion
+
+    def champion_then_wait(*args, **kwargs):
+        found = read(*args, **kwargs)
+        time.sleep(0.5)  # the window in which the other decision would read the same holder
+        return found
+
+    monkeypatch.setattr(registry, "champion", champion_then_wait)
+    decisions = {}
+    threads = [threading.Thread(target=lambda v=v, o=o: decisions.setdefault(
+        v, registry.promote_if_better(name, v, o))) for v, o in ((fast, 0.1), (slow, 0.7))]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.1)
+    for thread in threads:
+        thread.join()
+    monkeypatch.setattr(registry, "champion", read)
+    assert registry.champion(name) == (fast, 0.1)
+    assert decisions[fast].reason == "first champion"
+    assert decisions[slow].reason == f"kept v{fast}: its objective 0.1 <= 0.7"

@@ -517,6 +517,34 @@ def test_a_worker_pointed_at_another_store_says_so(store, workdir):
     assert not (workdir / "other.db").exists()
 
 
+def test_a_worker_of_its_own_follows_a_total_raised_while_it_runs(store, workdir):
+    from pipeline import study as studies
+    from pipeline import tracking
+    from pipeline import worker as workers
+
+    sweep(store, "-e", "line_fit_15pts", "--epochs-range", "5", "20", "--n-trials", "2")
+    study, storage, spec = workers.join("optuna.journal", "line_fit_15pts", 0)
+    tracking.connect(store)
+    storage.total = 2
+    # The study holds its 2; a resume to 4 is recorded meanwhile: the worker reads it again.
+    outcome = workers.loop(study, storage, workers.context(spec, "line_fit_15pts"), 2,
+                           echo=lambda line: None, latest=lambda: 4)
+    assert (outcome.ran, outcome.finished, outcome.total) == (2, 4, 4)
+    assert studies.finished(study) == 4
+
+
+def test_a_total_is_not_lowered_under_a_campaign_in_flight(store):
+    from pipeline import study as studies
+
+    sweep(store, "-e", "line_fit_15pts", "--epochs-range", "5", "20", "--n-trials", "2")
+    study = study_of("line_fit_15pts")
+    old = {"n_trials": 30}
+    assert studies.recorded_total(study, old, 4) == 4  # nothing under way: as asked
+    study.ask()  # a trial another coordinator's worker is running
+    assert studies.recorded_total(study, old, 4) == 30
+    assert studies.recorded_total(study, old, 40) == 40
+
+
 def test_a_model_named_with_a_quote_is_found_in_the_registry(store, workdir):
     # MLflow's search filters have no escapes: the name goes in double quotes.
     (workdir / "it's.yaml").write_text(
