@@ -43,15 +43,25 @@ class Outcome:
     total: int
 
 
+def _missing_file(storage_url: str) -> str | None:
+    """What kind of file a storage that lives in a local file lacks, if it is not there."""
+    if "://" not in storage_url:
+        return None if os.path.lexists(storage_url) else "journal file"
+    database = storage_url.partition(":///")[2].partition("?")[0]
+    if storage_url.startswith("sqlite:///") and database and not os.path.lexists(database):
+        return "SQLite file"
+    return None
+
+
 def join(storage_url: str, study_name: str, offset: int = 0, wait_s: float = CONNECT_WAIT_S):
     """Open the storage (retrying while it does not answer) and load the study and its spec."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     deadline = time.monotonic() + wait_s
     while True:  # the database may still be starting, or the coordinator setting the study up
         try:
-            if "://" not in storage_url and not os.path.lexists(storage_url):
-                # A worker waits for the coordinator's journal; it makes no file of its own.
-                raise storages.NotYet(f"no journal file {storage_url}: start `pipeline sweep "
+            if (missing := _missing_file(storage_url)) is not None:
+                # A worker waits for the coordinator's journal or SQLite file; it makes none.
+                raise storages.NotYet(f"no {missing} {storage_url}: start `pipeline sweep "
                                      f"--storage {storage_url}` first, or check the path")
             storage = storages.open_storage(storage_url)
             spec = studies.read_spec(studies.load(storage, study_name))

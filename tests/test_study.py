@@ -110,6 +110,10 @@ def test_a_worker_waits_for_its_coordinators_journal_and_makes_none(tmp_path):
                                              r"`pipeline sweep --storage"):
         worker.join(str(journal), "any", wait_s=0)
     assert not journal.exists()
+    database = tmp_path / "not-yet.db"
+    with pytest.raises(storages.NotYet, match=r"no SQLite file sqlite:///.*not-yet\.db: start"):
+        worker.join(f"sqlite:///{database}", "any", wait_s=0)
+    assert not database.exists()
 
 
 def test_one_sqlite_storage_has_one_lock_however_its_url_is_written(tmp_path, monkeypatch):
