@@ -15,10 +15,31 @@ from pipeline.cli import (
 from pipeline.sweep_settings import SweepSettings
 
 
+class WholeNumber(click.ParamType):
+    """An integer, also written as a float with nothing after the point (``3.0``): MLproject
+    has no integer type, so `mlflow run -P n_trials=3.0` passes one."""
+
+    name = "integer"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a valid integer.", param, ctx)
+        if not number.is_integer():
+            self.fail(f"{value!r} is not a whole number.", param, ctx)
+        return int(number)
+
+
+WHOLE = WholeNumber()
+
+
 @cli.command()
 @experiment_options
 @device_option
-@click.option("--n-trials", type=int, default=20, show_default=True,
+@click.option("--n-trials", type=WHOLE, default=20, show_default=True,
               help="Trials the study should hold in total; a rerun runs only the missing ones.")
 @click.option("--timeout", type=float, default=None, help="Stop starting trials after S seconds.")
 @click.option("--storage", type=str, default="optuna.journal", show_default=True,
@@ -27,7 +48,7 @@ from pipeline.sweep_settings import SweepSettings
                    "(sqlite:///optuna.db, postgresql://...).")
 @click.option("--study-name", type=str, default=None,
               help="Study to create or resume. Default: the experiment's name.")
-@click.option("--workers", type=int, default=1, show_default=True,
+@click.option("--workers", type=WHOLE, default=1, show_default=True,
               help="Local worker processes sharing the storage; 0: print the `pipeline "
                    "worker` command to run on other machines, and wait for them.")
 @click.option("--sampler", type=click.Choice(["tpe", "random"]), default="tpe",

@@ -137,3 +137,15 @@ def test_mlflow_run_generate_train_evaluate_and_sweep_entry_points(workdir):
     trials = [r for r in runs if r.data.tags.get("stage") == "trial"]
     assert len(trials) == 3
     assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {entry["sweep"].info.run_id}
+
+
+def test_conda_yaml_installs_what_pyproject_does():
+    # `mlflow run .` builds its environment from conda.yaml's pip list: the same packages at
+    # the same versions as `pip install -e .`, or a command fails there for a missing one.
+    import tomllib
+    import yaml
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    environment = yaml.safe_load((REPO / "conda.yaml").read_text())["dependencies"]
+    [pip] = [item["pip"] for item in environment if isinstance(item, dict)]
+    assert sorted(pip) == sorted(project)

@@ -545,6 +545,16 @@ def test_a_total_is_not_lowered_under_a_campaign_in_flight(store):
     assert studies.recorded_total(study, old, 40) == 40
 
 
+def test_counts_written_as_floats_are_taken_whole(store):
+    # MLproject has no integer type: `mlflow run -e sweep -P n_trials=3` passes "3.0" at times.
+    output = sweep(store, "-e", "line_fit_15pts", "--epochs-range", "5", "20",
+                   "--n-trials", "2.0", "--workers", "1.0")
+    assert "study line_fit_15pts: 2 trials" in output
+    result = CliRunner().invoke(cli, ["sweep", "-e", "line_fit_15pts", "--n-trials", "2.5",
+                                      "--tracking-uri", store])
+    assert result.exit_code == 2 and "'2.5' is not a whole number" in result.output
+
+
 def test_a_model_named_with_a_quote_is_found_in_the_registry(store, workdir):
     # MLflow's search filters have no escapes: the name goes in double quotes.
     (workdir / "it's.yaml").write_text(
