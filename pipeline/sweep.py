@@ -93,10 +93,12 @@ def run(exp: Experiment, settings: SweepSettings, tracking_uri: str,
     recorded = studies.check_before_tracking(storage, study_name, exp, tracking_uri)
     # The input is good: now the tracking store may be reached (and made) and the experiment.
     tracking.connect(tracking_uri)
+    # A study resumed goes on in its parent's experiment, whatever `mlflow run` names.
+    experiment_id = None if recorded is None else tracking.run_experiment(
+        recorded["parent_run_id"])
     if recorded is not None:
-        studies.check_parent_here(study_name, recorded, tracking_uri,
-                                  tracking.run_exists(recorded["parent_run_id"]))
-    experiment_id = tracking.experiment_id(exp.name, exp.description)
+        studies.check_parent_here(study_name, recorded, tracking_uri, experiment_id is not None)
+    experiment_id = experiment_id or tracking.experiment_id(exp.name, exp.description)
     tracking.close_dead_runs(experiment_id)  # runs of this host's commands killed with -9
     with interrupts.deferred():
         with storage.lock(SETUP_LOCK):  # one process creates the study and the parent run

@@ -101,7 +101,7 @@ def run(storage_url: str, study_name: str, tracking_uri: str | None = None, offs
     studies.check_same_store(study_name, recorded, tracking_uri)
     tracking.connect(tracking_uri)
     studies.check_parent_here(study_name, recorded, tracking_uri,
-                              tracking.run_exists(spec.parent_run_id))
+                              tracking.run_experiment(spec.parent_run_id) is not None)
     # A worker of its own (no coordinator's total) follows the study's recorded one, which a
     # resume with a larger --n-trials raises while it runs.
     latest = (lambda: studies.read_spec(study).n_trials) if on_its_own else None

@@ -66,6 +66,9 @@ def generate(exp: Experiment, experiment: str, parent_run_id: str | None = None,
     if prepared.cached_run_id:
         uri = f"runs:/{prepared.cached_run_id}/dataset"
         echo(f"generate: same content as run {prepared.cached_run_id}, reused ({uri})")
+        if parent_run_id is None:
+            tracking.record_launched(f"Same data as run {prepared.cached_run_id}, reused: "
+                                     f"{uri}.", {"stage": "generate", "data_uri": uri})
         return DataRef(uri, prepared.cached_run_id)
     dataset = prepared.dataset
     shape = f"{dataset.n_rows}×{dataset.features.shape[1]}→{dataset.targets.shape[1]}"

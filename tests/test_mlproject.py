@@ -149,3 +149,37 @@ def test_conda_yaml_installs_what_pyproject_does():
     environment = yaml.safe_load((REPO / "conda.yaml").read_text())["dependencies"]
     [pip] = [item["pip"] for item in environment if isinstance(item, dict)]
     assert sorted(pip) == sorted(project)
+
+
+def test_mlflow_run_again_leaves_no_stray_run_and_a_study_stays_in_its_experiment(workdir):
+    # A generate whose data are cached, and a study resumed, record nothing of their own: the
+    # run `mlflow run` opened says so and nests under the study's parent. Resumed under another
+    # experiment name, or none, the study's trials stay in its parent's experiment.
+    store = f"sqlite:///{workdir / 'mlflow.db'}"
+    storage = str(workdir / "optuna.journal")
+
+    def run(*args: str) -> None:
+        result = subprocess.run(args, cwd=workdir, capture_output=True, text=True, timeout=300,
+                                env=subprocess_env(MLFLOW_TRACKING_URI=store))
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    project = [str(BIN / "mlflow"), "run", str(REPO), "--env-manager", "local",
+               "--experiment-name", "elsewhere", "-P", "experiment=line_fit_15pts"]
+    run(*project, "-e", "generate")
+    run(*project, "-e", "generate")  # the same data: reused
+    run(*project, "-e", "sweep", "-P", "n_trials=2", "-P", f"storage={storage}")
+    run(sys.executable, "-m", "pipeline", "sweep", "-e", "line_fit_15pts", "--n-trials", "3",
+        "--storage", storage, "--epochs-range", "5", "20")
+    run(*project, "-e", "sweep", "-P", "n_trials=3", "-P", f"storage={storage}")  # resumed
+
+    client = mlflow.MlflowClient(store)
+    assert client.get_experiment_by_name("line_fit_15pts") is None  # nothing went there
+    runs = client.search_runs([client.get_experiment_by_name("elsewhere").experiment_id])
+    stages = sorted(r.data.tags.get("stage", "") for r in runs)
+    assert stages == ["generate", "generate", "resume", "sweep", "trial", "trial", "trial"]
+    [parent] = [r for r in runs if r.data.tags["stage"] == "sweep"]
+    for run_ in runs:
+        if run_.data.tags["stage"] in ("trial", "resume"):
+            assert run_.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    reused = [r for r in runs if "data_uri" in r.data.tags]
+    assert len(reused) == 1 and "reused" in reused[0].data.tags["mlflow.note.content"]

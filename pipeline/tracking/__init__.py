@@ -29,7 +29,7 @@ from pipeline.tracking.records import (  # noqa: F401
     log_to_run,
     metric_histories,
     param_text,
-    run_exists,
+    run_experiment,
     run_tags,
     set_tags,
     system_metrics,
@@ -42,6 +42,7 @@ from pipeline.tracking.runs import (  # noqa: F401
     find_child,
     open_child,
     open_parent,
+    record_launched,
     run,
 )
 from pipeline.tracking.store import (  # noqa: F401

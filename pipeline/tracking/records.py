@@ -138,15 +138,14 @@ def run_tags(run_id: str) -> dict[str, str]:
 
 @interrupts.shielded
 @interrupts.shielded
-def run_exists(run_id: str) -> bool:
-    """Whether this store holds run ``run_id`` (deleted or not)."""
+def run_experiment(run_id: str) -> str | None:
+    """The experiment of run ``run_id`` (deleted or not), or None where this store lacks it."""
     try:
-        MlflowClient().get_run(run_id)
+        return MlflowClient().get_run(run_id).info.experiment_id
     except MlflowException as err:
         if err.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return False
+            return None
         raise
-    return True
 
 
 def get_run(run_id: str):

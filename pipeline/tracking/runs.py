@@ -192,6 +192,19 @@ def close_run(run_id: str, status: str, curves: dict[str, list[float]] | None = 
 
 
 @interrupts.shielded
+def record_launched(note: str, tags: dict[str, str], parent_run_id: str | None = None) -> None:
+    """Say on the run `mlflow run` opened (``MLFLOW_RUN_ID``), where this command records
+    nothing of its own (data reused, a study resumed under its parent), what became of it,
+    nested under ``parent_run_id``; nothing outside `mlflow run`."""
+    launched = os.environ.pop("MLFLOW_RUN_ID", None)
+    if launched is None:
+        return
+    nested = {} if parent_run_id is None else {"mlflow.parentRunId": parent_run_id}
+    MlflowClient().log_batch(launched, tags=[
+        RunTag(k, str(v)) for k, v in {**tags, **nested, NOTE: note}.items()])
+
+
+@interrupts.shielded
 def open_parent(experiment: str, name: str, tags: dict[str, str],
                 run_id: str | None = None) -> tuple[str, bool]:
     """Mark an existing top-level run RUNNING again, or start one; return (id, is_new).
@@ -200,14 +213,17 @@ def open_parent(experiment: str, name: str, tags: dict[str, str],
     renamed and tagged as a parent made here would be.
     """
     client = MlflowClient()
-    launched = os.environ.pop("MLFLOW_RUN_ID", None)
     if run_id is not None:
         try:
             if client.get_run(run_id).info.lifecycle_stage == "active":
                 client.update_run(run_id, status="RUNNING")
+                record_launched(f"`mlflow run` of study {tags.get('optuna_study')!r} going on: "
+                                f"its parent run is {run_id}.", {"stage": "resume"},
+                                parent_run_id=run_id)
                 return run_id, False
         except MlflowException:
             pass  # deleted from the store: start a new parent
+    launched = os.environ.pop("MLFLOW_RUN_ID", None)
     all_tags = {**environment_tags(), **tags}
     if launched is not None:
         client.update_run(launched, status="RUNNING", name=name)
