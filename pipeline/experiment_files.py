@@ -117,6 +117,18 @@ def _unique_key_loader():
 NEXT_ASSIGNMENT = re.compile(r"\s+(?=[^\s=\[\]{},]+=)")  # a space, then key=
 
 
+def _assignments(item: str) -> list[str]:
+    """``item`` split where a space comes before the next ``key=``, outside quotes
+    (``description='a b=c' lr=0.1`` is two assignments)."""
+    pieces, start = [], 0
+    for found in NEXT_ASSIGNMENT.finditer(item):
+        before = item[start:found.start()]
+        if before.count("'") % 2 == 0 and before.count('"') % 2 == 0:
+            pieces.append(before)
+            start = found.end()
+    return [*pieces, item[start:]]
+
+
 def parse_overrides(assignments: typing.Iterable[str]) -> list[tuple[str, Any]]:
     """``["lr=0.05", "data.noise=0.2 epochs=3"]`` -> ``[("lr", 0.05), ...]``.
 
@@ -130,7 +142,7 @@ def parse_overrides(assignments: typing.Iterable[str]) -> list[tuple[str, Any]]:
     for item in assignments:
         if not item.strip():
             continue
-        for assignment in NEXT_ASSIGNMENT.split(item.strip()):
+        for assignment in _assignments(item.strip()):
             key, sep, text = assignment.partition("=")
             if not sep or not key:
                 raise ConfigError(f"override {assignment!r} must look like key=value")

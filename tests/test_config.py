@@ -279,6 +279,9 @@ def test_one_override_string_splits_only_before_a_key():
                                    "description=two words", "   "]) == [
         ("lr", 0.05), ("epochs", 200), ("sweep.epochs", [5, 50]), ("seed", 3),
         ("description", "two words")]
+    # Nor inside quotes, where "key=" is part of the value.
+    assert config.parse_overrides(["description='a b=c' lr=0.1", 'description="x y=z"']) == [
+        ("description", "a b=c"), ("lr", 0.1), ("description", "x y=z")]
 
 
 def test_yaml_merge_keys_are_read_and_keys_they_bring_may_be_set_again(tmp_path):
