@@ -226,6 +226,25 @@ def connect_store(tracking_uri: str, existing: bool = False) -> None:
 from pipeline import cli_models, cli_sweeps  # noqa: E402, F401
 
 
+def _note_on_launched_run(err: click.ClickException) -> None:
+    """Under `mlflow run`, a command refused before it opened a run leaves the run `mlflow run`
+    opened FAILED and empty: say why there (best effort, one quick try; not where the store is
+    what failed)."""
+    import os
+
+    launched = os.environ.get("MLFLOW_RUN_ID")
+    if launched is None or type(err).__name__ == "TrackingError":
+        return
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
+    try:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient().set_tag(launched, "mlflow.note.content", f"Refused: {err.format_message()}")
+    except Exception:  # noqa: BLE001  (the line on the screen says it all the same)
+        pass
+
+
 def main() -> None:
     from pipeline import lifetime
 
@@ -254,6 +273,7 @@ def _main() -> None:
         sys.exit(err.exit_code)
     except click.ClickException as err:
         err.show()
+        _note_on_launched_run(err)
         sys.exit(err.exit_code)
     except click.Abort:  # Ctrl-C while Click itself was parsing or prompting
         click.echo("interrupted", err=True)
