@@ -123,6 +123,14 @@ class TrainConfig(Schema):
         return self
 
     @model_validator(mode="after")
+    def _scale_keeps_the_model(self) -> TrainConfig:
+        if self.scale == "standard" and self.bias_init == "none":
+            raise ValueError("scale: standard centres the features, which gives the exported "
+                             "model an intercept that bias_init: none leaves out; use "
+                             "scale=none, or a bias")
+        return self
+
+    @model_validator(mode="after")
     def _param_dtype_fits(self) -> TrainConfig:
         if self.param_dtype in (None, self.dtype):
             return self

@@ -248,14 +248,21 @@ def split(dataset: Dataset, val_fraction: float, seed: int,
         order = np.random.default_rng(seed).permutation(n)
         train_set, val_set = dataset.rows(np.sort(order[n_val:])), dataset.rows(
             np.sort(order[:n_val]))
+    return scaled(train_set, val_set, scale)
+
+
+def scaled(train_set: Dataset, val_set: Dataset | None,
+           scale: str) -> tuple[Dataset, Dataset | None]:
+    """Both parts of a split scaled by the training rows' statistics (``scale="standard"``),
+    or as they are."""
     if scale == "none":
         return train_set, val_set
     scaler = Scaler.fit(train_set.features)
 
-    def scaled(part: Dataset) -> Dataset:
+    def apply(part: Dataset) -> Dataset:
         return dataclasses.replace(part, features=scaler.apply(part.features), scaler=scaler)
 
-    return scaled(train_set), None if val_set is None else scaled(val_set)
+    return apply(train_set), None if val_set is None else apply(val_set)
 
 
 def _validation_rows(n: int, val_fraction: float) -> int:

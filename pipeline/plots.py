@@ -156,8 +156,9 @@ def fit(features: np.ndarray, targets: np.ndarray, predictions: np.ndarray,
 
 
 def loss_surface(features: np.ndarray, targets: np.ndarray, path: list[list[float]],
-                 reduction: str, title: str):
-    """Loss of ``w·x`` over a range of w, with the values gradient descent visited."""
+                 reduction: str, title: str, activation: str = "none"):
+    """Loss of ``w·x`` (through the ReLU, where the model has one) over a range of w, with the
+    values gradient descent visited."""
     x, y = features[:, 0], targets[:, 0]
     visited = np.array([p[0] for p in path])
     finite = visited[np.isfinite(visited)]
@@ -166,7 +167,12 @@ def loss_surface(features: np.ndarray, targets: np.ndarray, path: list[list[floa
     grid = np.linspace(centre - span, centre + span, 200)
 
     def loss(w):
-        return squared_error(np.outer(w, x), y, reduction, models=True)
+        out = np.outer(w, x)
+        return squared_error(np.clip(out, 0, None) if activation == "relu" else out, y,
+                             reduction, models=True)
+
+    if activation == "relu":  # no closed form: the lowest point of the grid
+        centre = float(grid[np.argmin(loss(grid))])
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(grid, loss(grid), label="loss(w)")

@@ -92,14 +92,16 @@ def train(exp: Experiment, dataset: Dataset, experiment: str,
     """Fit the model, log its curves, plots and the model itself."""
     config = exp.train
     device = training.resolve_device(config.device)
-    train_set, val_set = data.split(dataset, exp.val_fraction, exp.seed, config.scale)
+    raw = data.split(dataset, exp.val_fraction, exp.seed)
+    train_set, val_set = data.scaled(*raw, config.scale)
     tags = {"stage": "train", "device": str(device), **({"data_uri": data_uri} if data_uri else {})}
     with tracking.run(experiment, run_name(config), parent_run_id, tags,
                       describe_training(exp)) as run_id:
         tracking.log_params(run_id, exp.params())
-        tracking.log_dataset(run_id, train_set, exp.name, data_uri, context="training")
-        if val_set is not None:
-            tracking.log_dataset(run_id, val_set, exp.name, data_uri, context="validation")
+        # The rows as the source holds them (the digest is theirs), not as scaled for training.
+        tracking.log_dataset(run_id, raw[0], exp.name, data_uri, context="training")
+        if raw[1] is not None:
+            tracking.log_dataset(run_id, raw[1], exp.name, data_uri, context="validation")
         with tracking.system_metrics(run_id):
             result = (_from_statistics if config.engine == "statistics" else training.train)(
                 config, train_set, val_set)
@@ -115,7 +117,8 @@ def train(exp: Experiment, dataset: Dataset, experiment: str,
         if _single_weight(result) and dataset.features.shape[1] == 1:
             tracking.log_figure(
                 run_id, plots.loss_surface(train_set.features, train_set.targets,
-                                   result.parameter_path, config.loss, "loss over w"),
+                                           result.parameter_path, config.loss, "loss over w",
+                                           config.activation),
                 "plots/loss_surface.png",
             )
         if result.diverged:

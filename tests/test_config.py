@@ -699,3 +699,9 @@ def test_parameters_in_another_dtype_than_the_rows_only_where_they_can_be(overri
     assert not same.mixed  # float32 parameters on float32 rows: nothing mixed
     mixed = config.load("slope_only", ["dtype=float64", "param_dtype=float32"]).train
     assert mixed.mixed and engine.program_for(mixed, 60) == "loop"  # auto: not the closed form
+
+
+def test_scaling_is_refused_for_a_model_without_a_bias():
+    # Centred features give the exported model w·(x - mean)/std an intercept.
+    with pytest.raises(ConfigError, match="scale: standard centres the features"):
+        config.load("slope_only", ["scale=standard"])

@@ -76,3 +76,17 @@ def test_loss_surface_marks_the_minimum():
     assert star.get_offsets()[0][0] == pytest.approx(2.0)
     assert len(fig.axes[0].texts) <= 12  # of 30 steps, about one in four labelled
     plots.close(fig)
+
+
+def test_the_loss_surface_of_a_relu_model_goes_through_the_relu():
+    # With w < 0 every prediction is clamped to 0: the loss is flat there, as training saw it.
+    x = np.linspace(0.1, 3, 20)[:, None]
+    y = 0.175 * x + 0.4
+    path = [[-0.5], [-0.5], [-0.5]]
+    figure = plots.loss_surface(x, y, path, "sum", "loss over w", activation="relu")
+    surface, descent = figure.axes[0].lines[:2]
+    grid = surface.get_xdata()
+    expected = ((np.clip(np.outer(grid, x[:, 0]), 0, None) - y[:, 0]) ** 2).sum(axis=1)
+    np.testing.assert_allclose(surface.get_ydata(), expected, rtol=1e-12)
+    np.testing.assert_allclose(descent.get_ydata(), (y ** 2).sum(), rtol=1e-12)  # dead ReLU
+    plots.close(figure)

@@ -113,6 +113,21 @@ def test_a_logged_dataset_carries_the_digest_and_schema_mlflow_would_compute(exp
     assert json.loads(logged.dataset.profile) == {"num_rows": 12000, "num_elements": 12000 * 6}
 
 
+def test_scaled_training_logs_the_rows_its_source_holds(experiment):
+    # scale: standard trains on scaled features; the logged inputs name the rows as they are
+    # in the dataset (their digest is theirs), split as training and validation.
+    import mlflow.data
+
+    exp = load("crop_yields_builtin", "scale=standard", "val_fraction=0.4", "epochs=3")
+    dataset = data.build(exp.data, exp.seed)
+    workflow.train(exp, dataset, experiment, echo=quiet)
+    (run,) = runs_of(experiment)["train"]
+    logged = {i.tags[0].value: i.dataset.digest for i in run.inputs.dataset_inputs}
+    train_rows, val_rows = data.split(dataset, exp.val_fraction, exp.seed)
+    assert logged == {"training": mlflow.data.from_pandas(train_rows.frame()).digest,
+                      "validation": mlflow.data.from_pandas(val_rows.frame()).digest}
+
+
 # --- train ---------------------------------------------------------------------------------------
 
 
