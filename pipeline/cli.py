@@ -179,7 +179,7 @@ def evaluate(experiment, tracking_uri: str, model_uri: str, data_uri: str | None
     workflow.model_columns(experiment, dataset, model, model_uri)  # before any run
     experiment_id = connect_experiment(experiment, tracking_uri)  # the input is good
     workflow.evaluate_model(experiment, dataset, model_uri, experiment_id, echo=click.echo,
-                            model=model)
+                            model=model, data_uri=data_uri)
 
 
 @cli.command()

@@ -186,14 +186,16 @@ def _single_weight(result: training.TrainResult) -> bool:
 
 def evaluate_model(exp: Experiment, dataset: Dataset, model_uri: str, experiment: str,
                    parent_run_id: str | None = None, echo: Echo = print,
-                   model: serving.LoadedModel | None = None) -> dict[str, float]:
+                   model: serving.LoadedModel | None = None,
+                   data_uri: str | None = None) -> dict[str, float]:
     """Score a logged model on the evaluation split (validation rows, else the training rows),
     fed the data's columns by the names the model takes."""
     model = model or serving.load(model_uri)
     dataset = model_columns(exp, dataset, model, model_uri)
     train_set, val_set = data.split(dataset, exp.val_fraction, exp.seed)
     eval_set, split_name = (val_set, "validation") if val_set is not None else (train_set, "train")
-    tags = {"stage": "evaluate", "model_uri": model_uri, "eval_split": split_name}
+    tags = {"stage": "evaluate", "model_uri": model_uri, "eval_split": split_name,
+            **({"data_uri": data_uri} if data_uri else {})}
     # Under `pipeline run` the model is the one trained with this config; alone, it may come
     # from anywhere, so the run records only what chose the rows, not training settings.
     params = exp.params() if parent_run_id else {
@@ -204,6 +206,7 @@ def evaluate_model(exp: Experiment, dataset: Dataset, model_uri: str, experiment
                       f"Scores model {model_uri} on the {split_name} rows of `{exp.name}`: "
                       "mse, rmse, mae, r2, and the gap to the least-squares optimum.") as run_id:
         tracking.log_params(run_id, params)
+        tracking.log_dataset(run_id, eval_set, exp.name, data_uri, context="evaluation")
         predictions = model.predict(eval_set.features)
         metrics = evaluate.evaluate(predictions, eval_set, fit_bias=exp.train.has_bias)
         weight, bias = model.parameters()
@@ -304,6 +307,6 @@ def run_all(exp: Experiment, experiment: str, built: Dataset | None = None,
         tracking.set_tags(parent_id, {"train_run_id": trained.run_id,
                                       "model_uri": trained.model_uri})
         metrics = evaluate_model(exp, data_ref.dataset, trained.model_uri, experiment,
-                                 parent_id, echo)
+                                 parent_id, echo, data_uri=data_ref.uri)
         tracking.log_metrics(parent_id, metrics)
     return metrics

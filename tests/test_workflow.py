@@ -290,6 +290,12 @@ def test_evaluate_scores_the_validation_rows(experiment):
     assert run.info.run_name == f"evaluate {trained.model_uri}"
     assert {"seed", "val_fraction", "data.repeat"} <= set(run.data.params)
     assert not {"lr", "epochs", "batch_size"} & set(run.data.params)
+    # The rows it scored, as an MLflow dataset input.
+    import mlflow.data
+
+    (scored,) = run.inputs.dataset_inputs
+    assert scored.tags[0].value == "evaluation"
+    assert scored.dataset.digest == mlflow.data.from_pandas(val_set.frame()).digest
 
 
 def test_evaluate_without_validation_scores_every_row_and_the_true_slope(experiment):
