@@ -138,8 +138,8 @@ class TrainConfig(Schema):
             raise ValueError("param_dtype is a manual-model option (nn.Linear keeps its "
                              "parameters in dtype); use model=manual")
         if self.engine == "statistics":
-            raise ValueError("engine: statistics descends in float64, not with parameters in "
-                             f"{self.param_dtype}; use engine=loop or auto")
+            raise ValueError(f"engine: statistics keeps no parameters in {self.param_dtype} "
+                             f"beside {self.dtype} rows (param_dtype); use engine=loop or auto")
         return self
 
     @property

@@ -36,16 +36,17 @@ def least_squares(
     """The closed-form optimum of mean squared error for ``x @ weight.T + bias``.
 
     Solved with ``torch.linalg.lstsq`` in float64 on the CPU (the GELSD driver copes with
-    rank-deficient data, such as repeated rows).
+    rank-deficient data, such as repeated rows). With a bias, on centred columns: beside a
+    column of ones, features far from zero (timestamps near 1.7e9) make a matrix so
+    ill-conditioned that GELSD drops the bias direction.
     """
     x = torch.as_tensor(features, dtype=torch.float64)
     y = torch.as_tensor(targets, dtype=torch.float64)
-    if fit_bias:
-        x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
-    solution = torch.linalg.lstsq(x, y, driver="gelsd").solution.T.numpy()  # (k, d[+1])
-    if fit_bias:
-        return solution[:, :-1], solution[:, -1]
-    return solution, None
+    if not fit_bias:
+        return torch.linalg.lstsq(x, y, driver="gelsd").solution.T.numpy(), None  # (k, d)
+    x_mean, y_mean = x.mean(dim=0), y.mean(dim=0)
+    weight = torch.linalg.lstsq(x - x_mean, y - y_mean, driver="gelsd").solution.T  # (k, d)
+    return weight.numpy(), (y_mean - weight @ x_mean).numpy()
 
 
 def predict_linear(features: np.ndarray, weight: np.ndarray, bias: np.ndarray | None):

@@ -124,16 +124,21 @@ class LinearRegressor(nn.Module):
 
 class Standardized(nn.Module):
     """A model trained on standard-scaled features, taking raw ones: ``model((x - mean) / std)``.
-    The statistics are buffers, so they travel inside the exported program."""
+    The statistics are buffers, so they travel inside the exported program.
+
+    Raw features are taken, and scaled, in float64 as training scaled them, then cast to the
+    model's ``dtype``: cast first, a timestamp near 1.7e9 loses 7 bits in float32, and a
+    feature beyond float32's range could not be taken at all."""
 
     def __init__(self, model: nn.Module, mean, std, dtype: torch.dtype) -> None:
         super().__init__()
         self.model = model
-        self.register_buffer("mean", torch.as_tensor(mean, dtype=dtype))
-        self.register_buffer("std", torch.as_tensor(std, dtype=dtype))
+        self.dtype = dtype
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float64))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float64))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model((x - self.mean) / self.std)
+        return self.model(((x.to(torch.float64) - self.mean) / self.std).to(self.dtype))
 
 
 class BuiltinLinear(nn.Module):

@@ -169,8 +169,18 @@ def load(uri: str, device: torch.device | None = None, allow_pickle: bool = Fals
         raise ModelError(f"cannot load model {uri}: {type(err).__name__}: "
                          f"{first_line(err)}") from None
     module = module.to(device)
-    dtype = next((p.dtype for p in module.parameters()), torch.float32)
-    return LoadedModel(module, features, targets, dtype, device)
+    return LoadedModel(module, features, targets, _input_dtype(meta, module), device)
+
+
+def _input_dtype(meta, module: torch.nn.Module) -> torch.dtype:
+    """The dtype the program takes its features in: the one its pyfunc face records (float64
+    for a model with its scaling inside), else its parameters'."""
+    pyfunc = (meta.flavors or {}).get("python_function") or {}
+    config = pyfunc.get("config") if isinstance(pyfunc, dict) else None  # its model_config
+    recorded = config.get("dtype") if isinstance(config, dict) else None
+    if recorded in ("float32", "float64"):
+        return getattr(torch, recorded)
+    return next((p.dtype for p in module.parameters()), torch.float32)
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ from optuna.trial import TrialState
 from pipeline import config as configs
 from pipeline import dead_trials, interrupts, storages, tracking
 from pipeline import study as studies
+from pipeline import train as training
 from pipeline import trial as trials
 from pipeline.errors import UserError
 
@@ -94,6 +95,8 @@ def run(storage_url: str, study_name: str, tracking_uri: str | None = None, offs
     The total is the study's recorded one, or ``total``: a local worker's coordinator's own
     ``--n-trials``, which another coordinator of the study may have recorded otherwise."""
     study, storage, spec = join(storage_url, study_name, offset)
+    # Before any trial is asked for: a study set up for CUDA, joined where there is none.
+    training.resolve_device(spec.experiment.get("device", "auto"))
     on_its_own = total is None
     storage.total = total = total or spec.n_trials
     tracking_uri = tracking_uri or spec.tracking_uri

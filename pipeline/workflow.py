@@ -148,8 +148,10 @@ def _divergence(config, train_set: Dataset, epoch: int, loss: float, run_id: str
                     f"({', '.join(starts)}) on the data's values (up to {largest:.3g}) overflow "
                     f"{config.dtype} arithmetic; start smaller, or set dtype=float64 "
                     f"(run {run_id} marked FAILED)")
+        features = abs(train_set.features).max() >= abs(train_set.targets).max()
+        scaling = "scale=standard or " if features and config.scale == "none" else ""
         return (f"{said} before the first step: the data's values (up to {largest:.3g}) "
-                f"overflow {config.dtype} arithmetic; rescale them, or set scale=standard or "
+                f"overflow {config.dtype} arithmetic; rescale them, or set {scaling}"
                 f"dtype=float64 (run {run_id} marked FAILED)")
     edge = theory.learning_rates(train_set, config.has_bias, config.loss)["lr_max_stable"]
     guide = "" if theory.exact_for(config, train_set.n_rows) else (

@@ -690,7 +690,7 @@ def test_the_batch_is_sized_to_the_workers(batch, missing, workers, expected):
     (["model=builtin", "dtype=float64", "param_dtype=float32"],
      "param_dtype is a manual-model option"),
     (["dtype=float64", "param_dtype=float32", "engine=statistics"],
-     "engine: statistics descends in float64, not with parameters in float32"),
+     "engine: statistics keeps no parameters in float32 beside float64 rows"),
 ])
 def test_parameters_in_another_dtype_than_the_rows_only_where_they_can_be(overrides, message):
     with pytest.raises(ConfigError, match=message):

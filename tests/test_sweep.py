@@ -10,6 +10,7 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
+import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
@@ -553,6 +554,25 @@ def test_counts_written_as_floats_are_taken_whole(store):
     result = CliRunner().invoke(cli, ["sweep", "-e", "line_fit_15pts", "--n-trials", "2.5",
                                       "--tracking-uri", store])
     assert result.exit_code == 2 and "'2.5' is not a whole number" in result.output
+
+
+def test_a_worker_without_the_studys_cuda_asks_for_no_trial(store):
+    # A study set up on a GPU machine (its spec asks for cuda), joined from one without.
+    from pipeline import study as studies
+    from pipeline import worker as workers
+    from pipeline.errors import UserError
+
+    sweep(store, "-e", "line_fit_15pts", "--epochs-range", "5", "20", "--n-trials", "2")
+    study = study_of("line_fit_15pts")
+    spec = study.user_attrs[studies.SPEC_ATTR]
+    spec["experiment"]["device"] = "cuda"
+    spec["n_trials"] = 4
+    study.set_user_attr(studies.SPEC_ATTR, spec)
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(UserError, match="CUDA"):
+        workers.run("optuna.journal", "line_fit_15pts", store)
+    assert len(study_of("line_fit_15pts").trials) == 2
 
 
 def test_a_model_named_with_a_quote_is_found_in_the_registry(store, workdir):

@@ -128,6 +128,27 @@ def test_scaled_training_logs_the_rows_its_source_holds(experiment):
                       "validation": mlflow.data.from_pandas(val_rows.frame()).digest}
 
 
+def test_a_scaled_float32_model_takes_far_off_features_as_training_did(experiment, tmp_path):
+    # Timestamps near 1.7e9 lose 7 bits in float32: the logged model scales them in float64,
+    # as training did, so it predicts what was trained (mse 4.7e-12, not 0.11), and the
+    # least-squares optimum is found beside a column of ones (no negative gap).
+    import pandas as pd
+
+    k = np.arange(40)
+    pd.DataFrame({"t": 1.7e9 + 60 * k, "y": 0.5 * k + 3}).to_csv(tmp_path / "ts.csv",
+                                                                 index=False)
+    (tmp_path / "ts.yaml").write_text("lr: 0.1\nepochs: 200\nscale: standard\ndata:\n"
+                                      "  csv: ts.csv\n  features: [t]\n  targets: [y]\n")
+    exp = config.load(str(tmp_path / "ts.yaml"))
+    dataset = data.build(exp.data, exp.seed)
+    trained = workflow.train(exp, dataset, experiment, echo=quiet)
+    metrics = workflow.evaluate_model(exp, dataset, trained.model_uri, experiment, echo=quiet)
+    (run,) = runs_of(experiment)["train"]
+    final = curve(run.info.run_id, "train_loss")[-1]
+    assert final < 1e-10 and metrics["mse"] == pytest.approx(final, rel=1e-6)
+    assert metrics["optimum_mse"] < 1e-20 and metrics["optimality_gap"] >= 0
+
+
 # --- train ---------------------------------------------------------------------------------------
 
 

@@ -174,10 +174,11 @@ def log_model(run_id: str, module: torch.nn.Module, dataset: Dataset, dtype: str
     from pipeline import model_format, models
 
     example = dataset.features[:model_format.EXAMPLE_ROWS]
-    if dataset.scaler is not None:  # trained on scaled rows: the logged model takes raw ones
+    if dataset.scaler is not None:  # trained on scaled rows: the logged model takes raw ones,
         module = models.Standardized(module, dataset.scaler.mean, dataset.scaler.std,
                                      models.DTYPES[dtype])
         example = dataset.scaler.undo(example)
+        dtype = "float64"  # in float64 (see models.Standardized)
     info = Model.log(
         artifact_path=None,
         name="model",
