@@ -228,21 +228,13 @@ from pipeline import cli_models, cli_sweeps  # noqa: E402, F401
 
 def _note_on_launched_run(err: click.ClickException) -> None:
     """Under `mlflow run`, a command refused before it opened a run leaves the run `mlflow run`
-    opened FAILED and empty: say why there (best effort, one quick try; not where the store is
-    what failed)."""
+    opened FAILED and empty: say why there (not where the store is what failed)."""
     import os
 
-    launched = os.environ.get("MLFLOW_RUN_ID")
-    if launched is None or type(err).__name__ == "TrackingError":
-        return
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
-    try:
-        from mlflow.tracking import MlflowClient
+    if "MLFLOW_RUN_ID" in os.environ and type(err).__name__ != "TrackingError":
+        from pipeline.tracking.runs import note_on_launched_run
 
-        MlflowClient().set_tag(launched, "mlflow.note.content", f"Refused: {err.format_message()}")
-    except Exception:  # noqa: BLE001  (the line on the screen says it all the same)
-        pass
+        note_on_launched_run(f"Refused: {err.format_message()}")
 
 
 def main() -> None:

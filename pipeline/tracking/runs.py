@@ -191,6 +191,18 @@ def close_run(run_id: str, status: str, curves: dict[str, list[float]] | None = 
     return True
 
 
+def note_on_launched_run(note: str) -> None:
+    """``note`` on the run `mlflow run` opened, best effort: one quick try, as the command
+    fails anyway with the same words on the screen."""
+    launched = os.environ.get("MLFLOW_RUN_ID")
+    if launched is None:
+        return
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
+    with contextlib.suppress(Exception):
+        MlflowClient().set_tag(launched, NOTE, note)
+
+
 @interrupts.shielded
 def record_launched(note: str, tags: dict[str, str], parent_run_id: str | None = None) -> None:
     """Say on the run `mlflow run` opened (``MLFLOW_RUN_ID``), where this command records
