@@ -140,7 +140,7 @@ def train(experiment, tracking_uri: str, device: str | None, data_uri: str | Non
 
     Prints the logged model's URI for `pipeline evaluate --model`.
     """
-    from pipeline import data, tracking, workflow
+    from pipeline import data, inputs, tracking, workflow
     from pipeline import train as training
 
     experiment = with_device(experiment, device)
@@ -151,7 +151,7 @@ def train(experiment, tracking_uri: str, device: str | None, data_uri: str | Non
     if data_uri:
         dataset = tracking.read_dataset(data_uri)
         data.check_columns(experiment.data, dataset, data_uri, experiment.name)
-        workflow.check_recipe(experiment, data_uri)
+        inputs.check_recipe(experiment, data_uri)
     experiment_id = connect_experiment(experiment, tracking_uri)
     trained = workflow.train(experiment, dataset, experiment_id, data_uri=data_uri,
                              echo=click.echo)
@@ -166,7 +166,7 @@ def train(experiment, tracking_uri: str, device: str | None, data_uri: str | Non
               help="Dataset from `pipeline generate`. Default: build it from the config.")
 def evaluate(experiment, tracking_uri: str, model_uri: str, data_uri: str | None) -> None:
     """Score a model: MSE, RMSE, MAE, R², and the gap to the least-squares optimum."""
-    from pipeline import data, serving, tracking, workflow
+    from pipeline import data, inputs, serving, tracking, workflow
 
     serving.check_uri(model_uri)
     dataset = None if data_uri else data.build(experiment.data, experiment.seed)
@@ -174,9 +174,9 @@ def evaluate(experiment, tracking_uri: str, model_uri: str, data_uri: str | None
     if data_uri:
         dataset = tracking.read_dataset(data_uri)
         data.check_columns(experiment.data, dataset, data_uri, experiment.name)
-        workflow.check_recipe(experiment, data_uri)
+        inputs.check_recipe(experiment, data_uri)
     model = serving.load(model_uri)
-    workflow.model_columns(experiment, dataset, model, model_uri)  # before any run
+    inputs.model_columns(experiment, dataset, model, model_uri)  # before any run
     experiment_id = connect_experiment(experiment, tracking_uri)  # the input is good
     workflow.evaluate_model(experiment, dataset, model_uri, experiment_id, echo=click.echo,
                             model=model, data_uri=data_uri)

@@ -14,11 +14,6 @@ retried, failed ones replaced, and only the missing trials run.
 from __future__ import annotations
 
 import json
-import multiprocessing
-import os
-import shlex
-import signal
-import time
 import uuid
 from collections.abc import Callable
 
@@ -34,6 +29,7 @@ from pipeline import (
     redact,
     storages,
     sweep_report,
+    sweep_workers,
     theory,
     tracking,
     worker,
@@ -42,7 +38,6 @@ from pipeline import study as studies
 from pipeline import train as training
 from pipeline import trial as trials
 from pipeline.config import Experiment
-from pipeline.storages import SweepError
 from pipeline.sweep_settings import Range, SweepSettings
 
 SETUP_LOCK, FINALISE_LOCK = -1, -2  # storage locks (study ids guard trial creation)
@@ -167,7 +162,7 @@ def _set_up(study: optuna.Study, exp: Experiment, settings: SweepSettings, datas
             data_key=data_key, log_models=settings.log_models, sampler=settings.sampler,
             pruner=settings.pruner, seed=settings.seed,
             batch=settings.batch_size(settings.n_trials - studies.finished(study),
-                                      local_workers(settings)))
+                                      sweep_workers.local_workers(settings)))
         study.set_user_attr(studies.SPEC_ATTR, spec.to_attr())
     except Exception:
         tracking.close_run(parent_run_id, "FAILED")
@@ -201,88 +196,18 @@ def _have_trials_run(study, storage, ctx, settings: SweepSettings, tracking_uri:
          f"(lr in [{ctx.lr[0]:.3g}, {ctx.lr[1]:.3g}], epochs in "
          f"[{ctx.epochs[0]}, {ctx.epochs[1]}]) on {settings.workers or 'remote'} worker(s), "
          f"up to {ctx.batch} at a time, {how}")
-    workers = local_workers(settings)
+    workers = sweep_workers.local_workers(settings)
     if workers < settings.workers:
         echo(f"--workers {settings.workers} is more than this machine's {workers} cores: "
              f"running {workers}, as more would only take turns on them")
     if workers == 0:
-        echo("start workers on any machine with:\n  " + worker_command(settings, study))
-        _wait_for_total(study, storage, settings.n_trials, settings.timeout)
+        echo("start workers on any machine with:\n  "
+             + sweep_workers.worker_command(settings, study))
+        sweep_workers.wait_for_total(study, storage, settings.n_trials, settings.timeout)
     elif workers == 1:  # the worker loop, in this process
         worker.loop(study, storage, ctx, settings.n_trials, settings.timeout, echo)
     else:
-        _local_workers(study, settings, workers, tracking_uri)
-
-
-def local_workers(settings: SweepSettings) -> int:
-    """The worker processes this machine runs: ``--workers``, at most one per core."""
-    return min(settings.workers, os.cpu_count() or 1)
-
-
-def _wait_for_total(study, storage, total: int, timeout: float | None) -> None:
-    """Wait while workers elsewhere run the trials, failing and retrying those that die."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while studies.finished(study) < total:
-        if deadline is not None and time.monotonic() > deadline:
-            return
-        dead_trials.recover_dead_trials(study, storage, trials.close_dead_trial_run)
-        worker.pause(worker.POLL_S)
-
-
-def worker_command(settings: SweepSettings, study: optuna.Study) -> str:
-    storage = settings.storage
-    if "://" not in storage:
-        storage = os.path.abspath(storage)
-    return (f"pipeline worker --storage {shlex.quote(redact.mask(storage))} "
-            f"--study {shlex.quote(study.study_name)}")
-
-
-def _local_workers(study: optuna.Study, settings: SweepSettings, workers: int,
-                   tracking_uri: str) -> None:
-    """K spawned processes running the worker loop; Ctrl-C here stops them with SIGTERM."""
-    spawn = multiprocessing.get_context("spawn")
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    processes = [
-        spawn.Process(target=worker.spawned,
-                      args=(settings.storage, study.study_name, tracking_uri, index + 1,
-                            settings.timeout, threads, settings.n_trials))
-        for index in range(workers)
-    ]
-    # They are born ignoring SIGINT (an ignored signal stays ignored across exec), so a
-    # Ctrl-C while they import is the coordinator's alone; it forwards SIGTERM.
-    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        for process in processes:
-            process.start()
-    finally:
-        signal.signal(signal.SIGINT, handler)
-    try:
-        while any(p.is_alive() for p in processes):
-            for process in processes:
-                process.join(timeout=0.2)
-            interrupts.check()
-    except interrupts.Interrupted:
-        for process in processes:
-            if process.is_alive():
-                os.kill(process.pid, signal.SIGTERM)
-        for process in processes:
-            process.join()
-        raise
-    failed = [f"worker {index}: {_ended(p.exitcode)}"
-              for index, p in enumerate(processes, 1) if p.exitcode != 0]
-    if failed and studies.finished(study) < settings.n_trials:
-        raise SweepError(f"{len(failed)} of {len(processes)} workers failed ({'; '.join(failed)}"
-                         f"); {studies.finished(study)} of {settings.n_trials} trials "
-                         "finished; run the same command to resume")
-
-
-def _ended(exit_code: int) -> str:
-    """How a local worker ended, in words: its own error is the line it printed."""
-    if exit_code < 0:
-        return f"killed by {signal.Signals(-exit_code).name}"
-    if exit_code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
-        return f"stopped by {signal.Signals(exit_code - 128).name}"
-    return f"exit status {exit_code}" + (", its error above" if exit_code == 1 else "")
+        sweep_workers.run_local(study, settings, workers, tracking_uri)
 
 
 def _finalise(study, storage, exp: Experiment, ctx, rates, new_trials: int):

@@ -10,9 +10,8 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-from pipeline import data, engine, evaluate, plots, serving, theory, tracking
+from pipeline import data, engine, evaluate, inputs, plots, serving, theory, tracking
 from pipeline import train as training
 from pipeline.config import Experiment, run_name
 from pipeline.dataset import Dataset
@@ -193,7 +192,7 @@ def evaluate_model(exp: Experiment, dataset: Dataset, model_uri: str, experiment
     """Score a logged model on the evaluation split (validation rows, else the training rows),
     fed the data's columns by the names the model takes."""
     model = model or serving.load(model_uri)
-    dataset = model_columns(exp, dataset, model, model_uri)
+    dataset = inputs.model_columns(exp, dataset, model, model_uri)
     train_set, val_set = data.split(dataset, exp.val_fraction, exp.seed)
     eval_set, split_name = (val_set, "validation") if val_set is not None else (train_set, "train")
     tags = {"stage": "evaluate", "model_uri": model_uri, "eval_split": split_name,
@@ -224,68 +223,6 @@ def evaluate_model(exp: Experiment, dataset: Dataset, model_uri: str, experiment
                                                          "optimality_gap"))
     echo(f"evaluate: on {split_name} rows: {shown}")
     return metrics
-
-
-def check_recipe(exp: Experiment, data_uri: str) -> None:
-    """Refuse ``--data`` from a generate run whose data settings are not the config's: the
-    new run would record settings its rows were not made with."""
-    import re
-
-    if not (found := re.match(r"^runs:/([0-9a-f]+)/", data_uri)):
-        return  # a folder: its recipe is not recorded
-    run = tracking.get_run(found[1])
-    if run.info.lifecycle_stage == "deleted":  # its files go with the next `mlflow gc`
-        raise data.DataError(f"--data {data_uri}: run {found[1]} is deleted; restore it "
-                             f"(`mlflow runs restore --run-id {found[1]}`) or generate again")
-    if run.data.tags.get("stage") != "generate":
-        return
-    recorded = run.data.params
-    advice = (f"give --data generated with {exp.name}'s settings as they are now (or no "
-              "--data, to build the rows)")
-    if (then := recorded.get("data.source")) != exp.data.source:
-        raise data.DataError(f"--data {data_uri} was generated from a {then} recipe, but "
-                             f"{exp.name} makes its rows from a {exp.data.source} recipe; "
-                             f"{advice}")
-    for key, value in exp.params().items():
-        if key.startswith("data.") and key != "data.csv":  # a path may be written two ways
-            if (then := recorded.get(key)) != (now := tracking.param_text(value)):
-                raise data.DataError(f"--data {data_uri} was generated with {key}={then}, but "
-                                     f"{exp.name} has {key}={now} now; {advice}")
-    # The same settings can still give other rows: another CSV file, or another seed where
-    # the recipe draws random numbers.
-    then_csv, then_seed = recorded.get("data.csv", ""), recorded.get("seed")
-    now_csv = getattr(exp.data, "csv", None)
-    if now_csv is not None and Path(then_csv).resolve() != Path(now_csv).resolve():
-        raise data.DataError(f"--data {data_uri} was generated from {then_csv}, but "
-                             f"{exp.name} reads {now_csv} now; {advice}")
-    if data.draws_random_numbers(exp.data) and then_seed != str(exp.seed):
-        raise data.DataError(f"--data {data_uri} was generated with seed={then_seed}, but "
-                             f"{exp.name} has seed={exp.seed} now, which draws other rows; "
-                             f"{advice}")
-
-
-def model_columns(exp: Experiment, dataset: Dataset, model: serving.LoadedModel,
-                  model_uri: str) -> Dataset:
-    """The data's columns a model takes and gives, by name and in the model's order; a model
-    whose features or targets the data lack (or name otherwise) is refused."""
-    targets = model.target_names
-    if not targets:  # a model that records no target names: its outputs, by position
-        width = model.predict(dataset.features[:1, :len(model.feature_names)]).shape[1]
-        if width != dataset.targets.shape[1]:
-            raise serving.ModelError(
-                f"model {model_uri} gives {width} outputs but {exp.name}'s data has "
-                f"{dataset.targets.shape[1]} targets; was it trained on another experiment?")
-        targets = dataset.target_names
-    for role, wanted, present in (("features", model.feature_names, dataset.feature_names),
-                                  ("targets", targets, dataset.target_names)):
-        if missing := [name for name in wanted if name not in present]:
-            raise serving.ModelError(
-                f"model {model_uri} takes {role} {', '.join(wanted)} but {exp.name}'s data "
-                f"has {', '.join(present)} (no {', '.join(missing)}); was it trained on "
-                "another experiment?")
-    picked = dataset.columns(model.feature_names, targets)
-    serving.check_range(picked.features, picked.feature_names, model.dtype, f"{exp.name}'s data: ")
-    return picked
 
 
 def run_all(exp: Experiment, experiment: str, built: Dataset | None = None,

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from pipeline import config, data, tables
+from pipeline import memory as memory_guard
 from pipeline.data import DataError
 from pipeline.recipes import CsvData, LineData, SyntheticData, TableData
 
@@ -132,7 +133,7 @@ def test_synthetic_same_seed_same_data_different_seed_different_data():
 @pytest.fixture
 def memory(monkeypatch):
     """Pretend the machine has 21.3 GB available, so messages do not depend on the host."""
-    monkeypatch.setattr(data, "available_memory", lambda: 21_300_000_000)
+    monkeypatch.setattr(memory_guard, "available_memory", lambda: 21_300_000_000)
 
 
 def test_synthetic_data_too_large_for_memory_is_refused(memory):
@@ -186,9 +187,9 @@ def test_memory_estimate_is_six_float64_copies(monkeypatch):
     # 1000 rows × (3 + 1) values plus 1 × (3 + 1) weights and bias, 8 bytes, six times over.
     needed = 6 * 8 * (1000 * 4 + 4)
     recipe = SyntheticData(n_rows=1000, n_features=3, n_targets=1)
-    monkeypatch.setattr(data, "available_memory", lambda: needed)
+    monkeypatch.setattr(memory_guard, "available_memory", lambda: needed)
     assert data.build(recipe, seed=0).features.shape == (1000, 3)
-    monkeypatch.setattr(data, "available_memory", lambda: needed - 1)
+    monkeypatch.setattr(memory_guard, "available_memory", lambda: needed - 1)
     with pytest.raises(DataError,
                        match="needs about 192.2 kB of memory; this machine has 192.2 kB"):
         data.build(recipe, seed=0)
@@ -202,14 +203,14 @@ def test_this_machine_refuses_an_absurd_size():
 def test_available_memory_reads_meminfo(tmp_path, monkeypatch):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       32000 kB\nMemFree:  1000 kB\nMemAvailable:   20800 kB\n")
-    monkeypatch.setattr(data, "MEMINFO", meminfo)
-    assert data.available_memory() == 20800 * 1024
+    monkeypatch.setattr(memory_guard, "MEMINFO", meminfo)
+    assert memory_guard.available_memory() == 20800 * 1024
 
 
 def test_available_memory_falls_back_to_physical_memory(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "MEMINFO", tmp_path / "no_meminfo")
+    monkeypatch.setattr(memory_guard, "MEMINFO", tmp_path / "no_meminfo")
     physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    assert data.available_memory() == physical
+    assert memory_guard.available_memory() == physical
 
 
 # --- split ----------------------------------------------------------------------------------------

@@ -194,13 +194,10 @@ def close_run(run_id: str, status: str, curves: dict[str, list[float]] | None = 
 def note_on_launched_run(note: str) -> None:
     """``note`` on the run `mlflow run` opened, best effort: one quick try, as the command
     fails anyway with the same words on the screen."""
-    launched = os.environ.get("MLFLOW_RUN_ID")
-    if launched is None:
-        return
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
     with contextlib.suppress(Exception):
-        MlflowClient().set_tag(launched, NOTE, note)
+        record_launched(note, {})
 
 
 @interrupts.shielded
