@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
 from pathlib import Path
 
 import numpy as np
 
-from pipeline import memory, tables
+from pipeline import memory
 from pipeline.dataset import DataError, Dataset, Scaler  # noqa: F401  (data.Dataset, ...)
 from pipeline.recipes import CsvData, DataConfig, LineData, SyntheticData, TableData
 from pipeline.tables import _file_error, check_readable, read_table
@@ -214,8 +213,16 @@ def draws_random_numbers(config: DataConfig) -> bool:
     return isinstance(config, (LineData, SyntheticData))
 
 
+# The version of the rows the recipes make. A change to the code that gives other rows for the
+# same recipe and seed bumps it: cached data and resumable studies keyed on the old rows then
+# stop matching. tests/test_data.py pins the rows each recipe gives, so such a change cannot go
+# unnoticed; any other change to this module leaves the keys, the cache and the studies alone.
+ROWS_VERSION = 1
+
+
 def content_key(config: DataConfig, seed: int) -> str:
-    """A digest of everything that decides the data: the recipe, the seed, this code, the file.
+    """A digest of everything that decides the data: the recipe, the seed, the version of the
+    code that makes rows, and the file.
 
     Generating again with the same key would give the same rows, so the key names a cache entry.
     """
@@ -223,8 +230,7 @@ def content_key(config: DataConfig, seed: int) -> str:
     digest.update(json.dumps(config.model_dump(), sort_keys=True).encode())
     if draws_random_numbers(config):
         digest.update(str(seed).encode())
-    for module in (inspect.getmodule(content_key), tables):  # the code that makes the rows
-        digest.update(inspect.getsource(module).encode())
+    digest.update(f"rows v{ROWS_VERSION}".encode())
     if isinstance(config, CsvData):
         path = Path(config.csv).absolute()
         check_readable(path)

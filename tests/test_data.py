@@ -575,6 +575,41 @@ def test_content_key_is_stable_for_the_same_recipe():
     assert data.content_key(by_hand.replace(noise=0.1), 0) == key
 
 
+# The rows each recipe gives under its seed: the sums of features and targets, and the last
+# target row. A change to the code that makes rows fails here; it must bump data.ROWS_VERSION
+# (so cached data and resumed studies stop matching the old rows) and update these figures.
+ROWS_OF_VERSION_1 = {
+    "crop_yields_builtin": (3366.0, 2523.0, [103.0, 119.0]),
+    "line_2x_plus_1": (55.0, 121.0, [21.0]),
+    "line_fit_15pts": (90.969, 34.866, [1.3]),
+    "relu_line": (41.488, 23.2604, [0.575]),
+    "slope_only": (-3.0000004112720493, 9.319817155599594, [-8.749968528747559]),
+    "synthetic": (2.795326201442073, -3876.6314628968785, [-0.15753341124533712,
+                                                           0.2944629091864272]),
+    "noisy line, numpy": (22.5, 34.39298182590769, [7.813857530054018]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ROWS_OF_VERSION_1)
+def test_rows_are_those_of_their_version(name):
+    if name == "noisy line, numpy":
+        rows = data.build(LineData(weight=2.0, bias=-1.0, x_range=(0, 5, 0.5), noise=0.3), 7)
+    else:
+        rows = built(name)
+    assert data.ROWS_VERSION == 1
+    features_sum, targets_sum, last_targets = ROWS_OF_VERSION_1[name]
+    assert rows.features.sum() == pytest.approx(features_sum, rel=1e-12, abs=1e-12)
+    assert rows.targets.sum() == pytest.approx(targets_sum, rel=1e-12, abs=1e-12)
+    assert rows.targets[-1].tolist() == pytest.approx(last_targets, rel=1e-12)
+
+
+def test_content_key_does_not_follow_the_code_beside_the_rows():
+    """Editing data.py elsewhere (a message, a check) must not orphan cached data or studies:
+    the key names the recipe, the seed and the rows' version, not the module's source."""
+    key = data.content_key(experiment("synthetic").data, 0)
+    assert key == "09d1b65be8162c32cb3d3d3fb14120e4c189ad672714247c7bf6261046f79b00"
+
+
 @pytest.mark.parametrize(
     ("name", "override"),
     [
