@@ -152,6 +152,7 @@ def train(experiment, tracking_uri: str, device: str | None, data_uri: str | Non
         dataset = tracking.read_dataset(data_uri)
         data.check_columns(experiment.data, dataset, data_uri, experiment.name)
         inputs.check_recipe(experiment, data_uri)
+    data.check_dtype_range(dataset, experiment.train.dtype, experiment.train.scale == "standard")
     experiment_id = connect_experiment(experiment, tracking_uri)
     trained = workflow.train(experiment, dataset, experiment_id, data_uri=data_uri,
                              echo=click.echo)
@@ -193,6 +194,9 @@ def run(experiment, tracking_uri: str, device: str | None) -> None:
     experiment = with_device(experiment, device)
     training.resolve_device(experiment.train.device)
     built = data.check(experiment.data, experiment.seed, experiment.val_fraction)
+    if built is not None:  # synthetic rows are drawn later, and small
+        data.check_dtype_range(built, experiment.train.dtype,
+                               experiment.train.scale == "standard")
     experiment_id = connect_experiment(experiment, tracking_uri)  # the input is good
     workflow.run_all(experiment, experiment_id, built, echo=click.echo)
     shown = redact.mask(tracking_uri)

@@ -75,6 +75,27 @@ def _check_magnitude(dataset: Dataset, where: str) -> None:
             "overflows; rescale the column")
 
 
+def check_dtype_range(dataset: Dataset, dtype: str, scaled: bool) -> None:
+    """Refuse values whose squares overflow ``dtype``, the dtype training computes in: the loss
+    of such a row is inf from the first epoch whatever the learning rate (float32 holds
+    squares up to about 3.4e38, so values up to about 1.8e19). Scaled features are no larger
+    than the square root of the row count, so only the targets count then."""
+    limit = np.sqrt(np.finfo(dtype).max)
+    columns = [(dataset.targets, dataset.target_names)]
+    if not scaled:
+        columns.insert(0, (dataset.features, dataset.feature_names))
+    for values, names in columns:
+        large = np.abs(values) > limit
+        if not large.any():
+            continue
+        row, column = (int(i[0]) for i in np.nonzero(large))
+        raise DataError(
+            f"column {names[column]} holds {values[row, column]:g} (data row {row + 1}), whose "
+            f"square overflows {dtype}, the dtype training computes in; rescale the column"
+            f"{'' if scaled or values is dataset.targets else ', set scale=standard'} or set "
+            "dtype=float64")
+
+
 def column_names(config: DataConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The feature and target names a recipe's dataset has, without building it."""
     if isinstance(config, TableData):

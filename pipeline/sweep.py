@@ -76,6 +76,7 @@ def run(exp: Experiment, settings: SweepSettings, tracking_uri: str,
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study_name = settings.study_name or exp.name
     dataset = data.build(exp.data, exp.seed)
+    data.check_dtype_range(dataset, exp.train.dtype, exp.train.scale == "standard")
     train_set, val_set = data.split(dataset, exp.val_fraction, exp.seed, exp.train.scale)
     rates = theory_rates(exp, train_set, val_set)
     lr, epochs = search_space(exp, settings, rates)

@@ -483,6 +483,36 @@ def test_empty_recipe_is_refused_before_any_run(workdir):
     assert "FAILED" not in run_statuses(workdir / "mlflow.db")
 
 
+@pytest.mark.parametrize(
+    "command, rows, extra, expected",
+    [
+        ("train", "x,y\n1,2\n2,3e19\n3,4\n", (),
+         "column y holds 3e+19 (data row 2), whose square overflows float32, the dtype "
+         "training computes in; rescale the column or set dtype=float64"),
+        ("run", "x,y\n1,2\n2e20,3\n3,4\n", (),
+         "column x holds 2e+20 (data row 2), whose square overflows float32, the dtype "
+         "training computes in; rescale the column, set scale=standard or set dtype=float64"),
+        ("sweep", "x,y\n1,2\n2,3e19\n3,4\n", ("--n-trials", "2"), "column y holds 3e+19"),
+    ],
+    ids=["train-target", "run-feature", "sweep"],
+)
+def test_values_whose_squares_overflow_float32_are_refused_before_any_run(
+        workdir, command, rows, extra, expected):
+    # Their loss is inf from the first epoch whatever the learning rate: not a divergence.
+    (workdir / "big.csv").write_text(rows)
+    (workdir / "e.yaml").write_text("lr: 0.01\nepochs: 3\nval_fraction: 0\ndata:\n"
+                                    "  csv: big.csv\n  features: [x]\n  targets: [y]\n")
+    result = pipeline(workdir, command, "-e", "e.yaml", *extra)
+    assert_one_line_failure(result, expected)
+    assert run_statuses(workdir / "mlflow.db") == []
+    # In float64 they train; scaled, a large feature does too.
+    assert pipeline(workdir, "train", "-e", "e.yaml", "--set", "dtype=float64",
+                    "--set", "lr=1e-42").returncode == 0
+    if command == "run":
+        assert pipeline(workdir, "train", "-e", "e.yaml", "--set", "scale=standard",
+                        "--set", "lr=0.1").returncode == 0
+
+
 def test_evaluate_refuses_a_model_of_another_width(store):
     model_uri = invoke(store, "train", "-e", "slope_only").output.split()[-1]
     result = CliRunner().invoke(cli, ["evaluate", "-e", "crop_yields_builtin", "--model",
