@@ -27,9 +27,15 @@ def _on(array: np.ndarray, like):
 
 
 class Statistics:
-    """X̃ᵀX̃, X̃ᵀY and YᵀY in float64: the loss of any parameters. On the CPU they come from
-    one symmetric product of [X 1 Y] per block of rows (BLAS syrk, half a general product's
-    work), in one pass over the data."""
+    """X̃ᵀX̃ and X̃ᵀY in float64, and the loss and gradient at any parameters. On the CPU they
+    come from one symmetric product of [X 1 Y] per block of rows (BLAS syrk, half a general
+    product's work), in one pass over the data.
+
+    With a bias, the rows are summed about a shift (the first block's column means): a
+    model's residuals are the same for X - mx and Y - my once the bias takes mx·w - my, so
+    losses come from moments of the size of the data's spread, not of its distance from zero.
+    Summed unshifted, a loss near its minimum is a difference of terms like YᵀY: targets near
+    1e9 left an error of 1e-16·YᵀY, larger than the loss itself."""
 
     ROWS = 1 << 13  # rows cast to float64 at a time: the block stays in cache
 
@@ -38,6 +44,9 @@ class Statistics:
         (n, d), k = features.shape, targets.shape[1]
         self.has_bias = config.has_bias
         self.scale = 1.0 / targets.size if config.loss == "mean" else 1.0
+        first = slice(0, min(n, self.ROWS))
+        shift_x, shift_y = ((features[first].mean(0), targets[first].mean(0)) if self.has_bias
+                            else (np.zeros(d), np.zeros(k)))
         moments = torch.zeros(d + 1 + k, d + 1 + k, dtype=torch.float64, device=device)
         block = torch.empty(min(n, self.ROWS), d + 1 + k, dtype=torch.float64, device=device)
         if device.type == "cpu":
@@ -46,13 +55,41 @@ class Statistics:
         for start in range(0, n, self.ROWS):
             rows = block[:min(self.ROWS, n - start)]
             rows[:, :d] = _on(features[start:start + self.ROWS], block)
+            rows[:, :d] -= _on(shift_x, block)
             rows[:, d + 1:] = _on(targets[start:start + self.ROWS], block)
+            rows[:, d + 1:] -= _on(shift_y, block)
             moments += rows.T @ rows
         size = d + self.has_bias
         moments = torch.as_tensor(moments, device=device)
-        self.gram = moments[:size, :size]
-        self.cross = moments[:size, d + 1:]
-        self.y_square = moments[d + 1:, d + 1:].trace()
+        # The shifted moments: G' = X̃'ᵀX̃', C' = X̃'ᵀY', Y'ᵀY'.
+        self._gram, self._cross = moments[:size, :size], moments[:size, d + 1:]
+        self._y_square = moments[d + 1:, d + 1:].trace()
+        # θ' = Aθ - e_b·myᵀ gives X̃θ - Y = X̃'θ' - Y' (A adds mx·w to the bias row).
+        self._a = torch.eye(size, dtype=torch.float64, device=device)
+        if self.has_bias:
+            self._a[d, :d] = torch.as_tensor(shift_x, device=device)
+        self._shift_y = torch.as_tensor(shift_y, device=device)
+        # The moments descent moves by, unshifted: X̃ = X̃'A, so X̃ᵀX̃ = AᵀG'A, and
+        # X̃ᵀY = Aᵀ(C' + X̃'ᵀ1·myᵀ).
+        self.gram = self._a.T @ self._gram @ self._a
+        ones = self._gram[:, d:d + 1] if self.has_bias else torch.zeros_like(self._cross[:, :1])
+        self.cross = self._a.T @ (self._cross + ones * self._shift_y[None, :])
+
+    def _shifted(self, theta: torch.Tensor) -> torch.Tensor:
+        shifted = self._a @ theta
+        if self.has_bias:
+            shifted[-1] -= self._shift_y
+        return shifted
+
+    def loss_at(self, theta: torch.Tensor) -> torch.Tensor:
+        """The loss of parameters ``theta`` (D, k) on these rows."""
+        shifted = self._shifted(theta)
+        return self.scale * ((shifted * (self._gram @ shifted)).sum()
+                             - 2 * (self._cross * shifted).sum() + self._y_square)
+
+    def gradient_at(self, theta: torch.Tensor) -> torch.Tensor:
+        """The loss's gradient at ``theta`` (D, k), with respect to ``theta``."""
+        return 2 * self.scale * self._a.T @ (self._gram @ self._shifted(theta) - self._cross)
 
     def theta(self, state: _Stacked) -> torch.Tensor:
         """Parameters as (K, d+1, k): weight transposed, bias as the last row."""
@@ -80,21 +117,20 @@ def descend(state: _Stacked, stats: Statistics, v: Statistics | None, watch: _St
     lam, q = torch.linalg.eigh(stats.gram)
     moving = lam > lam.max().clamp(min=0) * 1e-12
     safe = torch.where(moving, lam, torch.ones_like(lam))
-    z0 = q.T @ stats.theta(state)[0]  # (D, k): every trial starts from the same parameters
+    # (D, k): every trial starts from the same parameters (a copy: set_theta writes them).
+    theta0 = stats.theta(state)[0].clone()
+    z0 = q.T @ theta0
     c = q.T @ stats.cross
     z_star = torch.where(moving[:, None], c / safe[:, None], z0)
     e = torch.where(moving[:, None], z0 - z_star, torch.zeros_like(z0))
     r = 1 - 2 * stats.scale * state.lrs[:, None] * lam[None, :]  # (K, D)
-    # The loss at z* + rᵗ∘e: constant + Σ_i λ_i·|e_i|²·r_i²ᵗ.
-    at_rest = stats.scale * ((lam[:, None] * z_star.square() - 2 * c * z_star).sum()
-                             + stats.y_square)
+    # The loss at z* + rᵗ∘e: the loss at z* (from the shifted moments) + Σ_i λ_i·|e_i|²·r_i²ᵗ.
+    theta_star = q @ z_star
+    at_rest = stats.loss_at(theta_star)
     weight = stats.scale * lam * e.square().sum(1)  # (D,)
     val = None
     if v is not None:
-        gram, cross = q.T @ v.gram @ q, q.T @ v.cross
-        val = (v.scale, gram, v.scale * (
-            (z_star * (gram @ z_star)).sum() - 2 * (cross * z_star).sum() + v.y_square),
-            2 * v.scale * (gram @ z_star - cross))
+        val = (v.scale, q.T @ v.gram @ q, v.loss_at(theta_star), q.T @ v.gradient_at(theta_star))
 
     def losses(epochs: torch.Tensor):
         # The constants cancel where the data fit a line exactly: the rounding of yᵀY would
@@ -113,12 +149,13 @@ def descend(state: _Stacked, stats: Statistics, v: Statistics | None, watch: _St
     for first in range(0, watch.last + 1, chunk):
         watch.observe_all(first, *losses(torch.arange(
             first, min(first + chunk, watch.last + 1), device=device)))
+    # θ_t = θ0 + Q((rᵗ - 1)∘e): at epoch 0 exactly θ0, where Q(z* + rᵗ∘e) rounds it.
     ends = r ** watch.end.double()[:, None]  # (K, D)
-    stats.set_theta(state, q @ (z_star + ends[..., None] * e))
+    stats.set_theta(state, theta0 + q @ ((ends - 1)[..., None] * e))
 
     def path(trial: int) -> torch.Tensor:
         """The trial's parameters at every epoch of its curve, (epochs + 1, D, k)."""
         epochs = torch.arange(int(watch.end[trial]) + 1, device=device, dtype=torch.float64)
-        return q @ (z_star + (r[trial] ** epochs[:, None])[..., None] * e)
+        return theta0 + q @ ((r[trial] ** epochs[:, None] - 1)[..., None] * e)
 
     return path

@@ -188,6 +188,29 @@ def test_statistics_with_collinear_columns_and_divergence_match_the_loop():
     assert closed[2].diverged and not closed[1].diverged
 
 
+@pytest.mark.parametrize("offset", [1e6, 1e8, 1e9])
+def test_statistics_of_targets_far_from_zero_give_the_loops_curves(offset):
+    """Near their minimum the losses are small beside YᵀY (targets near 1e9): summed about
+    zero, the closed form's curves sat at 0 or 390 times the loop's."""
+    generator = np.random.default_rng(1)
+    features = generator.normal(size=(200, 3))
+    targets = offset + features @ [[1.0], [2.0], [3.0]] + generator.normal(0, 0.1, (200, 1))
+    rows_ = data.Dataset(features, targets, ("a", "b", "c"), ("y",))
+    train_set, val_set = data.split(rows_, 0.2, 0)
+    exp = config.load("synthetic", ["batch_size=null", "dtype=float64", "model=manual"])
+    lrs, epochs = [0.5, 0.1], [400, 300]
+    closed = engine.train_many(exp.train, train_set, val_set, lrs, epochs, program="statistics")
+    looped = engine.train_many(exp.train, train_set, val_set, lrs, epochs, program="loop")
+    # To float64's reach: a bias near 1e9 is held to 1e-7, which moves a loss of 0.01 by 1e-6.
+    for result, loop in zip(closed, looped, strict=True):
+        np.testing.assert_allclose(result.train_loss, loop.train_loss, rtol=1e-5)
+        np.testing.assert_allclose(result.val_loss, loop.val_loss, rtol=1e-5)
+    # And they end at the least-squares floor, about 0.01: the noise's variance.
+    floor = theory.optimum_loss(train_set, True, "mean")
+    assert closed[0].train_loss[-1] == pytest.approx(floor, rel=1e-6)
+    assert 0.005 < closed[0].val_loss[-1] < 0.02
+
+
 @pytest.mark.parametrize("count", [rows.SPLIT_ROWS + 4, 17])  # 3 blocks and 2 rows left
 def test_products_over_row_blocks_equal_one_product(monkeypatch, count):
     monkeypatch.setattr(rows, "_row_blocks", lambda x: 1 if len(x) < rows.SPLIT_ROWS else 3)
