@@ -76,8 +76,11 @@ def run_batch(study: optuna.Study, asked: list[optuna.Trial], ctx: TrialContext,
     Each trial gets its MLflow run first; a pruned or diverged trial leaves the batch at its
     epoch. On Ctrl-C or SIGTERM every run of the batch ends KILLED and its trial FAIL.
     """
-    lrs = [trial.suggest_float("lr", *ctx.lr, log=True) for trial in asked]
-    epochs = [trial.suggest_int("epochs", *ctx.epochs) for trial in asked]
+    # Each trial's lr then its epochs, trial by trial: a sampler drawing from one random
+    # stream (RandomSampler) then gives the same trials whatever the batch size.
+    params = [(trial.suggest_float("lr", *ctx.lr, log=True),
+               trial.suggest_int("epochs", *ctx.epochs)) for trial in asked]
+    lrs, epochs = [lr for lr, _ in params], [count for _, count in params]
     train_set, val_set = ctx.split
     run_ids = [_open_run(trial, ctx, lr, count)
                for trial, lr, count in zip(asked, lrs, epochs, strict=True)]

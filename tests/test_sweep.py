@@ -624,3 +624,13 @@ def test_the_curves_plot_floor_is_least_squares_on_the_plotted_rows(overrides):
     floor = sweep_report._curves_floor((train_set, val_set), exp, rates)
     assert floor == pytest.approx(theory.optimum_loss(rows, True, exp.train.loss), rel=1e-12)
     assert floor > 0  # noise: no linear model fits the rows exactly
+
+
+def test_random_trials_do_not_depend_on_the_batch_size(store):
+    # RandomSampler draws from one stream: each trial's lr then its epochs, trial by trial.
+    found = {}
+    for batch in ("1", "4"):
+        sweep(store, "-e", "line_fit_15pts", "--n-trials", "6", "--sampler", "random",
+              "--pruner", "none", "--batch", batch, "--study-name", f"batch{batch}")
+        found[batch] = [t.params for t in study_of(f"batch{batch}").get_trials()]
+    assert len(found["1"]) == 6 and found["1"] == found["4"]
