@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 EXP ?= line_fit_15pts
 TRIALS ?= 20
+STUDY ?=
 WORKERS ?= 1
 PORT ?= 5000
 SERVE_PORT ?= 5001
@@ -21,8 +22,10 @@ DASHBOARD_PORT ?= 8080
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
-	@echo "  variables: EXP=$(EXP) TRIALS=$(TRIALS) WORKERS=$(WORKERS) TRACKING_URI=$(TRACKING_URI)"
-	@echo "             PORT=$(PORT) BACKEND=$(BACKEND) STORAGE=$(STORAGE)"
+	@echo "  variables: EXP=$(EXP) TRIALS=$(TRIALS) WORKERS=$(WORKERS) STUDY=$(STUDY)"
+	@echo "             TRACKING_URI=$(TRACKING_URI) PORT=$(PORT) BACKEND=$(BACKEND)"
+	@echo "             STORAGE=$(STORAGE) DASHBOARD_PORT=$(DASHBOARD_PORT) ROWS=$(ROWS)"
+	@echo "             MODEL=$(MODEL) SERVE_PORT=$(SERVE_PORT)"
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -63,9 +66,9 @@ bench: install ## measure speed and memory (ROWS=1000000), results in bench-resu
 lint: install ## check style with ruff
 	$(BIN)/ruff check pipeline tests benchmarks
 
-sweep: install ## Optuna sweep of lr and epochs for EXP (TRIALS=, WORKERS=)
+sweep: install ## Optuna sweep of lr and epochs for EXP (TRIALS=, WORKERS=, STUDY=)
 	$(BIN)/pipeline sweep -e $(EXP) --n-trials $(TRIALS) --workers $(WORKERS) \
-	  --tracking-uri $(TRACKING_URI)
+	  --tracking-uri $(TRACKING_URI) $(if $(STUDY),--study-name '$(STUDY)')
 
 serve: install ## serve MODEL (default: EXP's champion) on 127.0.0.1:SERVE_PORT for REST calls
 	@$(BIN)/pipeline models --check "$(MODEL)" --tracking-uri '$(TRACKING_URI)'

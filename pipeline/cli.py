@@ -238,7 +238,7 @@ def _note_on_launched_run(err: click.ClickException) -> None:
     if "MLFLOW_RUN_ID" in os.environ and type(err).__name__ != "TrackingError":
         from pipeline.tracking.runs import note_on_launched_run
 
-        note_on_launched_run(f"Refused: {err.format_message()}")
+        note_on_launched_run(f"Refused: {redact.mask(err.format_message())}")
 
 
 def main() -> None:
@@ -266,6 +266,7 @@ def _main() -> None:
             command += f" {first}" if first in cli.commands else ""
         click.echo(f"Error: {redact.mask(err.format_message())} "
                    f"(see `{command} --help`)", err=True)
+        _note_on_launched_run(err)
         sys.exit(err.exit_code)
     except click.ClickException as err:
         err.show()

@@ -29,6 +29,7 @@ SAFE_LOADERS = {"mlflow.pytorch", "mlflow.pyfunc.loaders.code_model"}
 EARLIER_CODE = {
     "70191745799752bd9939da14b553e4bb739e697e8a07d42714fa939091843d64",  # 859750e
     "f3e7317057501cae147e05418a6ccfcb598a12b3e88cff4a14b54ef284740d39",  # ab5ff2c
+    "5a7cf364bca2333123338386754017bf1f02b607a189fb166639a7f56b53b13f",  # d6f5090
 }
 
 

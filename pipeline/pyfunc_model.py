@@ -54,8 +54,8 @@ class ExportedProgram(PythonModel):
         predicted = np.concatenate(outputs) if outputs else np.empty((0, len(self.targets)))
         if not np.isfinite(predicted).all():  # inputs near float32's limit overflow the output
             row = int(np.flatnonzero(~np.isfinite(predicted).all(axis=1))[0])
-            _refuse(f"the prediction for row {row + 1} overflows {self.dtype}: its inputs are "
-                    "too large for this model")
+            _refuse(f"the prediction for row {row + 1} overflows the model's numbers: its "
+                    "inputs are too large for this model")
         return pd.DataFrame(predicted, columns=self.targets, index=index)
 
 

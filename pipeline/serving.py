@@ -58,8 +58,8 @@ class LoadedModel:
         if not np.isfinite(predicted).all():
             row = int(np.flatnonzero(~np.isfinite(predicted).all(axis=1))[0])
             raise data.DataError(
-                f"the prediction for data row {row + 1} overflows the model's "
-                f"{str(self.dtype).removeprefix('torch.')}: its inputs are too large for it")
+                f"the prediction for data row {row + 1} overflows the model's numbers: its "
+                "inputs are too large for it")
         return predicted
 
     def parameters(self) -> tuple[np.ndarray, np.ndarray | None]:

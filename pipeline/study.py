@@ -161,9 +161,11 @@ def check_resumable(study_name: str, spec: dict | None, exp: Experiment) -> str:
         raise SweepError(f"study {study_name!r} was made with other settings than "
                          f"{exp.name!r} has now; pass --study-name to start another study")
     if spec is not None and spec.get("data_key", data_key) != data_key:
+        why = ("its CSV file changed" if exp.data.source == "csv" else
+               "its rows came from another release of the pipeline, which made them otherwise")
         raise SweepError(f"study {study_name!r} was made with other data than "
-                         f"{exp.name!r} gives now (its CSV changed?); pass --study-name to "
-                         "start another study")
+                         f"{exp.name!r} gives now ({why}); pass --study-name to start "
+                         "another study")
     return data_key
 
 

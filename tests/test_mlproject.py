@@ -185,16 +185,21 @@ def test_mlflow_run_again_leaves_no_stray_run_and_a_study_stays_in_its_experimen
     assert len(reused) == 1 and "reused" in reused[0].data.tags["mlflow.note.content"]
 
 
-def test_mlflow_run_refused_for_bad_input_says_why_on_its_run(workdir):
+@pytest.mark.parametrize(
+    "parameter, reason",
+    [("overrides=colour=red", "unknown key colour"),
+     ("device=gpu", "Invalid value for '--device': 'gpu' is not one of")],  # Click's own
+    ids=["config", "option"],
+)
+def test_mlflow_run_refused_for_bad_input_says_why_on_its_run(workdir, parameter, reason):
     store = f"sqlite:///{workdir / 'mlflow.db'}"
     result = subprocess.run(
         [str(BIN / "mlflow"), "run", str(REPO), "-e", "train", "--env-manager", "local",
-         "--experiment-name", "refused", "-P", "experiment=line_fit_15pts",
-         "-P", "overrides=colour=red"],
+         "--experiment-name", "refused", "-P", "experiment=line_fit_15pts", "-P", parameter],
         cwd=workdir, capture_output=True, text=True, timeout=300,
         env=subprocess_env(MLFLOW_TRACKING_URI=store))
-    assert result.returncode != 0 and "Error: unknown key colour" in result.stderr
+    assert result.returncode != 0 and f"Error: {reason}" in result.stderr
     client = mlflow.MlflowClient(store)
     [run] = client.search_runs([client.get_experiment_by_name("refused").experiment_id])
     assert run.info.status == "FAILED"  # mlflow run's own status for a failed command
-    assert run.data.tags["mlflow.note.content"].startswith("Refused: unknown key colour")
+    assert run.data.tags["mlflow.note.content"].startswith(f"Refused: {reason}")

@@ -92,7 +92,7 @@ def test_pyfunc_refuses_a_prediction_that_overflows(registry_store):
     rows = crop_rows(3)
     rows.loc[1, :] = 3e38
     with pytest.raises(mlflow.exceptions.MlflowException,
-                       match="the prediction for row 2 overflows float32"):
+                       match="the prediction for row 2 overflows the model.s numbers"):
         model.predict(rows)
 
 
@@ -281,7 +281,7 @@ def test_predictions_never_overwrite_their_input_or_the_store(registry_store, tm
          "column rainfall holds -1e+39 in data row 2, beyond the model's float32 range"),
         (["predict", "--model", "models:/crop_yields_builtin@champion"],
          "temp,rainfall,humidity\n1,2,3\n3e38,3e38,3e38\n",
-         "the prediction for data row 2 overflows the model's float32"),
+         "the prediction for data row 2 overflows the model's numbers"),
         (["models", "nobody"], None, "no registered model named 'nobody'"),
         (["promote", "nobody", "1"], None, "no registered model named 'nobody'"),
         (["promote", "crop_yields_builtin", "99"], None, "has no version 99"),
