@@ -241,10 +241,45 @@ def _note_on_launched_run(err: click.ClickException) -> None:
         note_on_launched_run(f"Refused: {redact.mask(err.format_message())}")
 
 
+class _Stdout:
+    """Standard output that a reader may leave (`pipeline run | head -1`): the command's work
+    goes on, its lines going nowhere, instead of a BrokenPipeError failing the run it was
+    reporting on."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._left()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._left()
+
+    def _left(self) -> None:
+        import os
+
+        # What is still buffered, and anything printed later, goes to /dev/null (the exit's
+        # own flush too).
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, self._stream.fileno())
+        os.close(null)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def main() -> None:
     from pipeline import lifetime
 
     lifetime.own()
+    sys.stdout = _Stdout(sys.stdout)
     try:
         _main()
     finally:

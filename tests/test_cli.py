@@ -420,6 +420,17 @@ def test_data_generated_from_another_csv_is_refused(store, workdir):
     invoke(store, "train", "-e", "e.yaml", "--set", "data.csv=./a.csv", "--data", data_uri)
 
 
+def test_a_reader_leaving_stdout_does_not_fail_the_run(workdir):
+    # `pipeline run | head -1`: the work goes on and every run finishes.
+    result = subprocess.run(
+        f"{sys.executable} -m pipeline run -e line_fit_15pts | head -1; "
+        "exit ${PIPESTATUS[0]}", shell=True, executable="/bin/bash", cwd=workdir,
+        capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("generate: "), result.stderr
+    assert result.stderr == ""
+    assert sorted(run_statuses(workdir / "mlflow.db")) == ["FINISHED"] * 4
+
+
 @pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_stops_a_training_run_cleanly(workdir, signum, status):
     # Started by a shell as a background job, where SIGINT is ignored unless a program asks.
