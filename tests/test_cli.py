@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
@@ -404,6 +405,28 @@ def test_data_generated_with_other_settings_is_refused(store):
                                       "--tracking-uri", store])
     assert result.exit_code == 1 and "was generated with seed=0, but synthetic has seed=1 now" \
         in result.stderr, result.stderr
+
+
+def test_data_generated_with_a_feature_list_longer_than_a_param_is_taken(store, workdir):
+    # MLflow keeps 6000 characters of a param: the list as logged is cut, and compared cut.
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    from pipeline.tracking import records
+
+    assert records.PARAM_CHARS == MAX_PARAM_VAL_LENGTH
+    names = [f"sensor_reading_from_station_number_{i:03d}_in_millimetres" for i in range(120)]
+    rows = np.random.default_rng(0).random((20, 120))
+    frame = pd.DataFrame(rows, columns=names).assign(y=rows.sum(axis=1))
+    frame.to_csv(workdir / "wide.csv", index=False)
+    (workdir / "e.yaml").write_text(yaml.safe_dump(
+        {"lr": 1e-3, "epochs": 3, "data": {"csv": "wide.csv", "features": names,
+                                            "targets": ["y"]}}))
+    data_uri = invoke(store, "generate", "-e", "e.yaml").output.split()[-1]
+    result = CliRunner().invoke(cli, ["train", "-e", "e.yaml", "--data", data_uri,
+                                      "--tracking-uri", store])
+    assert result.exit_code == 0, result.output
+    [run] = [r for r in MlflowClient(store).search_runs(["1"]) if r.data.tags["stage"] == "train"]
+    assert len(run.data.params["data.features"]) == MAX_PARAM_VAL_LENGTH
 
 
 def test_data_generated_from_another_csv_is_refused(store, workdir):

@@ -18,8 +18,14 @@ from mlflow.tracking import MlflowClient
 from pipeline import interrupts
 
 
+PARAM_CHARS = 6000  # what MLflow keeps of a param's value (it cuts longer ones, warning)
+
+
 def _param_value(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+    """A param as the store keeps it: lists as JSON, cut (with "…") where MLflow would cut it,
+    so that what a run holds can be compared with a config's value (a long feature list)."""
+    text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+    return text if len(text) <= PARAM_CHARS else text[:PARAM_CHARS - 1] + "…"
 
 
 @interrupts.shielded
