@@ -44,6 +44,11 @@ def available() -> dict[str, Path]:
     return {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
 
 
+# Characters a registered model's name cannot hold (MLflow refuses ':' and '/'), or that a
+# models:/NAME@ALIAS URI reads otherwise ('@' an alias, '?' a query).
+NOT_IN_NAMES = (":", "@", "?")
+
+
 def read_raw(name_or_path: str) -> tuple[str, dict[str, Any]]:
     """The experiment's name (the file's stem) and the mapping its YAML file holds."""
     import yaml
@@ -59,6 +64,13 @@ def read_raw(name_or_path: str) -> tuple[str, dict[str, Any]]:
         raise ConfigError(f"no such experiment file {path.absolute()}")
     elif not path.is_file():
         raise ConfigError(f"{path.absolute()} is not a file")
+    bad = [repr(c) for c in NOT_IN_NAMES if c in path.stem]
+    if "'" in path.stem and '"' in path.stem:  # MLflow's searches quote a name with one
+        bad.append("both kinds of quote")
+    if bad:
+        raise ConfigError(f"{path}: the experiment's name {path.stem!r} (the file's name) also "
+                          f"names its registered model, models:/NAME@ALIAS, which cannot hold "
+                          f"{bad[0]}; rename the file")
     try:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader())
     except UnicodeDecodeError:

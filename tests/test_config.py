@@ -125,6 +125,19 @@ def test_unknown_experiment_lists_known_names():
         assert name in message
 
 
+@pytest.mark.parametrize("stem, what", [("a:b", "':'"), ("a@b", "'@'"), ("a?b", "'?'"),
+                                        ("x'y\"z", "both kinds of quote")])
+def test_a_name_no_registered_model_can_have_is_refused(tmp_path, stem, what):
+    # The name is the MLflow experiment's and the registered model's: a sweep would run every
+    # trial and then fail to register (':'), or print a models:/ URI that reads otherwise.
+    path = tmp_path / f"{stem}.yaml"
+    path.write_text((EXPERIMENTS / "line_fit_15pts.yaml").read_text())
+    with pytest.raises(ConfigError, match=re.escape(f"which cannot hold {what}; rename the file")):
+        config.load(str(path))
+    renamed = path.rename(tmp_path / "a #1, 'ok'.yaml")  # '#', spaces, one kind of quote
+    assert config.load(str(renamed)).name == "a #1, 'ok'"
+
+
 def test_experiments_dir_follows_the_environment(tmp_path, monkeypatch):
     # The file writes 1e-5 without a dot: YAML 1.1 reads that as a string, not a number.
     (tmp_path / "tiny.yaml").write_text(

@@ -17,7 +17,6 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import interrupts
 
-
 PARAM_CHARS = 6000  # what MLflow keeps of a param's value (it cuts longer ones, warning)
 
 
