@@ -17,7 +17,7 @@ import click
 
 from pipeline import config as configs
 from pipeline import redact
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -39,6 +39,8 @@ class Group(click.Group):
             click.echo(f"interrupted ({signal.Signals(signum).name}); any run it had opened "
                        "is closed as KILLED", err=True)
             raise SystemExit(128 + signum) from None
+        except EOFError as err:  # a file that ends early: Click would call it an interrupt
+            raise UserError(f"an input ends early ({first_line(err)})") from None
         except Exception as err:
             from pipeline import tracking
 

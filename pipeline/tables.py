@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -66,6 +67,13 @@ def read_frame(path: str | Path):
         raise DataError(f"{path}: the file is empty") from None
     except OSError as err:
         raise _file_error(path, err) from None
+    except EOFError:  # gzip, bz2, lzma
+        raise DataError(f"{path}: cannot be read: the compressed file ends early") from None
+    except ImportError as err:  # .zst without zstandard: "`Import zstandard` failed. ..."
+        package = err.name or next(iter(re.findall(r"`Import (\w+)`", str(err))), "a")
+        raise DataError(f"{path}: cannot be read: pandas needs the {package} package for "
+                        f"{path.suffix} files, which is not installed; decompress it "
+                        "first") from None
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(f"{path}: cannot be read as a table ({first})") from None
@@ -96,7 +104,7 @@ def check_readable(path: Path) -> None:
     if path.is_dir():
         raise DataError(f"{path}: is a folder, not a CSV or Parquet file")
     if not path.is_file():
-        raise DataError(f"{path}: no such file")
+        raise DataError(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
 
 
 def _file_error(path: Path, err: OSError) -> DataError:

@@ -693,3 +693,33 @@ def test_a_table_naming_a_column_twice_is_refused(names, message):
 
     with pytest.raises(ConfigError, match=message):
         TableData(features=((1.0, 2.0), (2.0, 3.0)), targets=((1.0,), (2.0,)), **names)
+
+
+@pytest.mark.parametrize("module, suffix", [("gzip", "gz"), ("bz2", "bz2"), ("lzma", "xz")])
+def test_a_compressed_csv_cut_short_is_one_clear_error(tmp_path, module, suffix):
+    import importlib
+
+    packed = importlib.import_module(module).compress(
+        ("x,y\n" + "".join(f"{i},{i}\n" for i in range(50_000))).encode())
+    whole, cut = tmp_path / f"whole.csv.{suffix}", tmp_path / f"cut.csv.{suffix}"
+    whole.write_bytes(packed)
+    cut.write_bytes(packed[:len(packed) // 2])
+    assert tables.read_table(whole, ("x",), ("y",)).n_rows == 50_000
+    with pytest.raises(DataError, match="cannot be read: the compressed file ends early"):
+        tables.read_table(cut, ("x",), ("y",))
+
+
+def test_a_compressed_csv_pandas_cannot_open_names_the_package(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("zstandard") is not None:
+        pytest.skip("zstandard is installed: pandas reads .zst files")
+    (tmp_path / "rows.csv.zst").write_bytes(b"(\xb5/\xfd")
+    with pytest.raises(DataError, match="pandas needs the zstandard package for .zst files"):
+        tables.read_frame(tmp_path / "rows.csv.zst")
+
+
+def test_a_fifo_is_not_a_regular_file(tmp_path):
+    os.mkfifo(tmp_path / "rows.csv")
+    with pytest.raises(DataError, match="rows.csv: not a regular file"):
+        tables.read_frame(tmp_path / "rows.csv")
