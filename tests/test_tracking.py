@@ -104,6 +104,13 @@ def test_store_in_a_missing_folder_is_refused(workdir):
                       f"sqlite:///{workdir / 'nowhere' / 'mlflow.db'}"], "does not exist")
 
 
+def test_store_that_is_a_broken_link_is_refused(workdir):
+    # An unmounted share, say: SQLite could not create the file, after minutes of retries.
+    (workdir / "mlflow.db").symlink_to(workdir / "unmounted" / "mlflow.db")
+    one_line_failure(["run", "-e", "line_fit_15pts"],
+                     f"is a link to {workdir / 'unmounted' / 'mlflow.db'}, which does not exist")
+
+
 def test_corrupt_store_is_refused(workdir):
     (workdir / "mlflow.db").write_bytes(b"this is not a database" * 100)
     one_line_failure(["run", "-e", "line_fit_15pts"], "is not an SQLite database")

@@ -152,6 +152,9 @@ def check_sqlite_file(uri: str, shown: str, existing: bool = False) -> None:
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() or _under_a_file(folder) else "does not exist"
         raise TrackingError(f"tracking store {shown}: {folder} {what}")
+    if path.is_symlink() and not path.exists():  # SQLite would fail on it after minutes
+        raise TrackingError(f"tracking store {shown}: {path} is a link to "
+                            f"{os.readlink(path)}, which does not exist")
     if path.exists():
         if not path.is_file():
             raise TrackingError(f"tracking store {shown}: {path} is not a file")
