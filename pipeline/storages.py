@@ -245,4 +245,12 @@ def _rdb_error(url: str, err: Exception) -> SweepError:
             "too many clients", "too many connections", "remaining connection slots")):
         reason = ("the database refuses more connections; raise its max_connections "
                   "or run fewer workers")
-    return NotYet(f"cannot open storage {redact.mask(url)}: {redact.scrub(reason, url)[:200]}")
+    message = f"cannot open storage {redact.mask(url)}: {redact.scrub(reason, url)[:200]}"
+    if any(refusal in reason for refusal in LOGIN_REFUSED):
+        return SweepError(message)  # waiting will not make the password right
+    return NotYet(message)
+
+
+# How PostgreSQL (and MySQL) refuse a login: not a database that is still starting.
+LOGIN_REFUSED = ("password authentication failed", "no password supplied", "fe_sendauth",
+                 "authentication failed", "Access denied for user")

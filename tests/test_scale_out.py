@@ -156,3 +156,16 @@ def test_a_database_that_refuses_connections_says_so(workdir, postgres_server):
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert "the database refuses more connections" in lines[0]
     assert "limited:***@" in lines[0] and "limited-pw" not in result.stderr + result.stdout
+
+
+def test_a_worker_refused_a_login_says_so_at_once(workdir, postgres_server):
+    # A wrong password is no database still starting: the worker does not wait it out.
+    storage = f"postgresql://optuna:wrong-pw@127.0.0.1:{postgres_server.port}/optuna"
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "worker", "--storage", storage, "--study", "s"],
+        cwd=workdir, capture_output=True, text=True, timeout=120, env=subprocess_env())
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert "password authentication failed" in lines[0] and "wrong-pw" not in lines[0]
+    assert time.monotonic() - started < 30  # the wait for a database starting is 60 s
