@@ -85,6 +85,7 @@ def run(exp: Experiment, settings: SweepSettings, tracking_uri: str,
     if val_set is None:
         echo("note: no validation split (val_fraction: 0), so the objective is the final "
              "training loss, which more epochs only ever lower; set val_fraction to weigh them")
+    tracking.check_store(tracking_uri)  # before a storage is made: a bad store leaves none
     storage = storages.open_storage(settings.storage, settings.n_trials)
     recorded = studies.check_before_tracking(storage, study_name, exp, tracking_uri)
     # The input is good: now the tracking store may be reached (and made) and the experiment.

@@ -573,6 +573,16 @@ def test_unreachable_tracking_server(workdir):
     assert_one_line_failure(result, "not reachable")
 
 
+@pytest.mark.parametrize("storage", [None, "sqlite:///optuna.db"], ids=["journal", "sqlite"])
+def test_a_sweep_refused_its_tracking_store_makes_no_storage(workdir, storage):
+    port = free_port()
+    result = pipeline(workdir, "sweep", "-e", "line_fit_15pts", "--n-trials", "2",
+                      "--tracking-uri", f"http://127.0.0.1:{port}",
+                      *(["--storage", storage] if storage else []))
+    assert result.returncode == 1 and "not reachable" in result.stderr
+    assert sorted(p.name for p in workdir.iterdir()) == []
+
+
 def test_unreachable_database_store_fails_at_once(workdir):
     # MLflow alone retries for about 100 s, with a warning line a try.
     port = free_port()

@@ -51,6 +51,7 @@ from pipeline.tracking.store import (  # noqa: F401
     NOTE,
     SQLITE_HEADER,
     TrackingError,
+    check_store,
     connect,
     experiment_id,
     experiment_name,

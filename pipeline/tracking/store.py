@@ -41,15 +41,44 @@ def store_error(err: Exception) -> UserError | None:
     return None
 
 
-def connect(tracking_uri: str, existing: bool = False) -> None:
-    """Point MLflow at ``tracking_uri`` and make sure the store is usable, in one line if not.
-    ``existing``: the command only reads, so a sqlite file that is not there is an error, not
-    a new store.
+def check_store(tracking_uri: str, existing: bool = False) -> str:
+    """Refuse, in one line, a tracking store that cannot be used, creating nothing: an empty
+    URI, a folder (MLflow's file store), a server that does not answer, an SQLite file that
+    cannot be one, a database server that takes no connections. Returns the URI MLflow is to
+    be given: credentials in an ``http(s)`` URI move to MLflow's environment variables, so
+    that MLflow never prints them (in its "View run" links, were they shown)."""
+    shown = redact.mask(tracking_uri)
+    if not tracking_uri.strip():
+        raise TrackingError("the tracking URI is empty; give one such as sqlite:///mlflow.db "
+                            "or http://HOST:5000")
+    if ("://" not in tracking_uri or tracking_uri.startswith("file:")) and not (
+            tracking_uri.startswith(("sqlite:", "databricks")) or MLFLOW_ALLOW_FILE_STORE.get()):
+        raise TrackingError(f"tracking store {shown} is a folder: MLflow 3 no longer writes "
+                            "its file store; use sqlite:///mlflow.db or an MLflow server")
+    if tracking_uri.startswith(("http://", "https://")):
+        try:
+            tracking_uri, user, password = redact.split_credentials(tracking_uri)
+        except ValueError as err:  # urllib: "Invalid IPv6 URL", a bad port
+            raise TrackingError(f"tracking URI {shown} is malformed ({err})") from None
+        if user:
+            os.environ["MLFLOW_TRACKING_USERNAME"] = user
+        if password is not None:
+            os.environ["MLFLOW_TRACKING_PASSWORD"] = password
+        check_server(tracking_uri, shown)
+    elif tracking_uri.startswith("sqlite:"):
+        check_sqlite_file(tracking_uri, shown, existing)
+    elif "://" in tracking_uri and not tracking_uri.startswith(("file:", "databricks")):
+        check_database_server(tracking_uri, shown)
+    return tracking_uri
 
-    A server must answer its health check; a database store must be writable and is migrated
-    here, once, under a lock, so that several processes starting on a fresh store do not race
-    to create its tables. Credentials in an ``http(s)`` URI move to MLflow's environment
-    variables, so that MLflow never prints them (in its "View run" links, were they shown).
+
+def connect(tracking_uri: str, existing: bool = False) -> None:
+    """Point MLflow at ``tracking_uri`` and make sure the store is usable, in one line if not
+    (:func:`check_store`). ``existing``: the command only reads, so a sqlite file that is not there
+    is an error, not a new store.
+
+    A database store is migrated here, once, under a lock, so that several processes starting
+    on a fresh store do not race to create its tables.
     """
     lifetime.settle()  # torch and MLflow are imported by now (see pipeline.lifetime)
     for name in ("mlflow", "alembic"):
@@ -60,32 +89,11 @@ def connect(tracking_uri: str, existing: bool = False) -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     shown = redact.mask(tracking_uri)
-    if not tracking_uri.strip():
-        raise TrackingError("the tracking URI is empty; give one such as sqlite:///mlflow.db "
-                            "or http://HOST:5000")
-    if ("://" not in tracking_uri or tracking_uri.startswith("file:")) and not (
-            tracking_uri.startswith(("sqlite:", "databricks")) or MLFLOW_ALLOW_FILE_STORE.get()):
-        raise TrackingError(f"tracking store {shown} is a folder: MLflow 3 no longer writes "
-                            "its file store; use sqlite:///mlflow.db or an MLflow server")
-    interrupts.shield_store_calls(not tracking_uri.startswith(("http://", "https://")))
-    if tracking_uri.startswith(("http://", "https://")):
-        try:
-            tracking_uri, user, password = redact.split_credentials(tracking_uri)
-        except ValueError as err:  # urllib: "Invalid IPv6 URL", a bad port
-            raise TrackingError(f"tracking URI {shown} is malformed ({err})") from None
-        if user:
-            os.environ["MLFLOW_TRACKING_USERNAME"] = user
-        if password is not None:
-            os.environ["MLFLOW_TRACKING_PASSWORD"] = password
-        mlflow.set_tracking_uri(tracking_uri)
-        check_server(tracking_uri, shown)
-        return
-    if tracking_uri.startswith("sqlite:"):
-        check_sqlite_file(tracking_uri, shown, existing)
-    elif "://" in tracking_uri and not tracking_uri.startswith(("file:", "databricks")):
-        check_database_server(tracking_uri, shown)
+    remote = tracking_uri.startswith(("http://", "https://"))
+    interrupts.shield_store_calls(not remote)
+    tracking_uri = check_store(tracking_uri, existing)
     mlflow.set_tracking_uri(tracking_uri)
-    if "://" in tracking_uri:
+    if "://" in tracking_uri and not remote:
         with store_lock(tracking_uri):
             if tracking_uri.startswith("sqlite:"):
                 _start_from_template(tracking_uri)
