@@ -17,4 +17,7 @@ def first_line(err: BaseException) -> str:
     """The first line of an error's message (MLflow's ``.message`` where it has one), which is
     all a user needs to read; the error's type name when the message is empty."""
     message = str(getattr(err, "message", None) or err).strip()
-    return message.splitlines()[0] if message else type(err).__name__
+    # SQLAlchemy opens some messages with a line on its autoflush, the cause on the next.
+    lines = [line for line in message.splitlines()
+             if line.strip() and not line.startswith("(raised as a result of ")]
+    return lines[0] if lines else type(err).__name__

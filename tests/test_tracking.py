@@ -111,6 +111,28 @@ def test_store_that_is_a_broken_link_is_refused(workdir):
                      f"is a link to {workdir / 'unmounted' / 'mlflow.db'}, which does not exist")
 
 
+def test_a_store_damaged_where_runs_write_is_one_line(workdir):
+    # The header and the runs table are whole, the first page of metrics is not: the damage
+    # shows only when a run logs its curve. MLflow logs the error's traceback, and SQLAlchemy
+    # puts a line on autoflush before the cause.
+    import sqlite3
+
+    assert CliRunner().invoke(cli, ["run", "-e", "line_fit_15pts"]).exit_code == 0
+    with sqlite3.connect(workdir / "mlflow.db") as connection:
+        size = connection.execute("pragma page_size").fetchone()[0]
+        [page] = connection.execute("select pageno from dbstat where name = 'metrics' "
+                                    "order by pageno limit 1").fetchone()
+    with open(workdir / "mlflow.db", "r+b") as handle:
+        handle.seek((page - 1) * size)
+        handle.write(b"\xff" * 64)
+    result = subprocess.run([sys.executable, "-m", "pipeline", "run", "-e", "line_fit_15pts"],
+                            cwd=workdir, capture_output=True, text=True, env=subprocess_env(),
+                            timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("Error: tracking store error: (sqlite3.DatabaseError) "
+                                     "database disk image is malformed")
+
+
 def test_corrupt_store_is_refused(workdir):
     (workdir / "mlflow.db").write_bytes(b"this is not a database" * 100)
     one_line_failure(["run", "-e", "line_fit_15pts"], "is not an SQLite database")

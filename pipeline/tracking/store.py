@@ -83,6 +83,9 @@ def connect(tracking_uri: str, existing: bool = False) -> None:
     lifetime.settle()  # torch and MLflow are imported by now (see pipeline.lifetime)
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # MLflow logs a database error's whole traceback before raising it, which the command
+    # then reports in one line (a full disk, a store locked too long, a read-only one).
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     # Progress bars for a few small artifacts are noise on stderr; a server's "View run" and
     # "View experiment" links, two lines per run (a hundred trials: two hundred), are noise
     # on stdout, where commands print what scripts read. Each command says where to look.
