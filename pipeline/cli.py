@@ -46,6 +46,10 @@ class Group(click.Group):
 
             if (refused := tracking.store_error(err)) is not None:
                 raise refused from None
+            if isinstance(err, OSError) and err.strerror:  # the disk, not the program
+                # An artifact folder that is full, read-only, or a file; the run is closed.
+                where = f": {err.filename}" if err.filename else ""
+                raise UserError(f"{err.strerror.lower()}{where}") from None
             raise
 
 

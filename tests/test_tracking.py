@@ -133,6 +133,20 @@ def test_a_store_damaged_where_runs_write_is_one_line(workdir):
                                      "database disk image is malformed")
 
 
+def test_an_artifact_folder_that_cannot_be_written_is_one_line(workdir):
+    # `mlruns` a file (or read-only, or on a full disk): the stage's run ends FAILED.
+    assert CliRunner().invoke(cli, ["generate", "-e", "slope_only"]).exit_code == 0
+    shutil.rmtree(workdir / "mlruns")
+    (workdir / "mlruns").write_text("")
+    result = subprocess.run([sys.executable, "-m", "pipeline", "run", "-e", "line_fit_15pts"],
+                            cwd=workdir, capture_output=True, text=True, env=subprocess_env(),
+                            timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("Error: not a directory: ")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "RUNNING" not in run_statuses(workdir / "mlflow.db")
+
+
 def test_corrupt_store_is_refused(workdir):
     (workdir / "mlflow.db").write_bytes(b"this is not a database" * 100)
     one_line_failure(["run", "-e", "line_fit_15pts"], "is not an SQLite database")
