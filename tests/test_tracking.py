@@ -288,6 +288,26 @@ def test_a_new_store_from_the_template_is_mlflows_own(workdir, monkeypatch, tmp_
     assert list((tmp_path / "cache" / "pipeline").glob("mlflow-*-empty.db"))
 
 
+def test_a_template_cut_short_is_built_again(workdir, monkeypatch, tmp_path):
+    # A full disk (or kill -9) while the template was written: every new store copied from
+    # it would be "malformed".
+    from mlflow import MlflowClient
+
+    from pipeline import tracking
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    tracking.connect(f"sqlite:///{workdir / 'first.db'}")
+    [template] = (tmp_path / "cache" / "pipeline").glob("mlflow-*-empty.db")
+    whole = template.read_bytes()
+    template.write_bytes(whole[:len(whole) // 2])
+    tracking.connect(f"sqlite:///{workdir / 'second.db'}")
+    assert [e.name for e in MlflowClient().search_experiments()] == ["Default"]
+    from pipeline.tracking import store
+
+    assert store._whole(template) and len(template.read_bytes()) == len(whole)
+    assert sorted(p.name for p in workdir.glob("*.db*")) == ["first.db", "second.db"]
+
+
 def test_a_sqlite_uri_with_a_query_is_left_to_mlflow(workdir, monkeypatch, tmp_path):
     # No template copied to a file named after the whole URI ("store.db?mode=ro", or one
     # carrying a password given in the query).

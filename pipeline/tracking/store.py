@@ -130,6 +130,8 @@ def _start_from_template(uri: str) -> None:
         template = home / "pipeline" / f"mlflow-{mlflow.__version__}-empty.db"
         template.parent.mkdir(parents=True, exist_ok=True)
         with filelock.FileLock(f"{template}.lock"):
+            if template.exists() and not _whole(template):  # cut short (a full disk)
+                template.unlink()
             if not template.exists():
                 partial = template.with_suffix(f".{os.getpid()}.partial")
                 engine = sqlalchemy.create_engine(f"sqlite:///{partial}")
@@ -138,9 +140,27 @@ def _start_from_template(uri: str) -> None:
                 finally:
                     engine.dispose()
                 os.replace(partial, template)
-        shutil.copyfile(template, path)
+        # Copied whole or not at all: a copy cut short by a full disk or kill -9 would stay
+        # a "malformed" store after the space came back.
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        try:
+            shutil.copyfile(template, partial)
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
     except Exception:  # noqa: BLE001  (MLflow then creates the store itself)
         return
+
+
+def _whole(database: Path) -> bool:
+    """Whether an SQLite file reads as a whole database (an empty store: milliseconds)."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+            return db.execute("pragma quick_check").fetchone() == ("ok",)
+    except sqlite3.Error:
+        return False
 
 
 @contextlib.contextmanager
