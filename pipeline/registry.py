@@ -50,7 +50,8 @@ def version_of_run(name: str, run_id: str) -> str | None:
     try:
         found = MlflowClient().search_model_versions(
             f"name = {filter_value(name)} and tags.source_run_id = '{run_id}'")
-    except MlflowException:  # no registered model of that name yet
+    except MlflowException as err:  # no registered model of that name yet
+        _absent(err)
         return None
     return str(min(int(v.version) for v in found)) if found else None
 
@@ -61,7 +62,8 @@ def is_version_of_run(name: str, version: str, run_id: str) -> bool:
     version deleted in the UI leaves its number in the trial run's tags)."""
     try:
         found = MlflowClient().get_model_version(name, version)
-    except MlflowException:
+    except MlflowException as err:
+        _absent(err)
         return False
     return run_id in (found.run_id, found.tags.get("source_run_id"))
 
@@ -71,7 +73,8 @@ def champion(name: str, alias: str = CHAMPION) -> tuple[str, float] | None:
     """The version holding ``alias`` and its objective, or None when no version holds it."""
     try:
         version = MlflowClient().get_model_version_by_alias(name, alias)
-    except MlflowException:
+    except MlflowException as err:
+        _absent(err)
         return None
     objective = version.tags.get("objective")
     return str(version.version), float(objective) if objective is not None else float("inf")
@@ -173,8 +176,34 @@ def _float(text: str | None) -> float:
 def _registered_model(name: str):
     try:
         return MlflowClient().get_registered_model(name)
-    except MlflowException:
+    except MlflowException as err:
+        _absent(err)
         raise RegistryError(f"no registered model named {name!r}") from None
+
+
+def _check_alias(alias: str) -> None:
+    """MLflow's own checks of an alias name (characters, length, reserved names)."""
+    try:
+        from mlflow.utils.validation import (
+            _validate_model_alias_name,
+            _validate_model_alias_name_reserved,
+        )
+    except ImportError:  # private to MLflow: where gone, the store still refuses the alias
+        return
+    try:
+        _validate_model_alias_name(alias)
+        _validate_model_alias_name_reserved(alias)
+    except MlflowException as err:
+        raise RegistryError(f"alias {alias!r} refused: {first_line(err)}") from None
+
+
+def _absent(err: Exception) -> None:
+    """Go on only where MLflow says a model, version or alias is not there (an unknown alias,
+    or a version that is no number, is an invalid parameter); a damaged store's error is
+    raised as it is, not read as "no such model"."""
+    if getattr(err, "error_code", None) not in ("RESOURCE_DOES_NOT_EXIST",
+                                                 "INVALID_PARAMETER_VALUE"):
+        raise err
 
 
 @interrupts.shielded
@@ -190,19 +219,23 @@ def promote(name: str, version: str, alias: str = CHAMPION, reason: str = "") ->
     _registered_model(name)
     try:
         client.get_model_version(name, version)
-    except MlflowException:
-        raise RegistryError(f"registered model {name!r} has no version {version}") from None
-    previous = champion(name, alias)
-    try:
-        client.set_registered_model_alias(name, alias, version)
     except MlflowException as err:
-        raise RegistryError(f"alias {alias!r} refused: {first_line(err)}") from None
+        _absent(err)
+        raise RegistryError(f"registered model {name!r} has no version {version}") from None
+    _check_alias(alias)  # before the record is written: a refused alias promotes nothing
+    previous = champion(name, alias)
     record = {
         "by": getpass.getuser(),
         "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "reason": reason or "promoted by hand",
         "previous_version": previous[0] if previous else "none",
     }
+    # The record first: killed before the alias moves, the same command again finds the
+    # same previous holder; the other way round the alias would move unrecorded.
     for key, value in record.items():
         client.set_model_version_tag(name, version, f"{alias}.promoted_{key}", value)
+    try:
+        client.set_registered_model_alias(name, alias, version)
+    except MlflowException as err:
+        raise RegistryError(f"alias {alias!r} refused: {first_line(err)}") from None
     return previous[0] if previous else None

@@ -115,22 +115,31 @@ def check_registered(uri: str) -> None:
     name = match["name"]
     try:
         client.get_registered_model(name)
-    except MlflowException:
+    except MlflowException as err:
+        if err.error_code not in MISSING:
+            raise  # a damaged store, say: its own error, not "no such model"
         raise ModelError(f"no registered model named {name!r}: `pipeline sweep -e "
                          "EXPERIMENT` registers one (see `pipeline models`)") from None
+    what = (f"alias {match['alias']!r}" if match["alias"] else "versions"
+            if match["version"] == "latest" else f"version {match['version']}")
     try:
         if match["alias"]:
             client.get_model_version_by_alias(name, match["alias"])
         elif match["version"] == "latest":
             if not client.search_model_versions(f"name = {filter_value(name)}",
                                                 max_results=1):
-                raise MlflowException("no versions")
+                raise ModelError(f"registered model {name!r} has no {what}")
         else:
             client.get_model_version(name, match["version"])
-    except MlflowException:
-        what = (f"alias {match['alias']!r}" if match["alias"] else "versions"
-                if match["version"] == "latest" else f"version {match['version']}")
+    except MlflowException as err:
+        if err.error_code not in MISSING:
+            raise
         raise ModelError(f"registered model {name!r} has no {what}") from None
+
+
+# How MLflow says a registered model, version or alias is not there (an unknown alias, or a
+# version that is no number, is an invalid parameter).
+MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 
 def load(uri: str, device: torch.device | None = None, allow_pickle: bool = False) -> LoadedModel:

@@ -566,6 +566,29 @@ def test_cuda_asked_for_where_there_is_none(workdir):
     assert run_statuses(workdir / "mlflow.db") == []
 
 
+def test_a_damaged_registry_is_not_read_as_a_missing_model(workdir):
+    # The first pages of the registry's tables overwritten: the store's own error, not "no
+    # registered model named ...", which sent the user off to sweep again.
+    import sqlite3
+
+    assert pipeline(workdir, "sweep", "-e", "line_fit_15pts", "--n-trials", "2").returncode == 0
+    with sqlite3.connect(workdir / "mlflow.db") as connection:
+        size = connection.execute("pragma page_size").fetchone()[0]
+        pages = connection.execute(
+            "select min(pageno) from dbstat where name in ('registered_models', "
+            "'model_versions', 'registered_model_aliases') group by name").fetchall()
+    with open(workdir / "mlflow.db", "r+b") as handle:
+        for (page,) in pages:
+            handle.seek((page - 1) * size)
+            handle.write(b"\xff" * 64)
+    (workdir / "rows.csv").write_text("x\n1\n")
+    for command in (["promote", "line_fit_15pts", "1"], ["models", "line_fit_15pts"],
+                    ["predict", "--model", "models:/line_fit_15pts@champion",
+                     "--input", "rows.csv"]):
+        assert_one_line_failure(pipeline(workdir, *command), "Error: tracking store error: "
+                                "(sqlite3.DatabaseError) database disk image is malformed")
+
+
 def test_unreachable_tracking_server(workdir):
     port = free_port()
     result = pipeline(workdir, "run", "-e", "line_fit_15pts",

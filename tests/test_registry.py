@@ -209,6 +209,12 @@ def test_registry_errors_name_what_is_missing(logged):
         registry.versions_table("absent")
     assert registry.champion("absent") is None
     assert registry.champion("present") is None
+    # A refused alias promotes nothing: no record of a promotion is left on the version.
+    for alias in ("latest", "v3", "bad alias!"):
+        with pytest.raises(RegistryError, match=f"alias '{alias}' refused"):
+            registry.promote("present", "1", alias=alias)
+    assert not any(key.startswith(("latest.", "v3.", "bad alias!."))
+                   for key in MlflowClient().get_model_version("present", "1").tags)
 
 
 def test_a_trained_champion_predicts_what_the_trained_model_does(logged):
