@@ -589,6 +589,18 @@ def test_a_damaged_registry_is_not_read_as_a_missing_model(workdir):
                                 "(sqlite3.DatabaseError) database disk image is malformed")
 
 
+def test_data_whose_files_were_deleted_are_generated_again(workdir):
+    # The generate run is FINISHED and keyed on the same rows, but its dataset/ is gone.
+    import shutil
+
+    assert pipeline(workdir, "run", "-e", "slope_only").returncode == 0
+    shutil.rmtree(workdir / "mlruns")
+    again = pipeline(workdir, "run", "-e", "slope_only")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith("generate: 60×1→1") and "reused" not in again.stdout
+    assert "reused" in pipeline(workdir, "generate", "-e", "slope_only").stdout
+
+
 def test_unreachable_tracking_server(workdir):
     port = free_port()
     result = pipeline(workdir, "run", "-e", "line_fit_15pts",

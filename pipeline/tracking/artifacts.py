@@ -128,15 +128,23 @@ def runs_frame(experiment_name: str):
 
 @interrupts.shielded
 def find_cached_dataset(experiment: str, key: str) -> str | None:
-    """The run id of a finished generate run whose data key is ``key``, if any."""
+    """The run id of a finished generate run whose data key is ``key`` and whose files are
+    still there (an artifact folder deleted by hand would otherwise be "reused" forever)."""
     runs = mlflow.search_runs(
         experiment_ids=[experiment],
         filter_string=(f"tags.data_key = '{key}' and tags.stage = 'generate' "
                        "and attributes.status = 'FINISHED'"),
-        max_results=1,
+        max_results=5,
         output_format="list",
     )
-    return runs[0].info.run_id if runs else None
+    client = MlflowClient()
+    for run in runs:
+        try:
+            if client.list_artifacts(run.info.run_id, "dataset"):
+                return run.info.run_id
+        except OSError:  # its artifact folder is gone or cannot be read
+            continue
+    return None
 
 
 def pip_requirements() -> list[str]:
