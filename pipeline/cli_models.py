@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -53,11 +54,18 @@ def predict(model_uri: str, input_path: str, output_path: str | None, device: st
     # The digits that give back the model's own float32 (or float64) values, file or screen.
     digits = "%.9g" if model.dtype == torch.float32 else "%.17g"
     if output_path:
+        # Written beside it, then moved in place: a stop or a full disk leaves the file that
+        # was there, never half of the new one.
+        target = Path(output_path).resolve()
+        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
         try:
-            frame.to_csv(output_path, index=False, float_format=digits)
+            frame.to_csv(partial, index=False, float_format=digits)
+            os.replace(partial, target)
         except OSError as err:
             raise UserError(f"--output {output_path}: cannot write it "
                             f"({err.strerror or type(err).__name__})") from None
+        finally:
+            partial.unlink(missing_ok=True)
         click.echo(f"{len(frame)} predictions of {', '.join(frame.columns)} written to "
                    f"{output_path}", err=True)
     else:

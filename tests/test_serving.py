@@ -256,6 +256,30 @@ def test_predictions_never_overwrite_their_input_or_the_store(registry_store, tm
     assert rows.read_bytes() == before and database.stat().st_size >= stored
 
 
+def test_predictions_stopped_while_written_leave_the_old_file(registry_store, tmp_path):
+    # SIGTERM while a million rows are written: the file there before is kept whole.
+    import signal
+    import time
+
+    folder, store = registry_store
+    crop_rows(1_000_000).to_csv(tmp_path / "rows.csv", index=False)
+    (tmp_path / "out.csv").write_text("apples,oranges\n1,2\n")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "predict", "--model",
+         "models:/crop_yields_builtin@champion", "--input", "rows.csv", "--output", "out.csv",
+         "--tracking-uri", store], cwd=tmp_path, env=subprocess_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".out.csv.*.partial")) and process.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr
+    assert (tmp_path / "out.csv").read_text() == "apples,oranges\n1,2\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.csv", "rows.csv"]
+
+
 @pytest.mark.parametrize(
     "args, csv, expected",
     [
