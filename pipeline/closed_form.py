@@ -26,12 +26,21 @@ def _on(array: np.ndarray, like):
     return array if isinstance(like, np.ndarray) else torch.as_tensor(array, device=like.device)
 
 
+def _offsets(head: np.ndarray) -> np.ndarray:
+    """The columns' means in the rows ``head``, where they are farther from zero than the
+    columns spread (elsewhere 0: summing about zero then loses at most a bit, and the rows
+    need no pass to shift them)."""
+    mean = head.mean(0)
+    return np.where(np.abs(mean) > head.std(0), mean, 0.0)
+
+
 class Statistics:
     """X̃ᵀX̃ and X̃ᵀY in float64, and the loss and gradient at any parameters. On the CPU they
     come from one symmetric product of [X 1 Y] per block of rows (BLAS syrk, half a general
     product's work), in one pass over the data.
 
-    With a bias, the rows are summed about a shift (the first block's column means): a
+    With a bias, the rows are summed about a shift (the first block's column means, for
+    columns farther from zero than they spread): a
     model's residuals are the same for X - mx and Y - my once the bias takes mx·w - my, so
     losses come from moments of the size of the data's spread, not of its distance from zero.
     Summed unshifted, a loss near its minimum is a difference of terms like YᵀY: targets near
@@ -45,19 +54,21 @@ class Statistics:
         self.has_bias = config.has_bias
         self.scale = 1.0 / targets.size if config.loss == "mean" else 1.0
         first = slice(0, min(n, self.ROWS))
-        shift_x, shift_y = ((features[first].mean(0), targets[first].mean(0)) if self.has_bias
-                            else (np.zeros(d), np.zeros(k)))
+        shift_x, shift_y = ((_offsets(features[first]), _offsets(targets[first]))
+                            if self.has_bias else (np.zeros(d), np.zeros(k)))
         moments = torch.zeros(d + 1 + k, d + 1 + k, dtype=torch.float64, device=device)
         block = torch.empty(min(n, self.ROWS), d + 1 + k, dtype=torch.float64, device=device)
         if device.type == "cpu":
             moments, block = moments.numpy(), block.numpy()  # numpy's a.T @ a calls syrk
+        shift = _on(np.concatenate([shift_x, [0.0], shift_y]), block)  # the ones stay ones
+        shifted = bool(shift_x.any() or shift_y.any())
         block[:, d] = 1.0
         for start in range(0, n, self.ROWS):
             rows = block[:min(self.ROWS, n - start)]
             rows[:, :d] = _on(features[start:start + self.ROWS], block)
-            rows[:, :d] -= _on(shift_x, block)
             rows[:, d + 1:] = _on(targets[start:start + self.ROWS], block)
-            rows[:, d + 1:] -= _on(shift_y, block)
+            if shifted:
+                rows -= shift  # contiguous, in cache: one pass
             moments += rows.T @ rows
         size = d + self.has_bias
         moments = torch.as_tensor(moments, device=device)
