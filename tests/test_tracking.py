@@ -104,6 +104,13 @@ def test_store_in_a_missing_folder_is_refused(workdir):
                       f"sqlite:///{workdir / 'nowhere' / 'mlflow.db'}"], "does not exist")
 
 
+def command(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    """The command in its own process: MLflow caches a store per URI, and sqlite:///mlflow.db
+    in one test's folder would be another's in this process."""
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=workdir,
+                          capture_output=True, text=True, env=subprocess_env(), timeout=120)
+
+
 def test_store_that_is_a_broken_link_is_refused(workdir):
     # An unmounted share, say: SQLite could not create the file, after minutes of retries.
     (workdir / "mlflow.db").symlink_to(workdir / "unmounted" / "mlflow.db")
@@ -117,7 +124,7 @@ def test_a_store_damaged_where_runs_write_is_one_line(workdir):
     # puts a line on autoflush before the cause.
     import sqlite3
 
-    assert CliRunner().invoke(cli, ["run", "-e", "line_fit_15pts"]).exit_code == 0
+    assert command(workdir, "run", "-e", "line_fit_15pts").returncode == 0
     with sqlite3.connect(workdir / "mlflow.db") as connection:
         size = connection.execute("pragma page_size").fetchone()[0]
         [page] = connection.execute("select pageno from dbstat where name = 'metrics' "
@@ -125,9 +132,7 @@ def test_a_store_damaged_where_runs_write_is_one_line(workdir):
     with open(workdir / "mlflow.db", "r+b") as handle:
         handle.seek((page - 1) * size)
         handle.write(b"\xff" * 64)
-    result = subprocess.run([sys.executable, "-m", "pipeline", "run", "-e", "line_fit_15pts"],
-                            cwd=workdir, capture_output=True, text=True, env=subprocess_env(),
-                            timeout=120)
+    result = command(workdir, "run", "-e", "line_fit_15pts")
     assert result.returncode == 1
     assert result.stderr.strip() == ("Error: tracking store error: (sqlite3.DatabaseError) "
                                      "database disk image is malformed")
@@ -135,12 +140,10 @@ def test_a_store_damaged_where_runs_write_is_one_line(workdir):
 
 def test_an_artifact_folder_that_cannot_be_written_is_one_line(workdir):
     # `mlruns` a file (or read-only, or on a full disk): the stage's run ends FAILED.
-    assert CliRunner().invoke(cli, ["generate", "-e", "slope_only"]).exit_code == 0
+    assert command(workdir, "generate", "-e", "slope_only").returncode == 0
     shutil.rmtree(workdir / "mlruns")
     (workdir / "mlruns").write_text("")
-    result = subprocess.run([sys.executable, "-m", "pipeline", "run", "-e", "line_fit_15pts"],
-                            cwd=workdir, capture_output=True, text=True, env=subprocess_env(),
-                            timeout=120)
+    result = command(workdir, "run", "-e", "line_fit_15pts")
     assert result.returncode == 1
     assert result.stderr.strip().startswith("Error: not a directory: ")
     assert len(result.stderr.strip().splitlines()) == 1
