@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import click
@@ -54,22 +55,34 @@ def predict(model_uri: str, input_path: str, output_path: str | None, device: st
     # The digits that give back the model's own float32 (or float64) values, file or screen.
     digits = "%.9g" if model.dtype == torch.float32 else "%.17g"
     if output_path:
-        # Written beside it, then moved in place: a stop or a full disk leaves the file that
-        # was there, never half of the new one.
-        target = Path(output_path).resolve()
-        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
         try:
-            frame.to_csv(partial, index=False, float_format=digits)
-            os.replace(partial, target)
+            _write(frame, Path(output_path), digits)
         except OSError as err:
             raise UserError(f"--output {output_path}: cannot write it "
                             f"({err.strerror or type(err).__name__})") from None
-        finally:
-            partial.unlink(missing_ok=True)
         click.echo(f"{len(frame)} predictions of {', '.join(frame.columns)} written to "
                    f"{output_path}", err=True)
     else:
         click.echo(frame.to_csv(index=False, float_format=digits), nl=False)
+
+
+def _write(frame, output: Path, digits: str) -> None:
+    """A file is written beside itself, then moved in place: a stop or a full disk leaves the
+    file that was there, never half of the new one. Anything else (/dev/null, /dev/stdout, a
+    FIFO) is written to as it is, appending: `--output /dev/stdout >> log` keeps the log."""
+    target = output.resolve()
+    if str(output.absolute()).startswith(("/dev/", "/proc/")) or (
+            target.exists() and not target.is_file()):
+        frame.to_csv(output, index=False, float_format=digits, mode="a")
+        return
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        frame.to_csv(partial, index=False, float_format=digits)
+        if target.exists():
+            shutil.copymode(target, partial)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _check_output(output: Path, input_path: Path) -> None:
@@ -81,6 +94,8 @@ def _check_output(output: Path, input_path: Path) -> None:
         return
     if input_path.exists() and output.samefile(input_path):
         raise UserError(f"--output {output} is the input file; write the predictions elsewhere")
+    if not output.is_file():
+        return  # /dev/null, a FIFO: nothing there to keep, and nothing to read
     from pipeline.tracking import SQLITE_HEADER
 
     try:

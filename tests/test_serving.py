@@ -280,6 +280,40 @@ def test_predictions_stopped_while_written_leave_the_old_file(registry_store, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.csv", "rows.csv"]
 
 
+def test_predictions_to_a_device_or_a_fifo_write_through_it(registry_store, tmp_path):
+    # Not replaced by a file (as root, /dev/null would have been), not read first (a FIFO
+    # would block), and appended to: `--output /dev/stdout >> log` keeps the log.
+    import os
+    import stat
+    import threading
+
+    folder, store = registry_store
+    crop_rows(2).to_csv(tmp_path / "rows.csv", index=False)
+    args = ["--model", "models:/crop_yields_builtin@champion", "--input", "rows.csv",
+            "--tracking-uri", store]
+    shown = pipeline(tmp_path, "predict", *args).stdout
+    try:  # a copy of /dev/null (making one needs root)
+        os.mknod(tmp_path / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except PermissionError:
+        pass
+    else:
+        assert pipeline(tmp_path, "predict", *args, "--output", "null").returncode == 0
+        assert stat.S_ISCHR((tmp_path / "null").stat().st_mode)
+    os.mkfifo(tmp_path / "fifo")
+    read = []
+    reader = threading.Thread(target=lambda: read.append((tmp_path / "fifo").read_text()))
+    reader.start()
+    assert pipeline(tmp_path, "predict", *args, "--output", "fifo").returncode == 0
+    reader.join(timeout=60)
+    assert read == [shown]
+    (tmp_path / "log.txt").write_text("header\n")
+    with open(tmp_path / "log.txt", "a") as log:
+        subprocess.run([sys.executable, "-m", "pipeline", "predict", *args, "--output",
+                        "/dev/stdout"], cwd=tmp_path, stdout=log, env=subprocess_env(),
+                       check=True, timeout=120)
+    assert (tmp_path / "log.txt").read_text() == "header\n" + shown
+
+
 @pytest.mark.parametrize(
     "args, csv, expected",
     [
