@@ -76,24 +76,26 @@ def _check_magnitude(dataset: Dataset, where: str) -> None:
 
 
 def check_dtype_range(dataset: Dataset, dtype: str, scaled: bool) -> None:
-    """Refuse values whose squares overflow ``dtype``, the dtype training computes in: the loss
-    of such a row is inf from the first epoch whatever the learning rate (float32 holds
-    squares up to about 3.4e38, so values up to about 1.8e19). Scaled features are no larger
-    than the square root of the row count, so only the targets count then."""
-    limit = np.sqrt(np.finfo(dtype).max)
-    columns = [(dataset.targets, dataset.target_names)]
+    """Refuse a column whose sum of squares overflows ``dtype``, the dtype training computes
+    in: the loss (a sum of squared residuals, which start near the targets) is inf from the
+    first epoch whatever the learning rate, and so is the gradient of a feature that large
+    (float32 holds sums up to about 3.4e38). Scaled features are no larger than the square
+    root of the row count, so only the targets count then."""
+    limit = float(np.finfo(dtype).max)
+    columns = [(dataset.targets, dataset.target_names, "")]
     if not scaled:
-        columns.insert(0, (dataset.features, dataset.feature_names))
-    for values, names in columns:
-        large = np.abs(values) > limit
-        if not large.any():
+        columns.insert(0, (dataset.features, dataset.feature_names, ", set scale=standard"))
+    for values, names, scale in columns:
+        with np.errstate(over="ignore"):
+            squares = np.einsum("ij,ij->j", values, values)
+        if (squares <= limit).all():
             continue
-        row, column = (int(i[0]) for i in np.nonzero(large))
+        column = int(np.flatnonzero(~(squares <= limit))[0])
+        row = int(np.abs(values[:, column]).argmax())
         raise DataError(
-            f"column {names[column]} holds {values[row, column]:g} (data row {row + 1}), whose "
-            f"square overflows {dtype}, the dtype training computes in; rescale the column"
-            f"{'' if scaled or values is dataset.targets else ', set scale=standard'} or set "
-            "dtype=float64")
+            f"column {names[column]}: the sum of its squares overflows {dtype}, the dtype "
+            f"training computes in (its largest value: {values[row, column]:g}, data row "
+            f"{row + 1}); rescale the column{scale} or set dtype=float64")
 
 
 def column_names(config: DataConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:

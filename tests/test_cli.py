@@ -521,14 +521,17 @@ def test_empty_recipe_is_refused_before_any_run(workdir):
     "command, rows, extra, expected",
     [
         ("train", "x,y\n1,2\n2,3e19\n3,4\n", (),
-         "column y holds 3e+19 (data row 2), whose square overflows float32, the dtype "
-         "training computes in; rescale the column or set dtype=float64"),
+         "column y: the sum of its squares overflows float32, the dtype training computes in "
+         "(its largest value: 3e+19, data row 2); rescale the column or set dtype=float64"),
         ("run", "x,y\n1,2\n2e20,3\n3,4\n", (),
-         "column x holds 2e+20 (data row 2), whose square overflows float32, the dtype "
-         "training computes in; rescale the column, set scale=standard or set dtype=float64"),
-        ("sweep", "x,y\n1,2\n2,3e19\n3,4\n", ("--n-trials", "2"), "column y holds 3e+19"),
+         "column x: the sum of its squares overflows float32, the dtype training computes in "
+         "(its largest value: 2e+20, data row 2); rescale the column, set scale=standard or "
+         "set dtype=float64"),
+        # Each square fits in float32, their sum does not.
+        ("sweep", "x,y\n" + "".join(f"{i},1e19\n" for i in range(8)), ("--n-trials", "2"),
+         "column y: the sum of its squares overflows float32"),
     ],
-    ids=["train-target", "run-feature", "sweep"],
+    ids=["train-target", "run-feature", "sweep-a-sum"],
 )
 def test_values_whose_squares_overflow_float32_are_refused_before_any_run(
         workdir, command, rows, extra, expected):
