@@ -30,11 +30,17 @@ def check_recipe(exp: Experiment, data_uri: str) -> None:
         raise data.DataError(f"--data {data_uri} was generated from a {then} recipe, but "
                              f"{exp.name} makes its rows from a {exp.data.source} recipe; "
                              f"{advice}")
+    cut = False  # a value longer than a param holds, compared only as far as it was kept
     for key, value in exp.params().items():
         if key.startswith("data.") and key != "data.csv":  # a path may be written two ways
             if (then := recorded.get(key)) != (now := tracking.param_text(value)):
                 raise data.DataError(f"--data {data_uri} was generated with {key}={then}, but "
                                      f"{exp.name} has {key}={now} now; {advice}")
+            cut = cut or len(now) == tracking.PARAM_CHARS
+    if cut and run.data.tags.get("data_key") != data.content_key(exp.data, exp.seed):
+        raise data.DataError(f"--data {data_uri} was generated with other data settings than "
+                             f"{exp.name} has now (they differ past what a param keeps); "
+                             f"{advice}")
     # The same settings can still give other rows: another CSV file, or another seed where
     # the recipe draws random numbers.
     then_csv, then_seed = recorded.get("data.csv", ""), recorded.get("seed")

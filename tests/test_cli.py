@@ -429,6 +429,23 @@ def test_data_generated_with_a_feature_list_longer_than_a_param_is_taken(store, 
     assert len(run.data.params["data.features"]) == MAX_PARAM_VAL_LENGTH
 
 
+def test_data_generated_from_rows_that_differ_past_a_param_is_refused(store, workdir):
+    # 1200 rows written out: the logged params keep their first 6000 characters, so the last
+    # target is compared through the data's key.
+    rows = {"lr": 1e-7, "epochs": 3, "data": {"source": "table",
+                                             "features": [[i] for i in range(1200)],
+                                             "targets": [[1.0]] * 1200}}
+    (workdir / "e.yaml").write_text(yaml.safe_dump(rows))
+    data_uri = invoke(store, "generate", "-e", "e.yaml").output.split()[-1]
+    invoke(store, "train", "-e", "e.yaml", "--data", data_uri)  # the same rows are taken
+    rows["data"]["targets"][-1] = [999.0]
+    (workdir / "e.yaml").write_text(yaml.safe_dump(rows))
+    result = CliRunner().invoke(cli, ["train", "-e", "e.yaml", "--data", data_uri,
+                                      "--tracking-uri", store])
+    assert result.exit_code == 1
+    assert "they differ past what a param keeps" in result.stderr, result.output
+
+
 def test_data_generated_from_another_csv_is_refused(store, workdir):
     (workdir / "a.csv").write_text("x,y\n1,3\n2,5\n3,7\n")
     (workdir / "b.csv").write_text("x,y\n10,30\n20,50\n")

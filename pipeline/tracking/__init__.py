@@ -19,6 +19,7 @@ from pipeline.tracking.artifacts import (  # noqa: F401
     write_dataset,
 )
 from pipeline.tracking.records import (  # noqa: F401
+    PARAM_CHARS,
     SYSTEM_METRICS_S,
     get_run,
     log_curves,
