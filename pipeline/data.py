@@ -237,9 +237,10 @@ def draws_random_numbers(config: DataConfig) -> bool:
 
 
 # The version of the rows the recipes make. A change to the code that gives other rows for the
-# same recipe and seed bumps it: cached data and resumable studies keyed on the old rows then
-# stop matching. tests/test_data.py pins the rows each recipe gives, so such a change cannot go
-# unnoticed; any other change to this module leaves the keys, the cache and the studies alone.
+# same recipe and seed (or splits them, or reads a CSV, otherwise) bumps it: cached data and
+# resumable studies keyed on the old rows then stop matching. tests/test_data.py pins the rows
+# each recipe gives, a split and a CSV's reading, so such a change does not go unnoticed; any
+# other change leaves the keys, the cache and the studies alone.
 ROWS_VERSION = 1
 
 

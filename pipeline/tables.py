@@ -35,6 +35,9 @@ OTHER_FORMATS = (".json", ".jsonl", ".ndjson", ".xlsx", ".xls", ".ods", ".feathe
                  ".h5", ".hdf5", ".pkl", ".pickle", ".npy", ".npz")
 
 
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip", ".tar")  # pandas opens these itself
+
+
 def read_frame(path: str | Path):
     """A CSV or Parquet file as a DataFrame; in a CSV only an empty cell counts as missing."""
     import pandas as pd
@@ -71,9 +74,9 @@ def read_frame(path: str | Path):
         raise DataError(f"{path}: cannot be read: the compressed file ends early") from None
     except ImportError as err:  # .zst without zstandard: "`Import zstandard` failed. ..."
         package = err.name or next(iter(re.findall(r"`Import (\w+)`", str(err))), "a")
+        advice = "decompress it first" if path.suffix.lower() in COMPRESSED else "install it"
         raise DataError(f"{path}: cannot be read: pandas needs the {package} package for "
-                        f"{path.suffix} files, which is not installed; decompress it "
-                        "first") from None
+                        f"{path.suffix} files, which is not installed; {advice}") from None
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(f"{path}: cannot be read as a table ({first})") from None

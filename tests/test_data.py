@@ -603,6 +603,20 @@ def test_rows_are_those_of_their_version(name):
     assert rows.targets[-1].tolist() == pytest.approx(last_targets, rel=1e-12)
 
 
+def test_splits_and_csv_rows_are_those_of_their_version(tmp_path):
+    # The split (which rows are held out) and the reading of a CSV decide a study's rows too.
+    exp = experiment("synthetic")
+    train_set, val_set = data.split(built("synthetic"), exp.val_fraction, exp.seed)
+    assert data.ROWS_VERSION == 1 and val_set.n_rows == 400
+    assert val_set.targets.sum() == pytest.approx(-775.9540050793987, rel=1e-12)
+    assert train_set.features[0, 0] == pytest.approx(-0.6232744625373522, rel=1e-12)
+    (tmp_path / "rows.csv").write_bytes(
+        b'\xef\xbb\xbf"a", b ,c\r\n"1.5",+2,-3e2\r\n0.25,  4 ,5\r\n\r\n')
+    rows = tables.read_table(tmp_path / "rows.csv", ("a", " b "), ("c",))
+    assert rows.features.tolist() == [[1.5, 2.0], [0.25, 4.0]]
+    assert rows.targets.tolist() == [[-300.0], [5.0]]
+
+
 def test_content_key_does_not_follow_the_code_beside_the_rows():
     """Editing data.py elsewhere (a message, a check) must not orphan cached data or studies:
     the key names the recipe, the seed and the rows' version, not the module's source."""
