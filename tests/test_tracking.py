@@ -150,6 +150,17 @@ def test_an_artifact_folder_that_cannot_be_written_is_one_line(workdir):
     assert "RUNNING" not in run_statuses(workdir / "mlflow.db")
 
 
+@pytest.mark.parametrize("path", ["m.db", "file:m.db"])
+@pytest.mark.parametrize("query", ["?mode=ro&uri=true", "?mode=ro", "?uri=true"])
+def test_sqlite_uri_parameters_are_refused(workdir, path, query):
+    # SQLite would make a file named "m.db?mode=ro", or drop the mode; MLflow, given a file:
+    # path, makes a folder named "file:".
+    one_line_failure(["run", "-e", "line_fit_15pts", "--tracking-uri",
+                      f"sqlite:///{path}{query}"],
+                     "MLflow's SQLite store takes no SQLite URI parameters (mode=, uri=)")
+    assert list(workdir.iterdir()) == []
+
+
 def test_corrupt_store_is_refused(workdir):
     (workdir / "mlflow.db").write_bytes(b"this is not a database" * 100)
     one_line_failure(["run", "-e", "line_fit_15pts"], "is not an SQLite database")

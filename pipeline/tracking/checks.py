@@ -143,7 +143,15 @@ def _check_login(uri: str, shown: str) -> None:
 def check_sqlite_file(uri: str, shown: str, existing: bool = False) -> None:
     """Refuse what SQLite would fail on only after minutes of MLflow's retries."""
     # sqlite:///relative.db and sqlite:////absolute.db; sqlite:// alone is in memory.
-    name = uri.partition(":///")[2].partition("?")[0]
+    name, _, query = uri.partition(":///")[2].partition("?")
+    # SQLite's own URI parameters (mode=ro, uri=true): without a file: path the query becomes
+    # part of the file's name ("mlflow.db?mode=ro") or is dropped with a warning, and with
+    # one MLflow makes a folder named "file:". Neither is what was asked for.
+    keys = {part.partition("=")[0].lower() for part in query.split("&") if part}
+    if keys & {"mode", "uri"}:
+        raise TrackingError(f"tracking store {shown}: MLflow's SQLite store takes no SQLite URI "
+                            "parameters (mode=, uri=); give the file alone, e.g. "
+                            "sqlite:///mlflow.db")
     if name in ("", ":memory:"):
         raise TrackingError(f"tracking store {shown} is a database in memory: nothing would be "
                             "kept; give a file, e.g. sqlite:///mlflow.db")
