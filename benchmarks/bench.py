@@ -320,7 +320,7 @@ def sweep_phases(trials: int, folder: str) -> None:
     from mlflow.tracking import MlflowClient
 
     clock.seconds["import mlflow"] = time.perf_counter() - import_start
-    from pipeline import cli, engine, sweep_report, tracking
+    from pipeline import engine, entry, sweep_report, tracking
 
     clock.wrap(tracking, "connect", "store: open, check, migrate")
     clock.wrap(MlflowClient, "create_run", "runs: create and end")
@@ -332,7 +332,7 @@ def sweep_phases(trials: int, folder: str) -> None:
     sys.argv = ["pipeline", "sweep", *SWEEP_ARGS, "--n-trials", str(trials), "--tracking-uri",
                 f"sqlite:///{folder}/phases.db", "--storage", f"{folder}/phases.journal"]
     try:
-        cli.main()
+        entry.main()
     except SystemExit as done:
         if done.code:
             raise

@@ -4,7 +4,7 @@ A command imports torch, MLflow, SQLAlchemy, pandas and Optuna: some 700,000 obj
 as long as the process. Left alone, the collector walks all of them again and again while they
 are imported (a full collection each time the heap grows by a quarter: 1.3 s of a 6.4 s
 `pipeline run`), and once more while the interpreter shuts down (1.5-2 s). So the command's
-own process (:func:`own`, called by ``pipeline.cli.main``) imports with the collector paused;
+own process (:func:`own`, called by ``pipeline.entry.main``) imports with the collector paused;
 :func:`settle`, once the store is connected, moves everything alive into the permanent
 generation (``gc.freeze``), which collections skip, and resumes collecting, so what the
 command makes from then on is collected as usual, however long it runs. Bounded work that

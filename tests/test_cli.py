@@ -665,7 +665,7 @@ def test_divergence_is_recorded_not_crashed(workdir):
 
 def test_help_is_quick_to_import():
     # `pipeline --help` must not import torch or mlflow.
-    code = "import sys, pipeline.cli; print(any(m in sys.modules for m in ('torch', 'mlflow')))"
+    code = "import sys, pipeline.entry; print(any(m in sys.modules for m in ('torch', 'mlflow')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.stdout.strip() == "False"
 
