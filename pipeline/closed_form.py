@@ -40,9 +40,9 @@ class Statistics:
     product's work), in one pass over the data.
 
     With a bias, the rows are summed about a shift (the first block's column means, for
-    columns farther from zero than they spread): a
-    model's residuals are the same for X - mx and Y - my once the bias takes mx·w - my, so
-    losses come from moments of the size of the data's spread, not of its distance from zero.
+    columns farther from zero than they spread): a model's residuals are the same for X - mx
+    and Y - my once the bias takes mx·w - my, so losses come from moments of the size of the
+    data's spread, not of its distance from zero.
     Summed unshifted, a loss near its minimum is a difference of terms like YᵀY: targets near
     1e9 left an error of 1e-16·YᵀY, larger than the loss itself."""
 

@@ -63,16 +63,12 @@ def _check_magnitude(dataset: Dataset, where: str) -> None:
     be computed on it (a CSV cell of 1e308 is a finite number, but not one to train on)."""
     for values, names in ((dataset.features, dataset.feature_names),
                           (dataset.targets, dataset.target_names)):
-        with np.errstate(over="ignore", invalid="ignore"):
-            squares = np.einsum("ij,ij->j", values, values)
-        if np.isfinite(squares).all():
-            continue
-        column = int(np.flatnonzero(~np.isfinite(squares))[0])
-        row = int(np.abs(values[:, column]).argmax())
-        raise DataError(
-            f"{where}column {names[column]} holds values too large to train on "
-            f"({values[row, column]:g} in data row {row + 1}): the sum of their squares "
-            "overflows; rescale the column")
+        if (found := _overflowing(values, "float64")) is not None:
+            column, row = found
+            raise DataError(
+                f"{where}column {names[column]} holds values too large to train on "
+                f"({values[row, column]:g} in data row {row + 1}): the sum of their squares "
+                "overflows; rescale the column")
 
 
 def check_dtype_range(dataset: Dataset, dtype: str, scaled: bool) -> None:
@@ -81,21 +77,28 @@ def check_dtype_range(dataset: Dataset, dtype: str, scaled: bool) -> None:
     first epoch whatever the learning rate, and so is the gradient of a feature that large
     (float32 holds sums up to about 3.4e38). Scaled features are no larger than the square
     root of the row count, so only the targets count then."""
-    limit = float(np.finfo(dtype).max)
     columns = [(dataset.targets, dataset.target_names, "")]
     if not scaled:
         columns.insert(0, (dataset.features, dataset.feature_names, ", set scale=standard"))
     for values, names, scale in columns:
-        with np.errstate(over="ignore"):
-            squares = np.einsum("ij,ij->j", values, values)
-        if (squares <= limit).all():
-            continue
-        column = int(np.flatnonzero(~(squares <= limit))[0])
-        row = int(np.abs(values[:, column]).argmax())
-        raise DataError(
-            f"column {names[column]}: the sum of its squares overflows {dtype}, the dtype "
-            f"training computes in (its largest value: {values[row, column]:g}, data row "
-            f"{row + 1}); rescale the column{scale} or set dtype=float64")
+        if (found := _overflowing(values, dtype)) is not None:
+            column, row = found
+            raise DataError(
+                f"column {names[column]}: the sum of its squares overflows {dtype}, the dtype "
+                f"training computes in (its largest value: {values[row, column]:g}, data row "
+                f"{row + 1}); rescale the column{scale} or set dtype=float64")
+
+
+def _overflowing(values: np.ndarray, dtype: str) -> tuple[int, int] | None:
+    """The first column whose sum of squares ``dtype`` cannot hold, and its largest value's
+    row; None where every column's fits."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        squares = np.einsum("ij,ij->j", values, values)
+    fits = squares <= np.finfo(dtype).max  # inf and NaN do not
+    if fits.all():
+        return None
+    column = int(np.flatnonzero(~fits)[0])
+    return column, int(np.abs(values[:, column]).argmax())
 
 
 def column_names(config: DataConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
