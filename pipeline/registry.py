@@ -51,7 +51,7 @@ def version_of_run(name: str, run_id: str) -> str | None:
         found = MlflowClient().search_model_versions(
             f"name = {filter_value(name)} and tags.source_run_id = '{run_id}'")
     except MlflowException as err:  # no registered model of that name yet
-        _absent(err)
+        raise_unless_absent(err)
         return None
     return str(min(int(v.version) for v in found)) if found else None
 
@@ -63,7 +63,7 @@ def is_version_of_run(name: str, version: str, run_id: str) -> bool:
     try:
         found = MlflowClient().get_model_version(name, version)
     except MlflowException as err:
-        _absent(err)
+        raise_unless_absent(err)
         return False
     return run_id in (found.run_id, found.tags.get("source_run_id"))
 
@@ -74,7 +74,7 @@ def champion(name: str, alias: str = CHAMPION) -> tuple[str, float] | None:
     try:
         version = MlflowClient().get_model_version_by_alias(name, alias)
     except MlflowException as err:
-        _absent(err)
+        raise_unless_absent(err)
         return None
     objective = version.tags.get("objective")
     return str(version.version), float(objective) if objective is not None else float("inf")
@@ -177,7 +177,7 @@ def _registered_model(name: str):
     try:
         return MlflowClient().get_registered_model(name)
     except MlflowException as err:
-        _absent(err)
+        raise_unless_absent(err)
         raise RegistryError(f"no registered model named {name!r}") from None
 
 
@@ -197,7 +197,7 @@ def _check_alias(alias: str) -> None:
         raise RegistryError(f"alias {alias!r} refused: {first_line(err)}") from None
 
 
-def _absent(err: Exception) -> None:
+def raise_unless_absent(err: Exception) -> None:
     """Go on only where MLflow says a model, version or alias is not there (an unknown alias,
     or a version that is no number, is an invalid parameter); a damaged store's error is
     raised as it is, not read as "no such model"."""
@@ -220,7 +220,7 @@ def promote(name: str, version: str, alias: str = CHAMPION, reason: str = "") ->
     try:
         client.get_model_version(name, version)
     except MlflowException as err:
-        _absent(err)
+        raise_unless_absent(err)
         raise RegistryError(f"registered model {name!r} has no version {version}") from None
     _check_alias(alias)  # before the record is written: a refused alias promotes nothing
     previous = champion(name, alias)

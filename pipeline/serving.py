@@ -109,6 +109,7 @@ def check_registered(uri: str) -> None:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    from pipeline.registry import raise_unless_absent
     from pipeline.tracking.store import filter_value
 
     client = MlflowClient()
@@ -116,8 +117,7 @@ def check_registered(uri: str) -> None:
     try:
         client.get_registered_model(name)
     except MlflowException as err:
-        if err.error_code not in MISSING:
-            raise  # a damaged store, say: its own error, not "no such model"
+        raise_unless_absent(err)  # a damaged store, say: its own error, not "no such model"
         raise ModelError(f"no registered model named {name!r}: `pipeline sweep -e "
                          "EXPERIMENT` registers one (see `pipeline models`)") from None
     what = (f"alias {match['alias']!r}" if match["alias"] else "versions"
@@ -132,14 +132,9 @@ def check_registered(uri: str) -> None:
         else:
             client.get_model_version(name, match["version"])
     except MlflowException as err:
-        if err.error_code not in MISSING:
-            raise
+        raise_unless_absent(err)
         raise ModelError(f"registered model {name!r} has no {what}") from None
 
-
-# How MLflow says a registered model, version or alias is not there (an unknown alias, or a
-# version that is no number, is an invalid parameter).
-MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 
 def load(uri: str, device: torch.device | None = None, allow_pickle: bool = False) -> LoadedModel:
