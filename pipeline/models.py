@@ -63,10 +63,14 @@ def _draw(spec: str | float, shape: tuple[int, ...], dtype) -> torch.Tensor:
 def linear_forward(x, weight, bias, activation: str):
     """``act(x @ weight.T) + bias`` in ``x``'s dtype (parameters kept in another are cast, as
     tutorial 004 writes ``X.mm(w1.double())``; their gradients come back in their own)."""
-    out = x @ weight.to(x.dtype).T
-    if activation == "relu":
-        out = out.clamp(min=0)
-    return out if bias is None else out + bias.to(x.dtype)
+    return linear_parts(x, weight, bias, activation)[0]
+
+
+def linear_parts(x, weight, bias, activation: str):
+    """(:func:`linear_forward`, the pre-activation ``x @ weight.T`` it was computed from)."""
+    pre = x @ weight.to(x.dtype).T
+    out = pre.clamp(min=0) if activation == "relu" else pre
+    return (out if bias is None else out + bias.to(x.dtype)), pre
 
 
 class ManualLinear:

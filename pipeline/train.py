@@ -27,6 +27,8 @@ EpochCallback = Callable[[int, float, "float | None"], bool]
 
 PATH_MAX_PARAMETERS = 2  # record the parameters' path when it can be drawn on a loss surface
 DIVERGENCE_FACTOR = 100.0  # a loss this many times above its start will not come back
+BY_COLUMN_ROWS = 1 << 16  # a full batch this tall is stored by column: see features_tensor
+COPY_BLOCK_BYTES = 1 << 20  # rows laid out by column together: see features_tensor
 
 
 @dataclass
@@ -94,13 +96,15 @@ def finish(result: TrainResult) -> TrainResult:
 def _fit(config, train_set, val_set, on_epoch) -> TrainResult:
     device = resolve_device(config.device)
     dtype = models.DTYPES[config.dtype]
+    rows = len(train_set.features)
+    one_batch = (config.batch_size is None or config.batch_size >= rows) and not config.shuffle
     # Moved to the device once; every epoch reads these tensors.
-    x = torch.as_tensor(train_set.features, dtype=dtype, device=device)
+    x = features_tensor(train_set.features, dtype, device, by_column=one_batch)
     y = torch.as_tensor(train_set.targets, dtype=dtype, device=device)
     val = None
     if val_set is not None:
         val = (
-            torch.as_tensor(val_set.features, dtype=dtype, device=device),
+            features_tensor(val_set.features, dtype, device, by_column=True),
             torch.as_tensor(val_set.targets, dtype=dtype, device=device),
         )
 
@@ -110,8 +114,7 @@ def _fit(config, train_set, val_set, on_epoch) -> TrainResult:
     result = TrainResult(model=model, device=device)
     record = _recorder(result, model, config, val, on_epoch)
 
-    full_batch = config.batch_size is None or config.batch_size >= x.shape[0]
-    if full_batch and not config.shuffle:
+    if one_batch:
         # One forward pass per epoch: the loss that drives update k is the curve's point k-1.
         loss, context = step.forward(x, y)
         if record(0, loss):
@@ -133,6 +136,29 @@ def _fit(config, train_set, val_set, on_epoch) -> TrainResult:
             if record(epoch, squared_error(model(x), y, config.loss)):
                 break
     return result
+
+
+def features_tensor(features, dtype, device, by_column: bool) -> torch.Tensor:
+    """The features as a tensor on ``device``; on the CPU, ``by_column`` stores each column's
+    values next to each other (the same tensor to every operation, in another layout).
+
+    Read whole, rows times a vector is one short dot product per row in MKL, at half the
+    memory's bandwidth; stored by column, that product streams like the gradient's. A full
+    batch on 1,000,000 x 32 rows, two cores: the forward product took 6.4 ms by rows, 2.8 ms by
+    columns (one read of the rows: 2.9 ms); the gradient's 2.9 ms either way. Batches drawn
+    by row index keep rows together. Fewer rows than ``BY_COLUMN_ROWS`` are read from the
+    cache either way and keep the layout, and with it the sums, of the tutorials' own code.
+    """
+    if not by_column or device.type != "cpu" or len(features) < BY_COLUMN_ROWS:
+        return torch.as_tensor(features, dtype=dtype, device=device)
+    source = torch.as_tensor(features)
+    tensor = torch.empty_strided(source.shape, (1, max(len(source), 1)), dtype=dtype)
+    # Block by block, each block's rows in the cache while they are spread over the columns:
+    # on 1,000,000 x 32 float64 rows, 70 ms against 230 ms in one copy (35 ms by rows).
+    rows = max(1, COPY_BLOCK_BYTES // max(source[:1].nbytes, 1))
+    for first in range(0, len(source), rows):
+        tensor[first:first + rows].copy_(source[first:first + rows])
+    return tensor
 
 
 def _recorder(result: TrainResult, model, config: TrainConfig, val, on_epoch):
@@ -223,9 +249,8 @@ class _AnalyticStep(_AutogradStep):
 
     def forward(self, x, y):
         with torch.no_grad():
-            pre_activation = x @ self.model.weight.to(x.dtype).T
-            pred = models.linear_forward(x, self.model.weight, self.model.bias,
-                                         self.model.activation)
+            pred, pre_activation = models.linear_parts(x, self.model.weight, self.model.bias,
+                                                       self.model.activation)
             residual = pred - y
             loss = squared_error(pred, y, self.reduction)
         return loss, (x, residual, pre_activation)

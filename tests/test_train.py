@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from pipeline import config, data, interrupts, models
+from pipeline import train as train_module
 from pipeline.errors import UserError
-from pipeline.train import DIVERGENCE_FACTOR, resolve_device, train
+from pipeline.train import DIVERGENCE_FACTOR, features_tensor, resolve_device, train
 
 # Tutorial 000 prints the loss before training, then before each of its 10 further updates.
 LINE_FIT_PRINTED = [104.9967, 2.1443493366241455, 0.2407105565071106, 0.20529970526695251,
@@ -242,6 +243,34 @@ def test_cuda_training_matches_cpu():
     _, _, gpu = fit("crop_yields_manual", "device=cuda", "dtype=float64")
     assert gpu.device.type == "cuda"
     np.testing.assert_allclose(cpu.train_loss, gpu.train_loss, rtol=1e-9)
+
+
+@pytest.mark.parametrize("model", ["manual", "builtin"])
+def test_a_tall_full_batch_is_stored_by_column_and_trains_as_by_row(model, monkeypatch):
+    exp = config.load("synthetic", [f"data.n_rows={2 * train_module.BY_COLUMN_ROWS}",
+                                    "data.n_features=5", "val_fraction=0.1", f"model={model}",
+                                    "batch_size=null", "shuffle=false", "epochs=20",
+                                    "dtype=float64"])
+    dataset = data.build(exp.data, exp.seed)
+    train_set, val_set = data.split(dataset, exp.val_fraction, exp.seed)
+    rows = len(train_set.features)
+    x = features_tensor(train_set.features, torch.float64, torch.device("cpu"), by_column=True)
+    assert x.stride() == (1, rows) and torch.equal(x, torch.as_tensor(train_set.features))
+    by_column = train(exp.train, train_set, val_set)
+    monkeypatch.setattr(train_module, "BY_COLUMN_ROWS", 10**9)
+    by_row = train(exp.train, train_set, val_set)
+    np.testing.assert_allclose(by_column.train_loss, by_row.train_loss, rtol=1e-12)
+    np.testing.assert_allclose(by_column.val_loss, by_row.val_loss, rtol=1e-12)
+    assert by_column.train_loss[-1] < by_column.train_loss[0] / 2
+
+
+def test_rows_drawn_in_batches_or_few_keep_their_layout():
+    features = np.arange(12.0).reshape(4, 3)
+    for by_column in (True, False):
+        x = features_tensor(features, torch.float32, torch.device("cpu"), by_column)
+        assert x.is_contiguous() and torch.equal(x, torch.as_tensor(features, dtype=x.dtype))
+    tall = np.zeros((train_module.BY_COLUMN_ROWS, 2))
+    assert features_tensor(tall, torch.float32, torch.device("cpu"), False).is_contiguous()
 
 
 def test_a_batch_size_beyond_the_rows_is_one_batch():
