@@ -142,7 +142,6 @@ def run_tags(run_id: str) -> dict[str, str]:
 
 
 @interrupts.shielded
-@interrupts.shielded
 def run_experiment(run_id: str) -> str | None:
     """The experiment of run ``run_id`` (deleted or not), or None where this store lacks it."""
     try:
