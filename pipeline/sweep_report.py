@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,8 +46,8 @@ def summarise(study: optuna.Study, exp: configs.Experiment, ctx, rates: dict[str
     states = studies.counts(study)
     summary = Summary(study.study_name, ctx.experiment_id, ctx.parent_run_id,
                       sum(states.values()), new_trials, states, None, {}, rates)
-    log_study(study, ctx.parent_run_id, rates, "val_loss" if ctx.split[1] is not None
-              else "train_loss", _curves_floor(ctx.split, exp, rates))
+    log_study(study, ctx.parent_run_id, rates, ctx.plotted, _curves_floor(ctx.split, exp, rates),
+              ctx.curves)
     interrupts.check()  # Ctrl-C while plotting stops before anything is registered
     if not states.get(TrialState.COMPLETE.name):
         return summary
@@ -111,10 +112,11 @@ def already_summarised(study: optuna.Study, exp: configs.Experiment, ctx,
 
 @np.errstate(over="ignore", invalid="ignore")  # axes over an lr range up to 1e308 overflow
 def log_study(study: optuna.Study, parent_run_id: str, rates: dict[str, float],
-              metric: str, optimum: float | None) -> None:
+              metric: str, optimum: float | None,
+              known: Mapping[str, Sequence[float]] | None = None) -> None:
     """The trials table as CSV and the sweep's plots as images, on the parent run: every
-    trial's ``metric`` curve together, lr against the objective and epochs, and Optuna's
-    history and importances."""
+    trial's ``metric`` curve together (read from the store, but those in ``known``, by run
+    id), lr against the objective and epochs, and Optuna's history and importances."""
     import warnings
 
     from pipeline import plots
@@ -132,7 +134,7 @@ def log_study(study: optuna.Study, parent_run_id: str, rates: dict[str, float],
     diverged = {t.number for t in ended if t.user_attrs.get("diverged")}
     curves = tracking.metric_histories(
         {t.number: t.user_attrs["mlflow_run_id"] for t in ended
-         if "mlflow_run_id" in t.user_attrs}, metric)
+         if "mlflow_run_id" in t.user_attrs}, metric, known)
     tracking.log_figure(parent_run_id, plots.trials_overlay(
         curves, diverged, best, f"{title}: {metric} of {len(curves)} trials", metric, optimum),
         "plots/trials_loss_curves.png")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,6 +58,17 @@ class TrialContext:
     @functools.cached_property
     def kept(self) -> dict:
         """What the engine derives from the rows once for every batch (``train_many``)."""
+        return {}
+
+    @property
+    def plotted(self) -> str:
+        """The curve the sweep's report draws: the objective's loss."""
+        return "val_loss" if self.split[1] is not None else "train_loss"
+
+    @functools.cached_property
+    def curves(self) -> dict[str, array]:
+        """The drawn curve of each trial this process ran, by run id: the report has them
+        without reading them back from the store (one call a trial)."""
         return {}
 
 
@@ -151,6 +163,7 @@ def _tell(study, trial, run_id: str, result: training.TrainResult, pruned: bool,
         curves["val_loss"] = result.val_loss
     tags = {"diverged": str(result.diverged).lower()}
     params = trial_params(ctx, trial)
+    ctx.curves[run_id] = array("d", curves[ctx.plotted])
     if result.diverged or pruned:
         tracking.close_run(run_id, RUN_STATUS[TrialState.PRUNED], curves, {},
                            {**tags, "optuna_state": TrialState.PRUNED.name}, params)

@@ -634,3 +634,30 @@ def test_random_trials_do_not_depend_on_the_batch_size(store):
               "--pruner", "none", "--batch", batch, "--study-name", f"batch{batch}")
         found[batch] = [t.params for t in study_of(f"batch{batch}").get_trials()]
     assert len(found["1"]) == 6 and found["1"] == found["4"]
+
+
+def test_the_report_draws_this_processs_curves_without_reading_them_back(store, monkeypatch):
+    from pipeline import plots
+    from pipeline.tracking import records
+
+    drawn, reads = [], []
+    overlay = plots.trials_overlay
+    monkeypatch.setattr(plots, "trials_overlay", lambda curves, *rest: (
+        drawn.append(curves), overlay(curves, *rest))[1])
+
+    class Client(MlflowClient):  # the store as the report's reads reach it
+        def get_metric_history(self, run_id, key):
+            reads.append(run_id)
+            return super().get_metric_history(run_id, key)
+
+    monkeypatch.setattr(records, "MlflowClient", Client)
+    args = ("-e", "crop_yields_manual", "--pruner", "none", "--study-name", "drawn")
+    sweep(store, *args, "--n-trials", "4")
+    assert reads == [] and len(drawn[0]) == 4
+    sweep(store, *args, "--n-trials", "6")  # another command: the first four read back
+    study = study_of("drawn")
+    assert len(reads) == 4 and set(drawn[1]) == set(range(6))
+    client = MlflowClient(store)
+    for trial in study.trials:  # the objective's curve (no validation split), as stored
+        stored = client.get_metric_history(trial.user_attrs["mlflow_run_id"], "train_loss")
+        assert drawn[1][trial.number] == [m.value for m in sorted(stored, key=lambda m: m.step)]

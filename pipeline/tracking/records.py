@@ -8,7 +8,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
@@ -107,11 +107,16 @@ def system_metrics(run_id: str) -> Iterator[None]:
 
 
 @interrupts.shielded
-def metric_histories(run_ids: dict[Any, str], key: str) -> dict[Any, list[float]]:
-    """The ``key`` curve (by step) of each run; one store call per run."""
+def metric_histories(run_ids: dict[Any, str], key: str,
+                     known: Mapping[str, Sequence[float]] | None = None) -> dict[Any, list[float]]:
+    """The ``key`` curve (by step) of each run: from ``known`` (by run id) where it is there,
+    else one store call per run."""
     client = MlflowClient()
     curves = {}
     for name, run_id in run_ids.items():
+        if known is not None and run_id in known:
+            curves[name] = list(known[run_id])
+            continue
         history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
         if history:
             curves[name] = [m.value for m in history]
