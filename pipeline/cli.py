@@ -211,7 +211,7 @@ def run(experiment, tracking_uri: str, device: str | None) -> None:
 
 def how_to_browse(tracking_uri: str) -> str:
     """How to look at a store in the MLflow UI: a server serves it; a database needs `mlflow ui`."""
-    if tracking_uri.startswith(("http://", "https://")):
+    if tracking_uri.lower().startswith(("http://", "https://")):
         return f"open {redact.split_credentials(tracking_uri)[0]} in a browser"
     return f"`mlflow ui --backend-store-uri {redact.mask(tracking_uri)}` (or `make ui`)"
 

@@ -248,6 +248,9 @@ def test_usage_errors_are_one_line(workdir, args, expected):
         ("", ["the tracking URI is empty"]),
         ("./runs_folder", ["is a folder", "sqlite:///mlflow.db"]),
         ("file:///tmp/runs_folder", ["is a folder"]),
+        ("file:runs_folder", ["is a folder"]),
+        ("uc:databricks", ["uc:databricks names no tracking store"]),
+        ("Databricks-UC:x", ["Databricks-UC:x names no tracking store"]),
     ],
 )
 def test_unusable_tracking_uris(workdir, uri, expected):
@@ -621,11 +624,13 @@ def test_data_whose_files_were_deleted_are_generated_again(workdir):
     assert "reused" in pipeline(workdir, "generate", "-e", "slope_only").stdout
 
 
-def test_unreachable_tracking_server(workdir):
+@pytest.mark.parametrize("scheme", ["http", "HTTP"])
+def test_unreachable_tracking_server(workdir, scheme):
     port = free_port()
     result = pipeline(workdir, "run", "-e", "line_fit_15pts",
-                      "--tracking-uri", f"http://127.0.0.1:{port}")
-    assert_one_line_failure(result, "not reachable")
+                      "--tracking-uri", f"{scheme}://127.0.0.1:{port}")
+    # A server, in any case, as MLflow reads the scheme; not a database.
+    assert_one_line_failure(result, f"tracking server http://127.0.0.1:{port} is not reachable")
 
 
 @pytest.mark.parametrize("storage", [None, "sqlite:///optuna.db"], ids=["journal", "sqlite"])

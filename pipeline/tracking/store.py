@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,18 +42,30 @@ def store_error(err: Exception) -> UserError | None:
     return None
 
 
+def scheme_lowered(uri: str) -> str:
+    """``uri`` with its scheme in lower case, as MLflow and SQLAlchemy read it (``HTTP://``
+    is a server, not a database)."""
+    scheme, found, rest = uri.partition("://")
+    return f"{scheme.lower()}{found}{rest}" if found else uri
+
+
 def check_store(tracking_uri: str, existing: bool = False) -> str:
     """Refuse, in one line, a tracking store that cannot be used, creating nothing: an empty
     URI, a folder (MLflow's file store), a server that does not answer, an SQLite file that
     cannot be one, a database server that takes no connections. Returns the URI MLflow is to
     be given: credentials in an ``http(s)`` URI move to MLflow's environment variables, so
     that MLflow never prints them (in its "View run" links, were they shown)."""
+    tracking_uri = scheme_lowered(tracking_uri)
     shown = redact.mask(tracking_uri)
     if not tracking_uri.strip():
         raise TrackingError("the tracking URI is empty; give one such as sqlite:///mlflow.db "
                             "or http://HOST:5000")
     if ("://" not in tracking_uri or tracking_uri.startswith("file:")) and not (
             tracking_uri.startswith(("sqlite:", "databricks")) or MLFLOW_ALLOW_FILE_STORE.get()):
+        if re.match(r"(?!file:)[a-z][a-z0-9+.-]*:(?!//)", tracking_uri, re.I):
+            # A scheme with no store behind it here: uc:databricks, a registry's URI
+            raise TrackingError(f"tracking URI {shown} names no tracking store; use "
+                                "sqlite:///mlflow.db or http://HOST:5000")
         raise TrackingError(f"tracking store {shown} is a folder: MLflow 3 no longer writes "
                             "its file store; use sqlite:///mlflow.db or an MLflow server")
     if tracking_uri.startswith(("http://", "https://")):
@@ -91,6 +104,7 @@ def connect(tracking_uri: str, existing: bool = False) -> None:
     # on stdout, where commands print what scripts read. Each command says where to look.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    tracking_uri = scheme_lowered(tracking_uri)
     shown = redact.mask(tracking_uri)
     remote = tracking_uri.startswith(("http://", "https://"))
     interrupts.shield_store_calls(not remote)
