@@ -5,6 +5,9 @@ Each function returns a matplotlib ``Figure`` (Agg backend, no display needed).
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -33,7 +36,7 @@ def loss_curve(train_loss: list[float], val_loss: list[float], title: str,
     _log_y_if_wide(ax, finite)
     ax.set(xlabel="epoch", ylabel="loss", title=title)
     ax.legend()
-    fig.tight_layout()
+    _tight(fig)
     return fig
 
 
@@ -77,7 +80,7 @@ def trials_overlay(curves: dict[int, list[float]], diverged: set[int], best: int
         ax.set_ylim(min(positive) * 0.8, min(max(positive), 1e6 * min(positive)) * 1.5)
     ax.set(xlabel="epoch", ylabel=metric, title=title)
     ax.legend(loc="upper right")
-    fig.tight_layout()
+    _tight(fig)
     return fig
 
 
@@ -126,7 +129,7 @@ def trials_scatter(trials: list[dict], rates: dict[str, float], title: str):
                    label="best constant lr" if ax is left else None)
     left.legend(fontsize=8, loc="best")
     fig.suptitle(title)
-    fig.tight_layout()
+    _tight(fig)
     return fig
 
 
@@ -151,7 +154,7 @@ def fit(features: np.ndarray, targets: np.ndarray, predictions: np.ndarray,
             ax.set(xlabel=f"actual {target_names[j]}", ylabel=f"predicted {target_names[j]}")
         ax.legend()
     fig.suptitle(title)
-    fig.tight_layout()
+    _tight(fig)
     return fig
 
 
@@ -187,8 +190,23 @@ def loss_surface(features: np.ndarray, targets: np.ndarray, path: list[list[floa
                     xytext=(4, 6 if step % (2 * every) == 0 else -12), fontsize=8)
     ax.set(xlabel="w", ylabel="loss", title=title)
     ax.legend()
-    fig.tight_layout()
+    _tight(fig)
     return fig
+
+
+@contextlib.contextmanager
+def quiet_glyphs():
+    """Lay out or draw text without matplotlib's warning for each character its font lacks
+    (an emoji in a name, drawn as a box): one per character and drawing, they would bury the
+    command's own lines."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"Glyph \d+ .* missing from font", UserWarning)
+        yield
+
+
+def _tight(fig) -> None:
+    with quiet_glyphs():
+        fig.tight_layout()
 
 
 def close(fig) -> None:

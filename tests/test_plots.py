@@ -90,3 +90,15 @@ def test_the_loss_surface_of_a_relu_model_goes_through_the_relu():
     np.testing.assert_allclose(surface.get_ydata(), expected, rtol=1e-12)
     np.testing.assert_allclose(descent.get_ydata(), (y ** 2).sum(), rtol=1e-12)  # dead ReLU
     plots.close(figure)
+
+
+def test_a_title_with_a_character_the_font_lacks_draws_without_warnings():
+    import io
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        fig = plots.loss_curve([3.0, 2.0, 1.0], [], "study r🚀: train_loss")
+        with plots.quiet_glyphs():  # as tracking.log_figure draws it
+            fig.savefig(io.BytesIO(), format="png")
+        plots.close(fig)
+    assert [str(w.message) for w in caught] == []

@@ -136,7 +136,7 @@ def log_figure(run_id: str, fig, path: str) -> None:
 
     from pipeline import plots
 
-    with np.errstate(over="ignore", invalid="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"), plots.quiet_glyphs():
         MlflowClient().log_figure(run_id, fig, path)
     plots.close(fig)
 
