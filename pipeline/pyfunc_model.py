@@ -4,10 +4,12 @@ MLflow copies this file into every model the pipeline logs ("models from code") 
 ``mlflow.pyfunc.load_model`` or ``mlflow models serve`` loads the model, so it imports nothing
 from the pipeline package. Before ``predict`` is called MLflow has matched the request's columns
 to the signature by name and put them in training order; this class casts them to the model's
-dtype and runs the ``torch.export`` program, which ``mlflow.pytorch.load_model`` reads too (and
-checks for pickles unless ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION`` allows them).
+dtype and runs the ``torch.export`` program, which ``mlflow.pytorch.load_model`` reads too.
+MLflow checks the program's archive for pickles only where pickles are refused; this model
+refuses them unless ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION`` is set.
 """
 
+import os
 from pathlib import Path
 
 import mlflow
@@ -18,6 +20,7 @@ import torch
 from mlflow.pyfunc import PythonModel
 
 CHUNK_ROWS = 1 << 16  # rows per forward pass, so millions of rows fit in memory
+PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 
 
 class ExportedProgram(PythonModel):
@@ -25,7 +28,7 @@ class ExportedProgram(PythonModel):
         # The program lives in the model's artifacts folder, which is also what the model's
         # ``pytorch`` flavor points at: load it through that flavor, pickle checks included.
         model_root = Path(context.artifacts["program"]).parent.parent
-        self.program = mlflow.pytorch.load_model(str(model_root))
+        self.program = _load_program(str(model_root))
         config = context.model_config
         self.features = list(config["features"])
         self.targets = list(config["targets"])
@@ -45,7 +48,9 @@ class ExportedProgram(PythonModel):
             row, column = np.argwhere(bad)[0] if values.ndim == 2 else (0, 0)
             _refuse(f"column {self.features[column]} holds {values[row, column]:g} in row "
                     f"{row + 1}: not a finite number the model's {self.dtype} holds")
-        values = values.astype(self.dtype)
+        # Rows stored together, as `pipeline predict` passes them: a product's rounding
+        # depends on the layout, and each row's prediction is then the same on every path.
+        values = np.ascontiguousarray(values, dtype=self.dtype)
         outputs = []
         with torch.no_grad():
             for start in range(0, len(values), CHUNK_ROWS):
@@ -57,6 +62,18 @@ class ExportedProgram(PythonModel):
             _refuse(f"the prediction for row {row + 1} overflows the model's numbers: its "
                     "inputs are too large for this model")
         return pd.DataFrame(predicted, columns=self.targets, index=index)
+
+
+def _load_program(model_root: str):
+    """The program through the ``pytorch`` flavor, pickles refused (so MLflow checks the
+    archive for them) unless the user set ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION``."""
+    if PICKLE_ENV in os.environ:
+        return mlflow.pytorch.load_model(model_root)
+    os.environ[PICKLE_ENV] = "false"
+    try:
+        return mlflow.pytorch.load_model(model_root)
+    finally:
+        os.environ.pop(PICKLE_ENV, None)
 
 
 def _refuse(message: str) -> None:

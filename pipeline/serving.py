@@ -46,12 +46,15 @@ class LoadedModel:
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         """Predictions as float64, in chunks so that millions of rows fit in memory; rows
-        whose prediction overflows the model's dtype are refused."""
+        whose prediction overflows the model's dtype are refused. Each row's values are
+        stored together, as the pyfunc face stores them: a product's rounding depends on the
+        layout, and a row's prediction is then the same to the bit on every path."""
         outputs = []
         with torch.no_grad():
             for start in range(0, len(features), PREDICT_CHUNK_ROWS):
-                chunk = torch.as_tensor(features[start:start + PREDICT_CHUNK_ROWS],
-                                        dtype=self.dtype, device=self.device)
+                chunk = torch.as_tensor(
+                    np.ascontiguousarray(features[start:start + PREDICT_CHUNK_ROWS]),
+                    dtype=self.dtype, device=self.device)
                 outputs.append(self.module(chunk).double().cpu().numpy())
         predicted = (np.concatenate(outputs) if outputs
                      else np.empty((0, len(self.target_names))))

@@ -292,6 +292,32 @@ def test_hostile_run_artifact_is_refused(genuine, tmp_path, store, command):
     assert "pickled model.pth" in lines[0] and not marker.exists()
 
 
+@pytest.mark.parametrize("kind", ["weight as a pickle", "pickled sample inputs",
+                                  "constant as an object", "pth only"])
+def test_plain_pyfunc_refuses_a_program_holding_pickles(genuine, tmp_path, kind, monkeypatch):
+    # MLflow allows pickles unless told otherwise; the model's own code tells it otherwise.
+    monkeypatch.delenv(serving.PICKLE_ENV, raising=False)
+    folder, marker = hostile(genuine, tmp_path, kind)
+    with pytest.raises(mlflow.exceptions.MlflowException, match="pickle is disallowed"):
+        mlflow.pyfunc.load_model(str(folder))
+    assert not marker.exists(), "the payload ran"
+    assert serving.PICKLE_ENV not in os.environ
+
+
+@pytest.mark.parametrize("count", [1, 5])
+def test_pyfunc_predicts_what_pipeline_predict_does_to_the_bit(genuine, workdir, count):
+    # A product's rounding depends on the layout of the rows: both paths store them by row.
+    frame = rows(count)
+    frame.to_csv("x.csv", index=False)
+    result = CliRunner().invoke(cli, ["predict", "--model", str(genuine), "--input", "x.csv",
+                                      "--output", "y.csv"])
+    assert result.exit_code == 0, result.output
+    printed = pd.read_csv("y.csv")[TARGETS].to_numpy(dtype=np.float32)  # 9 digits: exact
+    pyfunc = mlflow.pyfunc.load_model(str(genuine))
+    np.testing.assert_array_equal(
+        pyfunc.predict(frame[["humidity", "temp", "rainfall"]]).to_numpy(np.float32), printed)
+
+
 @pytest.mark.parametrize("mlmodel", [
     "flavors: [unclosed\n",
     "flavors:\n- pytorch\n",
