@@ -53,7 +53,7 @@ def predict(model_uri: str, input_path: str, output_path: str | None, device: st
     features = serving.read_features(input_path, model)
     frame = serving.prediction_frame(model.predict(features), model.target_names)
     # The digits that give back the model's own float32 (or float64) values, file or screen.
-    digits = "%.9g" if model.dtype == torch.float32 else "%.17g"
+    digits = "%.9g" if model.output_dtype == torch.float32 else "%.17g"
     if output_path:
         try:
             _write(frame, Path(output_path), digits)
@@ -125,7 +125,9 @@ def models(name: str | None, model_uri: str | None, tracking_uri: str) -> None:
         serving.check_uri(model_uri)
         if serving.in_store(model_uri):
             connect_store(tracking_uri, existing=True)
-        serving.load(model_uri)  # what safe loading refuses, `mlflow models serve` must not run
+        # What safe loading refuses, `mlflow models serve` must not run.
+        serving.load(model_uri, refusal_hint="`make serve` serves only a model that passes "
+                                             "this check")
         return
     connect_store(tracking_uri, existing=True)
     table = registry.versions_table(name)

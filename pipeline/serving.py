@@ -44,6 +44,12 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
 
+    @property
+    def output_dtype(self) -> torch.dtype:
+        """The dtype of the predictions: the parameters' (a model that scales its features
+        takes them in float64 and may compute in float32)."""
+        return next((p.dtype for p in self.module.parameters()), self.dtype)
+
     def predict(self, features: np.ndarray) -> np.ndarray:
         """Predictions as float64, in chunks so that millions of rows fit in memory; rows
         whose prediction overflows the model's dtype are refused. Each row's values are
@@ -96,6 +102,13 @@ def check_uri(uri: str) -> None:
         if uri.startswith(("/", ".", "~", "file://")) or os.sep in local:
             raise ModelError(f"{uri!r} is neither a model URI ({URI_FORMS}) nor a model "
                              f"folder: there is no folder {path.absolute()}")
+    bare = re.fullmatch(r"models:/([^/@]+)", uri)
+    if bare and bare[1].startswith("m-"):
+        raise ModelError(f"model URI {uri!r} names no logged model: their ids are m- and hex "
+                         "digits, as a training run's model_uri tag shows them")
+    if bare:
+        raise ModelError(f"model URI {uri!r} names no version of {bare[1]!r}: add @champion "
+                         "(or another alias), /VERSION or /latest")
     raise ModelError(f"model URI {uri!r} does not parse; use {URI_FORMS} or a model folder")
 
 
@@ -140,11 +153,16 @@ def check_registered(uri: str) -> None:
 
 
 
-def load(uri: str, device: torch.device | None = None, allow_pickle: bool = False) -> LoadedModel:
+PICKLE_HINT = "`pipeline predict --allow-pickle` skips these checks, for a source you trust"
+
+
+def load(uri: str, device: torch.device | None = None, allow_pickle: bool = False,
+         refusal_hint: str = PICKLE_HINT) -> LoadedModel:
     """Load a logged model with its feature and target names, refusing unsafe folders.
 
     Without ``allow_pickle`` the folder must pass :func:`model_format.check_safe`, and MLflow's
     own pickle permission is turned off while it loads (so it checks the ``pt2`` archive too).
+    ``refusal_hint`` ends the message of a refused folder: what the user can do about it.
     """
     import mlflow
     import mlflow.pytorch
@@ -164,8 +182,7 @@ def load(uri: str, device: torch.device | None = None, allow_pickle: bool = Fals
             module = mlflow.pytorch.load_model(str(local))
         features, targets = _names_of(meta)
     except model_format.UnsafeModel as err:
-        raise ModelError(f"refusing to load model {uri}: {err}; `pipeline predict "
-                         "--allow-pickle` skips these checks, for a source you trust") from None
+        raise ModelError(f"refusing to load model {uri}: {err}; {refusal_hint}") from None
     except model_format.DamagedModel as err:
         raise ModelError(f"cannot load model {uri}: {err}") from None
     except UserError:
@@ -272,8 +289,8 @@ def _named_columns(path: str | Path, feature_names: tuple[str, ...]) -> np.ndarr
     extra = [name for name in columns if name not in feature_names]
     expected = ", ".join(feature_names)
     if missing:
-        raise data.DataError(
-            f"{path}: no column named {', '.join(missing)} (the model takes {expected})")
+        raise data.DataError(f"{path}: no column named {', '.join(missing)} (the model "
+                             f"takes {expected}; the file has {tables.listing(frame)})")
     if extra:
         raise data.DataError(
             f"{path}: unexpected column {', '.join(extra)} (the model takes {expected})")

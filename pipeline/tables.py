@@ -21,7 +21,7 @@ def read_table(path: str | Path, features: tuple[str, ...], targets: tuple[str, 
     frame = read_frame(path)
     missing = [c for c in (*features, *targets) if c not in frame.columns]
     if missing:
-        raise DataError(f"{path}: no column named {', '.join(missing)} (has: {_listing(frame)})")
+        raise DataError(f"{path}: no column named {', '.join(missing)} (has: {listing(frame)})")
     return Dataset(
         numeric_matrix(frame, features, path),
         numeric_matrix(frame, targets, path),
@@ -157,8 +157,11 @@ def numeric_matrix(frame, columns: tuple[str, ...], path: str | Path) -> np.ndar
     return matrix
 
 
-def _listing(frame) -> str:
-    return ", ".join(map(str, frame.columns)) or "no columns"
+def listing(frame) -> str:
+    """A table's column names, for a message: quoted where spaces around a name, or none at
+    all, would not show."""
+    names = [str(c) for c in frame.columns]
+    return ", ".join(repr(n) if n != n.strip() or not n else n for n in names) or "no columns"
 
 
 def write(dataset: Dataset, folder: Path) -> Path:

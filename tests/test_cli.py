@@ -780,3 +780,6 @@ def test_standard_scaling_trains_raw_data_at_a_plain_lr_and_predicts_raw_units(w
     assert predicted.returncode == 0, predicted.stderr
     values = pd.read_csv(io.StringIO(predicted.stdout))["apples"].to_numpy()
     np.testing.assert_allclose(values, (x @ solution)[:, 0], rtol=1e-3, atol=0.05)
+    # Raw features in float64, predictions in the model's float32: printed in float32's digits.
+    printed = predicted.stdout.splitlines()[1]
+    assert len(printed.lstrip("-").replace(".", "").lstrip("0")) <= 9, printed

@@ -366,6 +366,8 @@ def test_make_serve_checks_the_model_loads_safely_first(genuine, tmp_path, workd
     folder, marker = hostile(genuine, tmp_path, "weights config twice")
     refused = CliRunner().invoke(cli, ["models", "--check", str(folder)])
     assert refused.exit_code == 1 and "holds a file name twice" in refused.stderr
+    assert "serves only a model that passes this check" in refused.stderr
+    assert "--allow-pickle" not in refused.stderr  # predict's option: no use to serving
     assert not marker.exists()
     assert CliRunner().invoke(cli, ["models", "--check", str(genuine)]).exit_code == 0
 
