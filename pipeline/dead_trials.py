@@ -24,6 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 from pipeline import processes
 
 HEARTBEAT_S = 2  # a RUNNING trial records a heartbeat this often on a relational storage
+HEARTBEAT_RETRY_S = 0.5  # and, while its database does not answer, tries this often
 GRACE_S = 10  # and is stale, its worker presumed dead, after this long without one
 ORPHAN_S = 30  # a RUNNING trial nobody claimed for this long belongs to no live process
 MAX_RETRY = 3  # a trial whose worker dies is queued again at most this many times
@@ -50,9 +51,17 @@ def heartbeats(study: optuna.Study, storage, trials: list) -> Iterator[None]:
     stop = threading.Event()
 
     def beating() -> None:
-        while not stop.wait(HEARTBEAT_S):
-            for trial in trials:
-                beat(study, storage, trial)
+        # A database that stops answering for a while stops no training; the beats go on as
+        # soon as it answers again, before the trials would pass for dead (GRACE_S). What it
+        # means for the worker is said where the worker next writes a result.
+        wait = HEARTBEAT_S
+        while not stop.wait(wait):
+            try:
+                for trial in trials:
+                    beat(study, storage, trial)
+                wait = HEARTBEAT_S
+            except Exception:  # noqa: BLE001  (the storage's errors, whatever the driver)
+                wait = HEARTBEAT_RETRY_S
 
     thread = threading.Thread(target=beating, daemon=True)
     thread.start()

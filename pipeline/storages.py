@@ -43,13 +43,18 @@ class SweepError(UserError):
     """A sweep that cannot start: unreachable storage, a study made for other settings."""
 
 
+def failed_under_way(err: BaseException) -> bool:
+    """Whether ``err`` is a relational storage failing (its database gone, for now)."""
+    import sqlalchemy.exc
+
+    return isinstance(err, (optuna.exceptions.StorageInternalError,
+                            sqlalchemy.exc.SQLAlchemyError))
+
+
 def storage_failure(err: BaseException, url: str) -> SweepError | None:
     """An Optuna storage that failed under way (a database server gone), as one line; None
     for any other error."""
-    import sqlalchemy.exc
-
-    if not isinstance(err, (optuna.exceptions.StorageInternalError,
-                            sqlalchemy.exc.SQLAlchemyError)):
+    if not failed_under_way(err):
         return None
     # Optuna's own message blames the data ("exceeding max length"); the driver's says why.
     cause = err.__cause__ if isinstance(err.__cause__, Exception) else err

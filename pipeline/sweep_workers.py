@@ -38,8 +38,13 @@ def worker_command(settings: SweepSettings, study: optuna.Study) -> str:
     storage = settings.storage
     if "://" not in storage:
         storage = os.path.abspath(storage)
-    return (f"pipeline worker --storage {shlex.quote(redact.mask(storage))} "
-            f"--study {shlex.quote(study.study_name)}")
+    bare = redact.without_password(storage)
+    command = (f"pipeline worker --storage {shlex.quote(bare)} "
+               f"--study {shlex.quote(study.study_name)}")
+    if bare != storage:
+        command += ("\n  (the storage's password left out: give it to each worker in PGPASSWORD "
+                    "or ~/.pgpass)")
+    return command
 
 
 def run_local(study: optuna.Study, settings: SweepSettings, workers: int,

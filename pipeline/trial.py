@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,13 +20,14 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from pipeline import config as configs
-from pipeline import data, dead_trials, engine, interrupts, tracking
+from pipeline import data, dead_trials, engine, interrupts, storages, tracking
 from pipeline import study as studies
 from pipeline import train as training
 from pipeline.config import Experiment
 from pipeline.dataset import Dataset
 
 REPORTS_PER_TRIAL = 20  # intermediate values sent to the storage per trial, at most
+TELL_PATIENCE_S = 60.0  # how long a trained trial waits for a database that stopped answering
 RUN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED",
               TrialState.FAIL: "FAILED"}
 
@@ -167,14 +169,36 @@ def _tell(study, trial, run_id: str, result: training.TrainResult, pruned: bool,
     if result.diverged or pruned:
         tracking.close_run(run_id, RUN_STATUS[TrialState.PRUNED], curves, {},
                            {**tags, "optuna_state": TrialState.PRUNED.name}, params)
-        return study.tell(trial, state=TrialState.PRUNED)
+        return _told(study, trial, state=TrialState.PRUNED)
     value = objective_value(result, ctx.exp, val_set)
     if ctx.log_models == "all":
         tags["model_uri"] = tracking.log_model(run_id, result.model.to_module(), train_set,
                                                ctx.exp.train.dtype, validate=False)
     tracking.close_run(run_id, RUN_STATUS[TrialState.COMPLETE], curves, {"objective": value},
                        {**tags, "optuna_state": TrialState.COMPLETE.name}, params)
-    return study.tell(trial, value)
+    return _told(study, trial, value)
+
+
+def _told(study: optuna.Study, trial: optuna.Trial, value: float | None = None,
+          state: TrialState | None = None) -> FrozenTrial:
+    """``study.tell``, waiting up to ``TELL_PATIENCE_S`` for a database that stopped answering
+    (its heartbeats wait too, see :mod:`pipeline.dead_trials`): a result already in its MLflow
+    run is not thrown away for a restart of the database. A tell that reached the database
+    before the connection dropped is found there, not told twice."""
+    deadline = time.monotonic() + TELL_PATIENCE_S
+    while True:
+        try:
+            return study.tell(trial, value, state=state)
+        except Exception as err:
+            if not storages.failed_under_way(err) or time.monotonic() > deadline:
+                raise
+        for _ in range(10):
+            interrupts.check()
+            time.sleep(0.1)
+        with contextlib.suppress(Exception):
+            frozen = study._storage.get_trial(trial._trial_id)
+            if frozen.state == (state or TrialState.COMPLETE):
+                return frozen
 
 
 class _Watch:

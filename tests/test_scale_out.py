@@ -57,6 +57,7 @@ def test_workers_on_postgres_and_a_tracking_server(tmp_path, postgres_server):
         assert PASSWORD not in " ".join(said)
         # The printed command, with the password from PGPASSWORD instead of the URL.
         storage_without_password = postgres_server.url("scale_out", password=False)
+        assert command[command.index("--storage") + 1] == storage_without_password
         study_name = command[command.index("--study") + 1]
 
         def worker(i: int, host: str = ""):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import optuna
+import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
@@ -102,3 +103,69 @@ def test_the_objective_is_a_validation_mse_whatever_the_loss():
     mean = configs.load("synthetic", ["data.n_rows=50"])
     assert trials.objective_value(result, mean, val_set) == 40.0
     assert trials.objective_value(result, mean, None) == 4.0  # no split: the training loss
+
+
+def _rdb_study(tmp_path):
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}",
+                                         heartbeat_interval=60, grace_period=120)
+    return optuna.create_study(storage=storage), storage
+
+
+def test_a_result_waits_out_a_database_that_stops_answering(tmp_path, monkeypatch):
+    # First the database is gone; then the tell reaches it but the answer is lost: the trial
+    # is found told there, and is not told twice.
+    study, _ = _rdb_study(tmp_path)
+    trial = study.ask()
+    tell, attempts = study.tell, []
+
+    def flaky(*args, **kwargs):
+        attempts.append(args)
+        if len(attempts) == 2:
+            tell(*args, **kwargs)
+        if len(attempts) <= 2:
+            raise optuna.exceptions.StorageInternalError("connection refused")
+        raise AssertionError("told twice")
+
+    monkeypatch.setattr(study, "tell", flaky)
+    frozen = trials._told(study, trial, 1.5)
+    assert len(attempts) == 2 and frozen.state == TrialState.COMPLETE and frozen.value == 1.5
+    assert study.trials[0].state == TrialState.COMPLETE
+
+
+def test_a_result_gives_up_on_a_database_gone_for_good(tmp_path, monkeypatch):
+    study, _ = _rdb_study(tmp_path)
+    trial = study.ask()
+    monkeypatch.setattr(trials, "TELL_PATIENCE_S", 0.0)
+    monkeypatch.setattr(study, "tell", lambda *a, **k: (_ for _ in ()).throw(
+        optuna.exceptions.StorageInternalError("connection refused")))
+    with pytest.raises(optuna.exceptions.StorageInternalError):
+        trials._told(study, trial, 1.5)
+    assert study.trials[0].state == TrialState.RUNNING  # the next command finds it dead
+
+
+def test_heartbeats_outlast_a_database_that_stops_answering(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from pipeline import dead_trials
+
+    study, storage = _rdb_study(tmp_path)
+    trial = study.ask()
+    monkeypatch.setattr(dead_trials, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(dead_trials, "HEARTBEAT_RETRY_S", 0.01)
+    record, calls, died = storage.record_heartbeat, [], []
+
+    def flaky(trial_id):
+        calls.append(trial_id)
+        if len(calls) <= 3:
+            raise optuna.exceptions.StorageInternalError("connection refused")
+        record(trial_id)
+
+    monkeypatch.setattr(storage, "record_heartbeat", flaky)
+    monkeypatch.setattr(threading, "excepthook", died.append)
+    with dead_trials.heartbeats(study, storage, [trial]):
+        deadline = time.monotonic() + 10
+        while len(calls) < 6 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert died == [] and len(calls) >= 6  # beating again once the database answers
+    assert storage._get_stale_trial_ids(study._study_id) == []
