@@ -128,7 +128,7 @@ def run_batch(study: optuna.Study, asked: list[optuna.Trial], ctx: TrialContext,
             tracking.close_run(run_id, "FAILED", tags={"optuna_state": TrialState.FAIL.name,
                                                        "stale": "true"},
                                params=trial_params(ctx, trial))
-            continue
+            frozen = study._storage.get_trial(trial._trial_id)  # said, as the others are
         if on_told is not None:
             on_told(study, frozen)
 

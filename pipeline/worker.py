@@ -182,6 +182,8 @@ def progress_line(echo: Echo, total: int) -> Callable:
                 outcome = "pruned (diverged)"
             else:
                 outcome = f"pruned at epoch {max(steps)}"
+        elif trial.state == TrialState.FAIL:  # its worker took too long to say it lived
+            outcome = "failed as stale by another process, which retries it; result dropped"
         else:
             outcome = trial.state.name.lower()
         echo(f"trial {trial.number} {outcome}: "

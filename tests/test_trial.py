@@ -8,7 +8,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from pipeline import config as configs
-from pipeline import data, engine, storages, tracking
+from pipeline import data, engine, storages, tracking, worker
 from pipeline import study as studies
 from pipeline import trial as trials
 
@@ -59,9 +59,11 @@ def test_a_trial_failed_as_stale_meanwhile_leaves_the_others_told(store, tmp_pat
         return results
 
     monkeypatch.setattr(engine, "train_many", failed_elsewhere_meanwhile)
-    trials.run_batch(study, asked, ctx)
+    said = []
+    trials.run_batch(study, asked, ctx, on_told=worker.progress_line(said.append, 2))
 
     assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert said[0].startswith("trial 0 failed as stale by another process") and len(said) == 2
     lost = MlflowClient().get_run(study.trials[0].user_attrs["mlflow_run_id"])
     assert lost.info.status == "FAILED"
     assert lost.data.tags["optuna_state"] == "FAIL"
