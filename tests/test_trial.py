@@ -107,12 +107,18 @@ def test_the_objective_is_a_validation_mse_whatever_the_loss():
     assert trials.objective_value(result, mean, None) == 4.0  # no split: the training loss
 
 
+# Heartbeats kept by hand, as pipeline.dead_trials keeps them for trials asked in batches.
+quiet_heartbeats = pytest.mark.filterwarnings(
+    "ignore::optuna.exceptions.ExperimentalWarning", "ignore:Heartbeat of storage:UserWarning")
+
+
 def _rdb_study(tmp_path):
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}",
                                          heartbeat_interval=60, grace_period=120)
     return optuna.create_study(storage=storage), storage
 
 
+@quiet_heartbeats
 def test_a_result_waits_out_a_database_that_stops_answering(tmp_path, monkeypatch):
     # First the database is gone; then the tell reaches it but the answer is lost: the trial
     # is found told there, and is not told twice.
@@ -134,6 +140,7 @@ def test_a_result_waits_out_a_database_that_stops_answering(tmp_path, monkeypatc
     assert study.trials[0].state == TrialState.COMPLETE
 
 
+@quiet_heartbeats
 def test_a_result_gives_up_on_a_database_gone_for_good(tmp_path, monkeypatch):
     study, _ = _rdb_study(tmp_path)
     trial = study.ask()
@@ -145,6 +152,7 @@ def test_a_result_gives_up_on_a_database_gone_for_good(tmp_path, monkeypatch):
     assert study.trials[0].state == TrialState.RUNNING  # the next command finds it dead
 
 
+@quiet_heartbeats
 def test_heartbeats_outlast_a_database_that_stops_answering(tmp_path, monkeypatch):
     import threading
     import time
