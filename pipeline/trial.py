@@ -27,7 +27,7 @@ from pipeline.config import Experiment
 from pipeline.dataset import Dataset
 
 REPORTS_PER_TRIAL = 20  # intermediate values sent to the storage per trial, at most
-TELL_PATIENCE_S = 60.0  # how long a trained trial waits for a database that stopped answering
+TELL_PATIENCE_S = 30.0  # how long a trained trial waits for a database that stopped answering
 RUN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED",
               TrialState.FAIL: "FAILED"}
 
