@@ -172,9 +172,9 @@ def train(experiment, tracking_uri: str, device: str | None, data_uri: str | Non
               help="Dataset from `pipeline generate`. Default: build it from the config.")
 def evaluate(experiment, tracking_uri: str, model_uri: str, data_uri: str | None) -> None:
     """Score a model: MSE, RMSE, MAE, R², and the gap to the least-squares optimum."""
-    from pipeline import data, inputs, serving, tracking, workflow
+    from pipeline import data, inputs, model_uris, serving, tracking, workflow
 
-    serving.check_uri(model_uri)
+    model_uris.check_uri(model_uri)
     dataset = None if data_uri else data.build(experiment.data, experiment.seed)
     connect_store(tracking_uri)
     if data_uri:

@@ -38,16 +38,16 @@ def predict(model_uri: str, input_path: str, output_path: str | None, device: st
     """
     import torch
 
-    from pipeline import serving
+    from pipeline import model_uris, serving
     from pipeline.tables import check_readable
     from pipeline.train import resolve_device
 
-    serving.check_uri(model_uri)
+    model_uris.check_uri(model_uri)
     check_readable(Path(input_path).absolute())
     if output_path:
         _check_output(Path(output_path), Path(input_path))
     target_device = resolve_device(device or "auto")
-    if serving.in_store(model_uri):  # a model folder needs no store
+    if model_uris.in_store(model_uri):  # a model folder needs no store
         connect_store(tracking_uri, existing=True)
     model = serving.load(model_uri, target_device, allow_pickle)
     features = serving.read_features(input_path, model)
@@ -119,11 +119,11 @@ def _check_output(output: Path, input_path: Path) -> None:
 @tracking_option
 def models(name: str | None, model_uri: str | None, tracking_uri: str) -> None:
     """List registered models: versions, aliases, objective, lr, epochs, source run."""
-    from pipeline import registry, serving
+    from pipeline import model_uris, registry, serving
 
     if model_uri is not None:
-        serving.check_uri(model_uri)
-        if serving.in_store(model_uri):
+        model_uris.check_uri(model_uri)
+        if model_uris.in_store(model_uri):
             connect_store(tracking_uri, existing=True)
         # What safe loading refuses, `mlflow models serve` must not run.
         serving.load(model_uri, refusal_hint="`make serve` serves only a model that passes "

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pipeline import data, serving, tracking
+from pipeline import data, model_uris, serving, tracking
 from pipeline.config import Experiment
 from pipeline.dataset import Dataset
 
@@ -62,14 +62,14 @@ def model_columns(exp: Experiment, dataset: Dataset, model: serving.LoadedModel,
     if not targets:  # a model that records no target names: its outputs, by position
         width = model.predict(dataset.features[:1, :len(model.feature_names)]).shape[1]
         if width != dataset.targets.shape[1]:
-            raise serving.ModelError(
+            raise model_uris.ModelError(
                 f"model {model_uri} gives {width} outputs but {exp.name}'s data has "
                 f"{dataset.targets.shape[1]} targets; was it trained on another experiment?")
         targets = dataset.target_names
     for role, wanted, present in (("features", model.feature_names, dataset.feature_names),
                                   ("targets", targets, dataset.target_names)):
         if missing := [name for name in wanted if name not in present]:
-            raise serving.ModelError(
+            raise model_uris.ModelError(
                 f"model {model_uri} takes {role} {', '.join(wanted)} but {exp.name}'s data "
                 f"has {', '.join(present)} (no {', '.join(missing)}); was it trained on "
                 "another experiment?")
