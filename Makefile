@@ -57,8 +57,10 @@ server: install ## tracking server on 127.0.0.1:PORT, store BACKEND, artifacts i
 	$(BIN)/mlflow server --backend-store-uri '$(BACKEND)' --host 127.0.0.1 --port $(PORT) \
 	  --artifacts-destination $(CURDIR)/mlartifacts --workers 1
 
+# One pytest worker per core, at most four; the tests that start servers or kill sweeps
+# share one worker (tests/conftest.py), so no two of them load the machine at once.
 test: install ## run the test suite
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --numprocesses auto --maxprocesses 4 --dist loadgroup
 
 bench: install ## measure speed and memory (ROWS=1000000), results in bench-results/
 	$(BIN)/python benchmarks/bench.py --rows $(ROWS)

@@ -12,7 +12,7 @@ from pipeline.cli import (
     how_to_browse,
     with_device,
 )
-from pipeline.sweep_settings import SweepSettings
+from pipeline.sweep_settings import SweepSettings, storage_patience
 
 
 class WholeNumber(click.ParamType):
@@ -83,6 +83,7 @@ def sweep(experiment, tracking_uri: str, device: str | None, n_trials: int,
         seed=experiment.seed if seed is None else seed, log_models=log_models,
         lr_range=lr_range, epochs_range=epochs_range, batch=batch,
     )
+    storage_patience()
     from pipeline import interrupts, storages, tracking
     from pipeline import sweep as sweeps
 
@@ -122,6 +123,7 @@ def worker(storage: str, study_name: str, tracking_uri: str | None,
     """
     import os
 
+    storage_patience()
     from pipeline import interrupts, storages
     from pipeline import worker as workers
 

@@ -72,6 +72,13 @@ def heartbeats(study: optuna.Study, storage, trials: list) -> Iterator[None]:
         thread.join()
 
 
+def claim(trial: optuna.Trial) -> None:
+    """Record this process as the one running ``trial``, unless it is recorded already (a
+    retry comes with its dead trial's record, which names another trial number)."""
+    if trial.user_attrs.get(WORKER_ATTR, {}).get("trial") != trial.number:
+        trial.set_user_attr(WORKER_ATTR, worker_identity(trial.number))
+
+
 def worker_identity(trial_number: int) -> dict:
     """The process running trial ``trial_number`` (see :mod:`pipeline.processes`). The number
     tells this record from one copied into a retry."""

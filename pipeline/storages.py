@@ -25,7 +25,7 @@ import optuna
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from pipeline import redact
+from pipeline import interrupts, redact
 from pipeline.dead_trials import (
     GRACE_S,
     HEARTBEAT_S,
@@ -34,8 +34,10 @@ from pipeline.dead_trials import (
     worker_identity,
 )
 from pipeline.errors import UserError, first_line
+from pipeline.sweep_settings import storage_patience
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+RETRY_S = 0.5  # how often a waiting worker tries its database again
 IN_BUDGET = (*FINISHED, TrialState.RUNNING, TrialState.WAITING)
 
 
@@ -49,6 +51,38 @@ def failed_under_way(err: BaseException) -> bool:
 
     return isinstance(err, (optuna.exceptions.StorageInternalError,
                             sqlalchemy.exc.SQLAlchemyError))
+
+
+class Outage:
+    """One clock for a database that stopped answering, whichever call finds it so.
+
+    A worker's calls to its storage that fail under way (:func:`failed_under_way`) wait and
+    try again while less than ``seconds`` have passed since the first of them failed; any
+    call that succeeds afterwards says so (:meth:`answered`) and the clock starts afresh.
+    """
+
+    def __init__(self, seconds: float | None = None) -> None:
+        self.seconds = storage_patience() if seconds is None else seconds
+        self.since: float | None = None
+
+    def wait_out(self, err: BaseException) -> bool:
+        """After a pause, True: try again. False: ``err`` is to be raised (another error, or
+        the database silent for longer than the patience)."""
+        if not failed_under_way(err):
+            return False
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+        if now - self.since >= self.seconds:
+            return False
+        end = now + RETRY_S
+        while time.monotonic() < end:  # Ctrl-C and SIGTERM answered at once
+            interrupts.check()
+            time.sleep(0.1)
+        return True
+
+    def answered(self) -> None:
+        self.since = None
 
 
 def storage_failure(err: BaseException, url: str) -> SweepError | None:

@@ -9,10 +9,12 @@ so bad input answers at once.
 from __future__ import annotations
 
 import math
+import os
 from typing import Annotated, Literal, NamedTuple
 
 from pydantic import AfterValidator
 
+from pipeline.errors import UserError
 from pipeline.schema import EPOCHS_MAX, Count, Integer, Number, Schema, Seed, must
 
 
@@ -59,6 +61,26 @@ class Range(NamedTuple):
 # then checked into a Range (the message names the key or option).
 LrRange = Annotated[tuple[Number, ...] | None, AfterValidator(Range.lr)]
 EpochsRange = Annotated[tuple[Integer, ...] | None, AfterValidator(Range.epochs)]
+
+
+PATIENCE_ENV = "PIPELINE_STORAGE_PATIENCE"
+PATIENCE_S = 30.0  # a database restart fits; a database gone for good is said soon
+
+
+def storage_patience() -> float:
+    """How long a sweep's worker waits for an Optuna database that stopped answering before it
+    gives up (see ``storages.Outage``): ``PATIENCE_S``, or the seconds in the environment's
+    ``PIPELINE_STORAGE_PATIENCE``."""
+    given = os.environ.get(PATIENCE_ENV)
+    if given is None:
+        return PATIENCE_S
+    try:
+        seconds = float(given)
+    except ValueError:
+        seconds = math.nan
+    if not 0 <= seconds < math.inf:
+        raise UserError(f"{PATIENCE_ENV}={given!r}: give a number of seconds, 0 or more")
+    return seconds
 
 
 DEFAULT_BATCH = 8  # trials a worker trains together, at most, unless --batch says otherwise

@@ -12,7 +12,7 @@ import time
 
 import optuna
 
-from pipeline import dead_trials, interrupts, redact, worker
+from pipeline import dead_trials, interrupts, redact, storages, worker
 from pipeline import study as studies
 from pipeline import trial as trials
 from pipeline.storages import SweepError
@@ -27,10 +27,19 @@ def local_workers(settings: SweepSettings) -> int:
 def wait_for_total(study, storage, total: int, timeout: float | None) -> None:
     """Wait while workers elsewhere run the trials, failing and retrying those that die."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    while studies.finished(study) < total:
-        if deadline is not None and time.monotonic() > deadline:
-            return
-        dead_trials.recover_dead_trials(study, storage, trials.close_dead_trial_run)
+    outage = storages.Outage()  # a database restart is waited out, as the workers wait it
+    while True:
+        try:
+            if studies.finished(study) >= total:
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                return
+            dead_trials.recover_dead_trials(study, storage, trials.close_dead_trial_run)
+            outage.answered()
+        except Exception as err:
+            if not outage.wait_out(err):
+                raise
+            continue
         worker.pause(worker.POLL_S)
 
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import time
 from array import array
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
@@ -27,7 +26,6 @@ from pipeline.config import Experiment
 from pipeline.dataset import Dataset
 
 REPORTS_PER_TRIAL = 20  # intermediate values sent to the storage per trial, at most
-TELL_PATIENCE_S = 30.0  # how long a trained trial waits for a database that stopped answering
 RUN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED",
               TrialState.FAIL: "FAILED"}
 
@@ -46,6 +44,8 @@ class TrialContext:
     log_models: str
     batch: int = 1  # trials trained together
     rows: tuple[Dataset, Dataset | None] | None = None  # the split, where the caller made it
+    # The worker's one clock for a database that stops answering (see storages.Outage).
+    outage: storages.Outage = field(default_factory=storages.Outage, compare=False)
 
     @property
     def report_every(self) -> int:
@@ -134,9 +134,7 @@ def run_batch(study: optuna.Study, asked: list[optuna.Trial], ctx: TrialContext,
 
 
 def _open_run(trial: optuna.Trial, ctx: TrialContext, lr: float, epochs: int) -> str:
-    if trial.user_attrs.get(dead_trials.WORKER_ATTR, {}).get("trial") != trial.number:
-        # A retry carries the dead trial's record: claim it for this process.
-        trial.set_user_attr(dead_trials.WORKER_ATTR, dead_trials.worker_identity(trial.number))
+    dead_trials.claim(trial)  # claimed when asked; here too for a batch asked elsewhere
     run_id = tracking.open_child(
         ctx.experiment_id, ctx.parent_run_id,
         f"t{trial.number} lr={lr:.2g} ep={epochs}",  # fits the MLflow UI's name column
@@ -169,36 +167,35 @@ def _tell(study, trial, run_id: str, result: training.TrainResult, pruned: bool,
     if result.diverged or pruned:
         tracking.close_run(run_id, RUN_STATUS[TrialState.PRUNED], curves, {},
                            {**tags, "optuna_state": TrialState.PRUNED.name}, params)
-        return _told(study, trial, state=TrialState.PRUNED)
+        return _told(study, trial, ctx.outage, state=TrialState.PRUNED)
     value = objective_value(result, ctx.exp, val_set)
     if ctx.log_models == "all":
         tags["model_uri"] = tracking.log_model(run_id, result.model.to_module(), train_set,
                                                ctx.exp.train.dtype, validate=False)
     tracking.close_run(run_id, RUN_STATUS[TrialState.COMPLETE], curves, {"objective": value},
                        {**tags, "optuna_state": TrialState.COMPLETE.name}, params)
-    return _told(study, trial, value)
+    return _told(study, trial, ctx.outage, value)
 
 
-def _told(study: optuna.Study, trial: optuna.Trial, value: float | None = None,
-          state: TrialState | None = None) -> FrozenTrial:
-    """``study.tell``, waiting up to ``TELL_PATIENCE_S`` for a database that stopped answering
-    (its heartbeats wait too, see :mod:`pipeline.dead_trials`): a result already in its MLflow
-    run is not thrown away for a restart of the database. A tell that reached the database
-    before the connection dropped is found there, not told twice."""
-    deadline = time.monotonic() + TELL_PATIENCE_S
+def _told(study: optuna.Study, trial: optuna.Trial, outage: storages.Outage,
+          value: float | None = None, state: TrialState | None = None) -> FrozenTrial:
+    """``study.tell``, waiting out a database that stopped answering (``outage``; its
+    heartbeats wait too, see :mod:`pipeline.dead_trials`): a result already in its MLflow run
+    is not thrown away for a restart of the database. A tell that reached the database before
+    the connection dropped is found there, not told twice."""
     while True:
         try:
-            return study.tell(trial, value, state=state)
+            frozen = study.tell(trial, value, state=state)
+            break
         except Exception as err:
-            if not storages.failed_under_way(err) or time.monotonic() > deadline:
+            if not outage.wait_out(err):
                 raise
-        for _ in range(10):
-            interrupts.check()
-            time.sleep(0.1)
         with contextlib.suppress(Exception):
             frozen = study._storage.get_trial(trial._trial_id)
             if frozen.state == (state or TrialState.COMPLETE):
-                return frozen
+                break
+    outage.answered()
+    return frozen
 
 
 class _Watch:
@@ -215,11 +212,16 @@ class _Watch:
         trial = self.asked[k]
         try:
             trial.report(val_loss if val_loss is not None else train_loss, epoch)
+            if trial.should_prune():
+                self.pruned[k] = True
+                return True
         except UpdateFinishedTrialError:
             return True  # failed as stale by another process (see run_batch): stop training it
-        if trial.should_prune():
-            self.pruned[k] = True
-            return True
+        except Exception as err:
+            if not storages.failed_under_way(err):
+                raise
+            # The database is not answering: training goes on, unpruned until it answers
+            # again; the result waits for it (see _told).
         return False
 
 

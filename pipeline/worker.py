@@ -127,21 +127,28 @@ def loop(study: optuna.Study, storage, ctx: trials.TrialContext, total: int,
     ran = 0
     while True:
         interrupts.check()
-        if studies.finished(study) >= total:
-            if latest is None or (raised := latest()) <= total:
+        try:
+            if studies.finished(study) >= total:
+                if latest is None or (raised := latest()) <= total:
+                    break
+                storage.total = total = raised
+                callback = progress_line(echo, total)
+            if deadline is not None and time.monotonic() > deadline:
                 break
-            storage.total = total = raised
-            callback = progress_line(echo, total)
-        if deadline is not None and time.monotonic() > deadline:
-            break
-        dead_trials.recover_dead_trials(study, storage, trials.close_dead_trial_run)
-        asked = ask(study, storage, min(ctx.batch, total - studies.finished(study)))
-        if not asked:
-            pause(POLL_S)  # the rest of the total is running elsewhere
-            continue
-        with dead_trials.heartbeats(study, storage, asked):
-            trials.run_batch(study, asked, ctx, on_told=callback)
-        ran += len(asked)
+            dead_trials.recover_dead_trials(study, storage, trials.close_dead_trial_run)
+            asked = ask(study, storage, min(ctx.batch, total - studies.finished(study)))
+            if not asked:
+                pause(POLL_S)  # the rest of the total is running elsewhere
+                continue
+            with dead_trials.heartbeats(study, storage, asked):
+                trials.run_batch(study, asked, ctx, on_told=callback)
+            ran += len(asked)
+            ctx.outage.answered()
+        except Exception as err:
+            # The database stopped answering: wait for it. Trials this batch left RUNNING
+            # stop beating and are failed and retried as any dead worker's (dead_trials).
+            if not ctx.outage.wait_out(err):
+                raise
     return Outcome(ran, studies.finished(study), total)
 
 
@@ -151,7 +158,10 @@ def ask(study: optuna.Study, storage, count: int) -> list[optuna.Trial]:
     try:
         while len(asked) < count:
             asked.append(study.ask())
-            dead_trials.beat(study, storage, asked[-1])  # a heartbeat from the first moment
+            # A heartbeat from the first moment, then the trial claimed for this process: a
+            # worker killed now leaves a trial that is found dead at once, not after ORPHAN_S.
+            dead_trials.beat(study, storage, asked[-1])
+            dead_trials.claim(asked[-1])
     except storages.BudgetReached:
         pass
     return asked
@@ -169,11 +179,15 @@ def progress_line(echo: Echo, total: int) -> Callable:
     """An Optuna callback printing one line per finished trial."""
 
     def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        done = studies.finished(study)
         try:
+            done = studies.finished(study)
             best = f"{study.best_value:.6g}"
         except ValueError:
             best = "none yet"
+        except Exception as err:
+            if not storages.failed_under_way(err):
+                raise
+            done, best = "?", "? (the Optuna storage is not answering)"
         if trial.state == TrialState.COMPLETE:
             outcome = f"complete, value {trial.value:.6g}"
         elif trial.state == TrialState.PRUNED:

@@ -23,6 +23,14 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "faults: kills or interrupts sweeps (pytest -m faults)")
 
 
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (`make test`), the tests that start servers or kill sweeps run one
+    after another on one worker: each starts several processes and waits on their timing."""
+    for item in items:
+        if item.get_closest_marker("faults") or item.get_closest_marker("servers"):
+            item.add_marker(pytest.mark.xdist_group("heavy"))
+
+
 @pytest.fixture(scope="session")
 def postgres_server():
     """A real PostgreSQL for the whole session (tests/servers.py: ``Postgres``): role ``optuna``

@@ -30,10 +30,10 @@ def sweep_command(n_trials: int, workers: int) -> list[str]:
             "--epochs-range", "50", "2000"]
 
 
-def start(folder, command) -> tuple[subprocess.Popen, list[str]]:
+def start(folder, command, **env: str) -> tuple[subprocess.Popen, list[str]]:
     """Start ``command`` in a process group of its own; collect its stdout lines."""
     process = subprocess.Popen(command, cwd=folder, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+                               stderr=subprocess.PIPE, text=True, env=subprocess_env(**env),
                                start_new_session=True)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
@@ -228,7 +228,8 @@ def test_a_storage_lost_under_way_is_one_line_each_and_the_rerun_mends_it(workdi
 
     with postgres() as database:
         command = [*sweep_command(40, 2), "--batch", "2", "--storage", database.url()]
-        process, lines = start(workdir, command)
+        # Gone for good, as far as the sweep can tell: it waits 2 s for it, not 30.
+        process, lines = start(workdir, command, PIPELINE_STORAGE_PATIENCE="2")
         wait_for_done(process, lines, 4)
         database.crash()
         process.wait(timeout=240)
@@ -244,5 +245,29 @@ def test_a_storage_lost_under_way_is_one_line_each_and_the_rerun_mends_it(workdi
         assert result.returncode == 0, result.stderr[-2000:]
         study = optuna.load_study(study_name="line_fit_15pts", storage=database.url())
         assert len([t for t in study.trials if t.state in FINISHED]) == 40
+        assert {t.state.name for t in study.trials} <= {"COMPLETE", "PRUNED", "FAIL"}
+    assert "RUNNING" not in run_statuses(workdir / "mlflow.db")
+
+
+@pytest.mark.servers
+def test_a_database_restarted_under_way_stops_no_sweep(workdir):
+    # PostgreSQL down for a few seconds mid-sweep: the coordinator and its workers wait for it
+    # (heartbeats, results, the next batch) and the same command ends with the exact total.
+    from tests.servers import postgres
+
+    with postgres() as database:
+        command = [*sweep_command(30, 2), "--batch", "2", "--storage", database.url()]
+        process, lines = start(workdir, command)
+        wait_for_done(process, lines, 4)
+        database.crash()
+        time.sleep(3)
+        database.restart()
+        process.wait(timeout=240)
+        stderr = process.stderr.read()
+        # No worker gave up: each waited (before, one failed at once and the other did all).
+        assert process.returncode == 0 and "Error" not in stderr, stderr
+        assert "optuna-pw" not in "".join(lines) + stderr
+        study = optuna.load_study(study_name="line_fit_15pts", storage=database.url())
+        assert len([t for t in study.trials if t.state in FINISHED]) == 30
         assert {t.state.name for t in study.trials} <= {"COMPLETE", "PRUNED", "FAIL"}
     assert "RUNNING" not in run_statuses(workdir / "mlflow.db")

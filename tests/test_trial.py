@@ -135,7 +135,7 @@ def test_a_result_waits_out_a_database_that_stops_answering(tmp_path, monkeypatc
         raise AssertionError("told twice")
 
     monkeypatch.setattr(study, "tell", flaky)
-    frozen = trials._told(study, trial, 1.5)
+    frozen = trials._told(study, trial, storages.Outage(30), 1.5)
     assert len(attempts) == 2 and frozen.state == TrialState.COMPLETE and frozen.value == 1.5
     assert study.trials[0].state == TrialState.COMPLETE
 
@@ -144,11 +144,10 @@ def test_a_result_waits_out_a_database_that_stops_answering(tmp_path, monkeypatc
 def test_a_result_gives_up_on_a_database_gone_for_good(tmp_path, monkeypatch):
     study, _ = _rdb_study(tmp_path)
     trial = study.ask()
-    monkeypatch.setattr(trials, "TELL_PATIENCE_S", 0.0)
     monkeypatch.setattr(study, "tell", lambda *a, **k: (_ for _ in ()).throw(
         optuna.exceptions.StorageInternalError("connection refused")))
     with pytest.raises(optuna.exceptions.StorageInternalError):
-        trials._told(study, trial, 1.5)
+        trials._told(study, trial, storages.Outage(0), 1.5)
     assert study.trials[0].state == TrialState.RUNNING  # the next command finds it dead
 
 
@@ -179,3 +178,51 @@ def test_heartbeats_outlast_a_database_that_stops_answering(tmp_path, monkeypatc
             time.sleep(0.01)
     assert died == [] and len(calls) >= 6  # beating again once the database answers
     assert storage._get_stale_trial_ids(study._study_id) == []
+
+
+@pytest.mark.parametrize("given", ["soon", "-1", "inf", "nan", ""])
+def test_a_patience_that_is_no_number_of_seconds_is_refused_before_anything_runs(
+        workdir, monkeypatch, given):
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    monkeypatch.setenv("PIPELINE_STORAGE_PATIENCE", given)
+    for args in (["sweep", "-e", "line_fit_15pts", "--n-trials", "2"],
+                 ["worker", "--storage", "optuna.journal", "--study", "s"]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1 and result.output.splitlines() == [
+            f"Error: PIPELINE_STORAGE_PATIENCE={given!r}: give a number of seconds, 0 or more"]
+    assert list(workdir.iterdir()) == []
+
+
+def test_an_outage_is_waited_out_on_one_clock_until_the_patience_is_spent(monkeypatch):
+    monkeypatch.setattr(storages, "RETRY_S", 0.0)
+    monkeypatch.setenv("PIPELINE_STORAGE_PATIENCE", "0.3")
+    outage = storages.Outage()
+    gone = optuna.exceptions.StorageInternalError("connection refused")
+    assert outage.seconds == 0.3
+    assert not outage.wait_out(ValueError("a bug, not the database"))
+    assert outage.wait_out(gone) and outage.since is not None
+    outage.since -= 0.31  # the first failure, longer ago than the patience
+    assert not outage.wait_out(gone)
+    outage.answered()  # an answer in between starts the clock afresh
+    assert outage.wait_out(gone)
+    monkeypatch.delenv("PIPELINE_STORAGE_PATIENCE")
+    assert storages.Outage().seconds == 30.0
+
+
+def test_asked_trials_are_claimed_for_their_process_at_once(tmp_path):
+    # A worker killed right after asking leaves trials the next command fails at once (their
+    # process is gone), not after ORPHAN_S as trials nobody claimed.
+    import os
+
+    from pipeline import dead_trials
+
+    storage = storages.open_storage(str(tmp_path / "j"), total=5)
+    study = studies.load(storage, "s", create=True)
+    asked = worker.ask(study, storage, 3)
+    assert [t.number for t in asked] == [0, 1, 2]
+    for trial in study.get_trials():
+        claim = trial.user_attrs[dead_trials.WORKER_ATTR]
+        assert claim["trial"] == trial.number and claim["pid"] == os.getpid()
