@@ -318,3 +318,38 @@ def test_a_stop_a_finalizer_swallowed_is_raised_at_the_next_epoch(monkeypatch):
     with pytest.raises(interrupts.Interrupted) as stop:
         train(exp.train, data.build(exp.data, exp.seed))
     assert stop.value.exit_code == 143
+
+
+def _tutorial_loop(exp, train_set, by_column: bool) -> list[float]:
+    """The manual loop as the tutorials write it: their loss expression, autograd, updates
+    under no_grad, gradients zeroed; the same rows, layout and initial parameters."""
+    dtype = models.DTYPES[exp.train.dtype]
+    x = features_tensor(train_set.features, dtype, torch.device("cpu"), by_column=by_column)
+    y = torch.as_tensor(train_set.targets, dtype=dtype)
+    torch.manual_seed(exp.train.seed)
+    model = models.build(x.shape[1], y.shape[1], exp.train)
+    curve = []
+    for _ in range(exp.train.epochs + 1):
+        squared = (model(x) - y) ** 2
+        loss = squared.mean() if exp.train.loss == "mean" else squared.sum()
+        curve.append(loss.item())
+        loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= exp.train.lr * p.grad
+        model.zero_grad()
+    return curve
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("line_fit_15pts", ()), ("slope_only", ()), ("relu_line", ()), ("crop_yields_manual", ()),
+    ("crop_yields_manual", ("loss=sum", "lr=1e-5")),
+    # Tall enough to be stored by column (BY_COLUMN_ROWS), ReLU included.
+    ("synthetic", ("model=manual", "batch_size=null", "shuffle=false", "val_fraction=0",
+                   "epochs=4", "data.n_rows=70000", "data.n_features=3", "activation=relu")),
+])
+def test_the_manual_loop_is_the_tutorials_to_the_bit(name, overrides):
+    exp = config.load(name, [*overrides, "gradient=autograd"])
+    train_set = data.build(exp.data, exp.seed)
+    result = train(exp.train, train_set)
+    assert result.train_loss == _tutorial_loop(exp, train_set, len(train_set.features) >= 65536)
