@@ -85,9 +85,12 @@ def worker_identity(trial_number: int) -> dict:
     return {**processes.identity(), "trial": trial_number}
 
 
-def recover_dead_trials(study: optuna.Study, storage, on_dead: OnDead | None = None) -> int:
+def recover_dead_trials(study: optuna.Study, storage, on_dead: OnDead | None = None,
+                        idle: bool = False) -> int:
     """Fail the RUNNING trials whose process is gone from this host and queue them again;
-    on a relational storage, also those whose heartbeat stopped (on any host).
+    on a relational storage, also those whose heartbeat stopped (on any host). ``idle``: this
+    process runs none of its trials now, so those it claimed were left by a batch that a
+    database outage cut short (one created as the connection dropped has no heartbeat yet).
 
     Failing a trial and queueing its retry happen under the lock that guards trial creation:
     between the two the study holds one trial fewer, and a worker asking then would take the
@@ -101,8 +104,9 @@ def recover_dead_trials(study: optuna.Study, storage, on_dead: OnDead | None = N
             # A trial never claimed was created by a process killed in the same instant.
             orphan = identity is None and trial.datetime_start is not None and (
                 (now - trial.datetime_start).total_seconds() > ORPHAN_S)
-            if orphan or (identity and identity.get("trial") == trial.number
-                          and processes.gone_from_this_host(identity)):
+            if orphan or (identity and identity.get("trial") == trial.number and (
+                    processes.gone_from_this_host(identity)
+                    or idle and processes.is_this_process(identity))):
                 try:
                     study.tell(trial.number, state=TrialState.FAIL)
                 except (RuntimeError, ValueError):

@@ -44,7 +44,9 @@ class Interrupted(KeyboardInterrupt):
 
     def message(self) -> str:
         if self.finished is None:
-            return "interrupted"
+            return "interrupted" if self.total is None else (
+                "interrupted while the Optuna storage was not answering; once it answers, "
+                "run the same command to resume")
         return (f"interrupted: {self.finished} of {self.total} trials finished; "
                 "run the same command to resume")
 

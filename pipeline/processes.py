@@ -30,6 +30,12 @@ def start_time(pid: int) -> str | None:
         return None
 
 
+def is_this_process(found: dict | None) -> bool:
+    """Whether the recorded process is this one."""
+    return bool(found) and found.get("host") == host() and found.get("pid") == os.getpid() and (
+        str(found.get("start")) == str(start_time(os.getpid())))
+
+
 def gone_from_this_host(found: dict | None) -> bool:
     """Whether the recorded process ran on this host and runs no more."""
     if not found or found.get("host") != host():

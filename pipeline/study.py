@@ -18,7 +18,7 @@ import optuna
 from pipeline import data
 from pipeline.config import Experiment
 from pipeline.errors import first_line
-from pipeline.storages import FINISHED, NotYet, SweepError
+from pipeline.storages import FINISHED, NotYet, SweepError, failed_under_way
 
 SPEC_ATTR = "pipeline"  # the study's user attribute holding the Spec
 
@@ -130,6 +130,17 @@ def counts(study: optuna.Study) -> dict[str, int]:
 
 def finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def said_on_stop(stop, study: optuna.Study, total: int) -> None:
+    """Give a stopped sweep's ``stop`` (:class:`pipeline.interrupts.Interrupted`) the count it
+    says; none where the storage does not answer, which is what stopped it from waiting."""
+    stop.total = total
+    try:
+        stop.finished = finished(study)
+    except Exception as err:
+        if not failed_under_way(err):
+            raise
 
 
 # --- resuming a study --------------------------------------------------------------------------

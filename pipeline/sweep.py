@@ -121,7 +121,7 @@ def run(exp: Experiment, settings: SweepSettings, tracking_uri: str,
             return summary
         except interrupts.Interrupted as stop:
             status = "KILLED"
-            stop.finished, stop.total = studies.finished(study), settings.n_trials
+            studies.said_on_stop(stop, study, settings.n_trials)
             raise
         finally:
             tracking.close_run(spec.parent_run_id, status)

@@ -111,7 +111,7 @@ def run(storage_url: str, study_name: str, tracking_uri: str | None = None, offs
     try:
         return loop(study, storage, context(spec, study_name), total, timeout, echo, latest)
     except interrupts.Interrupted as stop:
-        stop.finished, stop.total = studies.finished(study), total
+        studies.said_on_stop(stop, study, total)
         raise
 
 
@@ -135,7 +135,8 @@ def loop(study: optuna.Study, storage, ctx: trials.TrialContext, total: int,
                 callback = progress_line(echo, total)
             if deadline is not None and time.monotonic() > deadline:
                 break
-            dead_trials.recover_dead_trials(study, storage, trials.close_dead_trial_run)
+            dead_trials.recover_dead_trials(study, storage, trials.close_dead_trial_run,
+                                            idle=True)
             asked = ask(study, storage, min(ctx.batch, total - studies.finished(study)))
             if not asked:
                 pause(POLL_S)  # the rest of the total is running elsewhere

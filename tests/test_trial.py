@@ -226,3 +226,39 @@ def test_asked_trials_are_claimed_for_their_process_at_once(tmp_path):
     for trial in study.get_trials():
         claim = trial.user_attrs[dead_trials.WORKER_ATTR]
         assert claim["trial"] == trial.number and claim["pid"] == os.getpid()
+
+
+def test_a_trial_an_outage_left_behind_is_retried_by_its_own_worker(store, tmp_path,
+                                                                     monkeypatch):
+    # The database dropped while `study.ask` was sampling a trial it had already created and
+    # claimed for this process: RUNNING, claimed by a live process, no heartbeat. The worker,
+    # between batches, fails and retries it; before, it waited for it forever.
+    ctx = _context(store)
+    storage = storages.open_storage(str(tmp_path / "j"), total=3)
+    study = studies.load(storage, "s", create=True)
+    storage.create_new_trial(study._study_id)
+    assert study.trials[0].state == TrialState.RUNNING
+    closed = []
+    monkeypatch.setattr(trials, "close_dead_trial_run",
+                        lambda study, trial, retried_as: closed.append((trial.number, retried_as)))
+
+    outcome = worker.loop(study, storage, ctx, 3, timeout=20, echo=lambda line: None)
+    assert outcome.finished == 3 and closed == [(0, 1)]
+    states = [t.state for t in study.get_trials()]
+    assert states[0] == TrialState.FAIL and states.count(TrialState.FAIL) == 1
+
+
+def test_a_stop_while_the_storage_is_not_answering_says_so(tmp_path, monkeypatch):
+    from pipeline import interrupts
+
+    study = studies.load(storages.open_storage(str(tmp_path / "j"), total=3), "s", create=True)
+    monkeypatch.setattr(study, "get_trials", lambda *a, **k: (_ for _ in ()).throw(
+        optuna.exceptions.StorageInternalError("connection refused")))
+    stop = interrupts.Interrupted(2)
+    studies.said_on_stop(stop, study, 3)
+    assert stop.finished is None and stop.exit_code == 130
+    assert stop.message() == ("interrupted while the Optuna storage was not answering; once it "
+                              "answers, run the same command to resume")
+    monkeypatch.undo()
+    studies.said_on_stop(stop, study, 3)
+    assert stop.message().startswith("interrupted: 0 of 3 trials finished")
