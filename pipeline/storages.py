@@ -248,12 +248,27 @@ def _check_journal(path: str) -> None:
 RDB_ATTEMPTS = 4  # opening a relational storage, for a race on its first use
 
 
+# libpq's settings for a PostgreSQL storage, where its URL does not give its own: a server
+# that is unreachable (a network cut, a host gone) fails a call within seconds, which the
+# worker then waits out (Outage), where the connection would otherwise hang for minutes.
+POSTGRES_TIMEOUTS = {
+    "connect_timeout": 10,  # seconds to open a connection
+    "tcp_user_timeout": 15000,  # milliseconds that sent data may go unacknowledged
+    "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+}
+
+
 def _open_rdb(url: str) -> RDBStudyStorage:
     engine_kwargs = {"pool_pre_ping": True}
     if url.startswith("postgresql"):
+        from sqlalchemy.engine import make_url
+
         # One process holds a few connections (trials, heartbeats); keep each pool small so
         # that many workers fit under PostgreSQL's max_connections (100 by default).
         engine_kwargs.update(pool_size=2, max_overflow=3)
+        given = make_url(url).query
+        engine_kwargs["connect_args"] = {
+            key: value for key, value in POSTGRES_TIMEOUTS.items() if key not in given}
     for attempt in range(RDB_ATTEMPTS):
         try:
             with warnings.catch_warnings():

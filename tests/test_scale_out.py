@@ -170,3 +170,18 @@ def test_a_worker_refused_a_login_says_so_at_once(workdir, postgres_server):
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert "password authentication failed" in lines[0] and "wrong-pw" not in lines[0]
     assert time.monotonic() - started < 30  # the wait for a database starting is 60 s
+
+
+def test_a_postgres_storage_gives_up_on_an_unreachable_server_in_seconds(postgres_server):
+    # libpq's timeouts, where the URL names none: a network cut fails a call within seconds
+    # (which the worker waits out) instead of hanging for the minutes TCP would take.
+    from pipeline import storages
+
+    for url, connect_timeout in ((postgres_server.url(), "10"),
+                                 (postgres_server.url() + "?connect_timeout=3", "3")):
+        storage = storages.open_storage(url)
+        with storage.engine.connect() as connection:
+            given = connection.connection.dbapi_connection.info.get_parameters()
+        assert given["connect_timeout"] == connect_timeout
+        assert (given["tcp_user_timeout"], given["keepalives_idle"]) == ("15000", "10")
+        storage.engine.dispose()
