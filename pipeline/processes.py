@@ -32,8 +32,9 @@ def start_time(pid: int) -> str | None:
 
 def is_this_process(found: dict | None) -> bool:
     """Whether the recorded process is this one."""
-    return bool(found) and found.get("host") == host() and found.get("pid") == os.getpid() and (
-        str(found.get("start")) == str(start_time(os.getpid())))
+    if not found or found.get("host") != host() or str(found.get("pid")) != str(os.getpid()):
+        return False
+    return str(found.get("start")) == str(start_time(os.getpid()))
 
 
 def gone_from_this_host(found: dict | None) -> bool:

@@ -37,8 +37,8 @@ from pipeline.errors import UserError, first_line
 from pipeline.sweep_settings import storage_patience
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-RETRY_S = 0.5  # how often a waiting worker tries its database again
 IN_BUDGET = (*FINISHED, TrialState.RUNNING, TrialState.WAITING)
+RETRY_S = 0.5  # how often a worker tries again a database that stopped answering
 
 
 class SweepError(UserError):
