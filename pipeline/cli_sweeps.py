@@ -73,7 +73,8 @@ def sweep(experiment, tracking_uri: str, device: str | None, n_trials: int,
     """Search lr and epochs with Optuna; one MLflow parent run, a child run per trial.
 
     The best trial's model is registered under the experiment's name; the alias `champion`
-    moves to it when it beats the current champion.
+    moves to it when it beats the current champion. A database storage that stops answering
+    is waited for 30 s (PIPELINE_STORAGE_PATIENCE=SECONDS).
     """
     experiment = with_device(experiment, device)
     # Checked as it is built, before the heavy imports: bad input answers at once.
@@ -119,7 +120,8 @@ def worker(storage: str, study_name: str, tracking_uri: str | None,
     """Join a sweep from any machine: run its trials until the study holds its total.
 
     Start as many as you like (any launcher: ssh, a SLURM array, a Kubernetes Job); they share
-    the storage, log to the sweep's MLflow parent run, and never finalise the sweep.
+    the storage, log to the sweep's MLflow parent run, and never finalise the sweep. A
+    storage that stops answering is waited for 30 s (PIPELINE_STORAGE_PATIENCE=SECONDS).
     """
     import os
 
