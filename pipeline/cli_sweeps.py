@@ -85,7 +85,7 @@ def sweep(experiment, tracking_uri: str, device: str | None, n_trials: int,
         lr_range=lr_range, epochs_range=epochs_range, batch=batch,
     )
     storage_patience()
-    from pipeline import interrupts, storages, tracking
+    from pipeline import interrupts, outages, tracking
     from pipeline import sweep as sweeps
 
     try:
@@ -93,7 +93,7 @@ def sweep(experiment, tracking_uri: str, device: str | None, n_trials: int,
     except interrupts.Interrupted as stop:
         _stopped(stop)
     except Exception as err:
-        if (failed := storages.storage_failure(err, storage)) is not None:
+        if (failed := outages.storage_failure(err, storage)) is not None:
             raise failed from None
         raise
     _print_sweep(summary, redact.mask(tracking_uri),
@@ -126,7 +126,7 @@ def worker(storage: str, study_name: str, tracking_uri: str | None,
     import os
 
     storage_patience()
-    from pipeline import interrupts, storages
+    from pipeline import interrupts, outages
     from pipeline import worker as workers
 
     with interrupts.deferred():
@@ -136,7 +136,7 @@ def worker(storage: str, study_name: str, tracking_uri: str | None,
         except interrupts.Interrupted as stop:
             _stopped(stop)
         except Exception as err:
-            if (failed := storages.storage_failure(err, storage)) is not None:
+            if (failed := outages.storage_failure(err, storage)) is not None:
                 raise failed from None
             raise
     click.echo(f"worker: ran {outcome.ran} trials; study {study_name} holds "

@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 STOPPING_TIMEOUT_S = 3  # each MLflow server call once a stop is asked for
@@ -183,3 +184,11 @@ def check() -> None:
     """Raise :class:`Interrupted` if a stop was asked for."""
     if _requested is not None:
         raise Interrupted(_requested)
+
+
+def pause(seconds: float) -> None:
+    """Sleep, but answer Ctrl-C and SIGTERM within a tenth of a second."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        check()
+        time.sleep(min(0.1, seconds))

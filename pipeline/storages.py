@@ -25,7 +25,7 @@ import optuna
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from pipeline import interrupts, redact
+from pipeline import redact
 from pipeline.dead_trials import (
     GRACE_S,
     HEARTBEAT_S,
@@ -34,68 +34,13 @@ from pipeline.dead_trials import (
     worker_identity,
 )
 from pipeline.errors import UserError, first_line
-from pipeline.sweep_settings import storage_patience
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 IN_BUDGET = (*FINISHED, TrialState.RUNNING, TrialState.WAITING)
-RETRY_S = 0.5  # how often a worker tries again a database that stopped answering
 
 
 class SweepError(UserError):
     """A sweep that cannot start: unreachable storage, a study made for other settings."""
-
-
-def failed_under_way(err: BaseException) -> bool:
-    """Whether ``err`` is a relational storage failing (its database gone, for now)."""
-    import sqlalchemy.exc
-
-    return isinstance(err, (optuna.exceptions.StorageInternalError,
-                            sqlalchemy.exc.SQLAlchemyError))
-
-
-class Outage:
-    """One clock for a database that stopped answering, whichever call finds it so.
-
-    A worker's calls to its storage that fail under way (:func:`failed_under_way`) wait and
-    try again while less than ``seconds`` have passed since the first of them failed; any
-    call that succeeds afterwards says so (:meth:`answered`) and the clock starts afresh.
-    """
-
-    def __init__(self, seconds: float | None = None) -> None:
-        self.seconds = storage_patience() if seconds is None else seconds
-        self.since: float | None = None
-
-    def wait_out(self, err: BaseException) -> bool:
-        """After a pause, True: try again. False: ``err`` is to be raised (another error, or
-        the database silent for longer than the patience)."""
-        if not failed_under_way(err):
-            return False
-        now = time.monotonic()
-        if self.since is None:
-            self.since = now
-        if now - self.since >= self.seconds:
-            return False
-        end = now + RETRY_S
-        while time.monotonic() < end:  # Ctrl-C and SIGTERM answered at once
-            interrupts.check()
-            time.sleep(0.1)
-        return True
-
-    def answered(self) -> None:
-        self.since = None
-
-
-def storage_failure(err: BaseException, url: str) -> SweepError | None:
-    """An Optuna storage that failed under way (a database server gone), as one line; None
-    for any other error."""
-    if not failed_under_way(err):
-        return None
-    # Optuna's own message blames the data ("exceeding max length"); the driver's says why.
-    cause = err.__cause__ if isinstance(err.__cause__, Exception) else err
-    reason = getattr(cause, "orig", None) or cause
-    return SweepError(f"the Optuna storage {redact.mask(url)} failed: "
-                      f"{redact.scrub(first_line(reason), url)}; once it answers, run the same "
-                      "command to resume (no finished trial is lost)")
 
 
 class NotYet(SweepError):
@@ -250,7 +195,7 @@ RDB_ATTEMPTS = 4  # opening a relational storage, for a race on its first use
 
 # libpq's settings for a PostgreSQL storage, where its URL does not give its own: a server
 # that is unreachable (a network cut, a host gone) fails a call within seconds, which the
-# worker then waits out (Outage), where the connection would otherwise hang for minutes.
+# worker then waits out (outages.Outage), where the connection would otherwise hang for minutes.
 POSTGRES_TIMEOUTS = {
     "connect_timeout": 10,  # seconds to open a connection
     "tcp_user_timeout": 15000,  # milliseconds that sent data may go unacknowledged

@@ -18,7 +18,8 @@ import optuna
 from pipeline import data
 from pipeline.config import Experiment
 from pipeline.errors import first_line
-from pipeline.storages import FINISHED, NotYet, SweepError, failed_under_way
+from pipeline.outages import failed_under_way
+from pipeline.storages import FINISHED, NotYet, SweepError
 
 SPEC_ATTR = "pipeline"  # the study's user attribute holding the Spec
 

@@ -69,7 +69,7 @@ PATIENCE_S = 30.0  # a database restart fits; a database gone for good is said s
 
 def storage_patience() -> float:
     """How long a sweep's worker waits for an Optuna database that stopped answering before it
-    gives up (see ``storages.Outage``): ``PATIENCE_S``, or the seconds in the environment's
+    gives up (see ``outages.Outage``): ``PATIENCE_S``, or the seconds in the environment's
     ``PIPELINE_STORAGE_PATIENCE``."""
     given = os.environ.get(PATIENCE_ENV)
     if given is None:

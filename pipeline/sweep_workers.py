@@ -12,7 +12,7 @@ import time
 
 import optuna
 
-from pipeline import dead_trials, interrupts, redact, storages, worker
+from pipeline import dead_trials, interrupts, outages, redact, worker
 from pipeline import study as studies
 from pipeline import trial as trials
 from pipeline.storages import SweepError
@@ -27,7 +27,7 @@ def local_workers(settings: SweepSettings) -> int:
 def wait_for_total(study, storage, total: int, timeout: float | None) -> None:
     """Wait while workers elsewhere run the trials, failing and retrying those that die."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    outage = storages.Outage()  # a database restart is waited out, as the workers wait it
+    outage = outages.Outage()  # a database restart is waited out, as the workers wait it
     while True:
         try:
             if studies.finished(study) >= total:
@@ -40,7 +40,7 @@ def wait_for_total(study, storage, total: int, timeout: float | None) -> None:
             if not outage.wait_out(err):
                 raise
             continue
-        worker.pause(worker.POLL_S)
+        interrupts.pause(worker.POLL_S)
 
 
 def worker_command(settings: SweepSettings, study: optuna.Study) -> str:

@@ -19,7 +19,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from pipeline import config as configs
-from pipeline import data, dead_trials, engine, interrupts, storages, tracking
+from pipeline import data, dead_trials, engine, interrupts, outages, tracking
 from pipeline import study as studies
 from pipeline import train as training
 from pipeline.config import Experiment
@@ -44,8 +44,8 @@ class TrialContext:
     log_models: str
     batch: int = 1  # trials trained together
     rows: tuple[Dataset, Dataset | None] | None = None  # the split, where the caller made it
-    # The worker's one clock for a database that stops answering (see storages.Outage).
-    outage: storages.Outage = field(default_factory=storages.Outage, compare=False)
+    # The worker's one clock for a database that stops answering (see outages.Outage).
+    outage: outages.Outage = field(default_factory=outages.Outage, compare=False)
 
     @property
     def report_every(self) -> int:
@@ -177,7 +177,7 @@ def _tell(study, trial, run_id: str, result: training.TrainResult, pruned: bool,
     return _told(study, trial, ctx.outage, value)
 
 
-def _told(study: optuna.Study, trial: optuna.Trial, outage: storages.Outage,
+def _told(study: optuna.Study, trial: optuna.Trial, outage: outages.Outage,
           value: float | None = None, state: TrialState | None = None) -> FrozenTrial:
     """``study.tell``, waiting out a database that stopped answering (``outage``; its
     heartbeats wait too, see :mod:`pipeline.dead_trials`): a result already in its MLflow run
@@ -218,7 +218,7 @@ class _Watch:
         except UpdateFinishedTrialError:
             return True  # failed as stale by another process (see run_batch): stop training it
         except Exception as err:
-            if not storages.failed_under_way(err):
+            if not outages.failed_under_way(err):
                 raise
             # The database is not answering: training goes on, unpruned until it answers
             # again; the result waits for it (see _told).

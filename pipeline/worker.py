@@ -22,7 +22,7 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline import config as configs
-from pipeline import dead_trials, interrupts, storages, tracking
+from pipeline import dead_trials, interrupts, outages, storages, tracking
 from pipeline import study as studies
 from pipeline import train as training
 from pipeline import trial as trials
@@ -70,7 +70,7 @@ def join(storage_url: str, study_name: str, offset: int = 0, wait_s: float = CON
         except storages.NotYet:  # anything else (not a journal, another tool's study) stays
             if time.monotonic() > deadline:
                 raise
-            pause(2.0)
+            interrupts.pause(2.0)
     storage.total = spec.n_trials
     study = studies.load(storage, study_name, spec.sampler, spec.pruner, spec.seed, offset)
     return study, storage, spec
@@ -139,7 +139,7 @@ def loop(study: optuna.Study, storage, ctx: trials.TrialContext, total: int,
                                             idle=True)
             asked = ask(study, storage, min(ctx.batch, total - studies.finished(study)))
             if not asked:
-                pause(POLL_S)  # the rest of the total is running elsewhere
+                interrupts.pause(POLL_S)  # the rest of the total is running elsewhere
                 continue
             with dead_trials.heartbeats(study, storage, asked):
                 trials.run_batch(study, asked, ctx, on_told=callback)
@@ -168,14 +168,6 @@ def ask(study: optuna.Study, storage, count: int) -> list[optuna.Trial]:
     return asked
 
 
-def pause(seconds: float) -> None:
-    """Sleep, but answer Ctrl-C and SIGTERM within a fifth of a second."""
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        interrupts.check()
-        time.sleep(min(0.2, seconds))
-
-
 def progress_line(echo: Echo, total: int) -> Callable:
     """An Optuna callback printing one line per finished trial."""
 
@@ -186,7 +178,7 @@ def progress_line(echo: Echo, total: int) -> Callable:
         except ValueError:
             best = "none yet"
         except Exception as err:
-            if not storages.failed_under_way(err):
+            if not outages.failed_under_way(err):
                 raise
             done, best = "?", "? (the Optuna storage is not answering)"
         if trial.state == TrialState.COMPLETE:
@@ -230,7 +222,7 @@ def spawned(storage_url: str, study_name: str, tracking_uri: str | None, offset:
         except interrupts.Interrupted as stop:
             sys.exit(stop.exit_code)
         except Exception as err:
-            failed = err if isinstance(err, UserError) else storages.storage_failure(
+            failed = err if isinstance(err, UserError) else outages.storage_failure(
                 err, storage_url)
             if failed is None:
                 raise

@@ -8,7 +8,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from pipeline import config as configs
-from pipeline import data, engine, storages, tracking, worker
+from pipeline import data, engine, outages, storages, tracking, worker
 from pipeline import study as studies
 from pipeline import trial as trials
 
@@ -135,7 +135,7 @@ def test_a_result_waits_out_a_database_that_stops_answering(tmp_path, monkeypatc
         raise AssertionError("told twice")
 
     monkeypatch.setattr(study, "tell", flaky)
-    frozen = trials._told(study, trial, storages.Outage(30), 1.5)
+    frozen = trials._told(study, trial, outages.Outage(30), 1.5)
     assert len(attempts) == 2 and frozen.state == TrialState.COMPLETE and frozen.value == 1.5
     assert study.trials[0].state == TrialState.COMPLETE
 
@@ -147,7 +147,7 @@ def test_a_result_gives_up_on_a_database_gone_for_good(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "tell", lambda *a, **k: (_ for _ in ()).throw(
         optuna.exceptions.StorageInternalError("connection refused")))
     with pytest.raises(optuna.exceptions.StorageInternalError):
-        trials._told(study, trial, storages.Outage(0), 1.5)
+        trials._told(study, trial, outages.Outage(0), 1.5)
     assert study.trials[0].state == TrialState.RUNNING  # the next command finds it dead
 
 
@@ -197,9 +197,9 @@ def test_a_patience_that_is_no_number_of_seconds_is_refused_before_anything_runs
 
 
 def test_an_outage_is_waited_out_on_one_clock_until_the_patience_is_spent(monkeypatch):
-    monkeypatch.setattr(storages, "RETRY_S", 0.0)
+    monkeypatch.setattr(outages, "RETRY_S", 0.0)
     monkeypatch.setenv("PIPELINE_STORAGE_PATIENCE", "0.3")
-    outage = storages.Outage()
+    outage = outages.Outage()
     gone = optuna.exceptions.StorageInternalError("connection refused")
     assert outage.seconds == 0.3
     assert not outage.wait_out(ValueError("a bug, not the database"))
@@ -209,7 +209,7 @@ def test_an_outage_is_waited_out_on_one_clock_until_the_patience_is_spent(monkey
     outage.answered()  # an answer in between starts the clock afresh
     assert outage.wait_out(gone)
     monkeypatch.delenv("PIPELINE_STORAGE_PATIENCE")
-    assert storages.Outage().seconds == 30.0
+    assert outages.Outage().seconds == 30.0
 
 
 def test_asked_trials_are_claimed_for_their_process_at_once(tmp_path):
