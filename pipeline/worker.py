@@ -159,8 +159,10 @@ def ask(study: optuna.Study, storage, count: int) -> list[optuna.Trial]:
     try:
         while len(asked) < count:
             asked.append(study.ask())
-            # A heartbeat from the first moment, then the trial claimed for this process: a
-            # worker killed now leaves a trial that is found dead at once, not after ORPHAN_S.
+            # A heartbeat from the first moment. A new trial was claimed for this process as
+            # the storage created it; a retry taken from the queue still names its dead
+            # trial's process, and is claimed here, so that a worker killed now leaves trials
+            # that are found dead at once, not after ORPHAN_S.
             dead_trials.beat(study, storage, asked[-1])
             dead_trials.claim(asked[-1])
     except storages.BudgetReached:
