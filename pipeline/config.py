@@ -91,6 +91,11 @@ class TrainConfig(Schema):
     weight_init: WeightInit = "torch"
     bias_init: BiasInit = "torch"
     activation: Literal["none", "relu"] = "none"
+    # How a manual model multiplies the rows by its weight: matmul, x @ w.T (tutorials 001,
+    # 004); elementwise, x * w, for one feature (tutorials 000, 003). The predictions are the
+    # same; the weight's gradient sums the rows in another order, so each form reproduces its
+    # tutorial's numbers to the bit. The builtin model is nn.Linear whatever this says.
+    product: Literal["matmul", "elementwise"] = "matmul"
     gradient: Literal["autograd", "analytic"] = "autograd"
     loss: Literal["mean", "sum"] = "mean"
     batch_size: Annotated[Integer, must(lambda n: n >= 1,
@@ -193,6 +198,14 @@ class Experiment(Schema):
     train: TrainConfig
     val_fraction: Annotated[Number, must(lambda x: 0 <= x < 1, "must lie in [0, 1)")] = 0.0
     sweep: SweepConfig = SweepConfig()
+
+    @model_validator(mode="after")
+    def _product_fits_data(self) -> Experiment:
+        train, features = self.train, self.data.columns_in
+        if train.model == "manual" and train.product == "elementwise" and features != 1:
+            raise ValueError(f"product: elementwise multiplies one feature by its weight "
+                             f"(x * w), but the data have {features}; use product=matmul")
+        return self
 
     @property
     def seed(self) -> int:

@@ -60,15 +60,19 @@ def _draw(spec: str | float, shape: tuple[int, ...], dtype) -> torch.Tensor:
     return torch.full(shape, float(spec), dtype=dtype)
 
 
-def linear_forward(x, weight, bias, activation: str):
+def linear_forward(x, weight, bias, activation: str, elementwise: bool = False):
     """``act(x @ weight.T) + bias`` in ``x``'s dtype (parameters kept in another are cast, as
-    tutorial 004 writes ``X.mm(w1.double())``; their gradients come back in their own)."""
-    return linear_parts(x, weight, bias, activation)[0]
+    tutorial 004 writes ``X.mm(w1.double())``; their gradients come back in their own).
+
+    ``elementwise``: ``x * weight.T`` for one feature, as tutorials 000 and 003 write it; the
+    same values, but autograd sums the weight's gradient over the rows in torch's order, not
+    the matrix product's."""
+    return linear_parts(x, weight, bias, activation, elementwise)[0]
 
 
-def linear_parts(x, weight, bias, activation: str):
+def linear_parts(x, weight, bias, activation: str, elementwise: bool = False):
     """(:func:`linear_forward`, the pre-activation ``x @ weight.T`` it was computed from)."""
-    pre = x @ weight.to(x.dtype).T
+    pre = x * weight.to(x.dtype).T if elementwise else x @ weight.to(x.dtype).T
     out = pre.clamp(min=0) if activation == "relu" else pre
     return (out if bias is None else out + bias.to(x.dtype)), pre
 
@@ -77,17 +81,18 @@ class ManualLinear:
     """Weight and bias as plain tensors with ``requires_grad``; no ``nn`` machinery."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "none",
-                 computes_in: torch.dtype | None = None):
+                 computes_in: torch.dtype | None = None, elementwise: bool = False):
         self.weight = weight.requires_grad_()
         self.bias = None if bias is None else bias.requires_grad_()
         self.activation = activation
         self.computes_in = computes_in or weight.dtype  # the rows' dtype (see param_dtype)
+        self.elementwise = elementwise  # x * w (config `product`)
 
     def parameters(self) -> list[torch.Tensor]:
         return [self.weight] if self.bias is None else [self.weight, self.bias]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear_forward(x, self.weight, self.bias, self.activation)
+        return linear_forward(x, self.weight, self.bias, self.activation, self.elementwise)
 
     __call__ = forward
 
@@ -99,7 +104,7 @@ class ManualLinear:
         with torch.no_grad():
             weight = self.weight.detach().to(device)
             bias = None if self.bias is None else self.bias.detach().to(device)
-        return ManualLinear(weight, bias, self.activation, self.computes_in)
+        return ManualLinear(weight, bias, self.activation, self.computes_in, self.elementwise)
 
     def to_module(self) -> nn.Module:
         """The model as it predicts: its parameters in the dtype it computes in."""
@@ -187,5 +192,6 @@ def build(n_features: int, n_targets: int, config: TrainConfig):
     """A fresh model of the configured kind, initialised from the global RNG."""
     weight, bias = init_parameters(n_features, n_targets, config)
     if config.model == "manual":
-        return ManualLinear(weight, bias, config.activation, DTYPES[config.dtype])
+        return ManualLinear(weight, bias, config.activation, DTYPES[config.dtype],
+                            config.product == "elementwise")
     return BuiltinLinear(weight, bias, config.activation)

@@ -23,6 +23,11 @@ class DataRecipe(Schema):
 
     prefix: ClassVar[str] = "data."
 
+    @property
+    def columns_in(self) -> int:
+        """How many features the rows have."""
+        raise NotImplementedError
+
 
 class TableData(DataRecipe):
     """Rows written out in the config, as a tutorial lists them."""
@@ -33,6 +38,10 @@ class TableData(DataRecipe):
     target_names: tuple[str, ...] = ()
     repeat: Count = 1
     source: Literal["table"] = "table"
+
+    @property
+    def columns_in(self) -> int:
+        return len(self.features[0]) if self.features else 0
 
     @model_validator(mode="after")
     def _rows_fit(self) -> TableData:
@@ -70,6 +79,10 @@ class LineData(DataRecipe):
     built_with: Literal["numpy", "torch"] = "numpy"
     source: Literal["line"] = "line"
 
+    @property
+    def columns_in(self) -> int:
+        return 1
+
     @model_validator(mode="after")
     def _one_grid(self) -> LineData:
         if bool(self.x) == bool(self.x_range):
@@ -91,6 +104,10 @@ class SyntheticData(DataRecipe):
     weight_scale: NonNegative = 1.0
     source: Literal["synthetic"] = "synthetic"
 
+    @property
+    def columns_in(self) -> int:
+        return self.n_features
+
 
 class CsvData(DataRecipe):
     """A user's CSV file, read with pandas; the named columns become features and targets."""
@@ -99,6 +116,10 @@ class CsvData(DataRecipe):
     features: tuple[str, ...]
     targets: tuple[str, ...]
     source: Literal["csv"] = "csv"
+
+    @property
+    def columns_in(self) -> int:
+        return len(self.features)
 
     @model_validator(mode="after")
     def _columns_once(self) -> CsvData:

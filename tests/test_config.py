@@ -718,3 +718,17 @@ def test_scaling_is_refused_for_a_model_without_a_bias():
     # Centred features give the exported model w·(x - mean)/std an intercept.
     with pytest.raises(ConfigError, match="scale: standard centres the features"):
         config.load("slope_only", ["scale=standard"])
+
+
+@pytest.mark.parametrize(("name", "overrides", "features"), [
+    ("crop_yields_manual", ["product=elementwise"], 3),
+    ("synthetic", ["model=manual", "product=elementwise", "data.n_features=2"], 2),
+    ("line_fit_15pts", ["data.features=[[1, 2]]", "data.targets=[[1]]",
+                        "data.feature_names=[a, b]"], 2),
+])
+def test_an_elementwise_product_needs_one_feature(name, overrides, features):
+    # x * w is tutorials 000 and 003's form; with more features it would be no linear model.
+    with pytest.raises(ConfigError, match=f"product: elementwise .* the data have {features}"):
+        config.load(name, overrides)
+    assert config.load("line_fit_15pts", ["model=builtin"]).train.product == "elementwise"
+    assert config.load("slope_only").data.columns_in == 1

@@ -320,17 +320,32 @@ def test_a_stop_a_finalizer_swallowed_is_raised_at_the_next_epoch(monkeypatch):
     assert stop.value.exit_code == 143
 
 
-def _tutorial_loop(exp, train_set, by_column: bool) -> list[float]:
-    """The manual loop as the tutorials write it: their loss expression, autograd, updates
-    under no_grad, gradients zeroed; the same rows, layout and initial parameters."""
+# Each tutorial's forward pass as its own code writes it, on its own parameter shapes.
+TUTORIAL_FORWARD = {
+    "line_fit_15pts": lambda x, w, b: x * w.reshape(1) + b,  # 000: w = torch.randn(1)
+    "slope_only": lambda x, w, b: w.reshape(()) * x,  # 003: w = torch.tensor(-10.0)
+    # 004: X.mm(w1.double()).clamp(min=0).add(b1.double()), w1 and b1 of shape (1, 1)
+    "relu_line": lambda x, w, b: x.mm(w.T.double()).clamp(min=0).add(b.reshape(1, 1).double()),
+    "crop_yields_manual": lambda x, w, b: x @ w.t() + b,  # 001
+}
+
+
+def _tutorial_loop(exp, name, train_set, by_column: bool) -> list[float]:
+    """The manual loop as the tutorials write it: their forward pass and loss expression,
+    autograd, updates under no_grad, gradients zeroed; the same rows, layout and initial
+    parameters."""
     dtype = models.DTYPES[exp.train.dtype]
     x = features_tensor(train_set.features, dtype, torch.device("cpu"), by_column=by_column)
     y = torch.as_tensor(train_set.targets, dtype=dtype)
     torch.manual_seed(exp.train.seed)
     model = models.build(x.shape[1], y.shape[1], exp.train)
+    w, b = model.weight, model.bias
+    relu = exp.train.activation == "relu"
+    forward = TUTORIAL_FORWARD.get(  # elsewhere: (x @ w.T, then the ReLU) + b
+        name, lambda x, w, b: ((x @ w.T).clamp(min=0) if relu else x @ w.T) + b)
     curve = []
     for _ in range(exp.train.epochs + 1):
-        squared = (model(x) - y) ** 2
+        squared = (forward(x, w, b) - y) ** 2
         loss = squared.mean() if exp.train.loss == "mean" else squared.sum()
         curve.append(loss.item())
         loss.backward()
@@ -343,7 +358,9 @@ def _tutorial_loop(exp, train_set, by_column: bool) -> list[float]:
 
 @pytest.mark.parametrize("name, overrides", [
     ("line_fit_15pts", ()), ("slope_only", ()), ("relu_line", ()), ("crop_yields_manual", ()),
-    ("crop_yields_manual", ("loss=sum", "lr=1e-5")),
+    # The tutorials' exercise: other rates and epochs.
+    ("line_fit_15pts", ("lr=0.005", "epochs=31")), ("slope_only", ("lr=0.05", "epochs=20")),
+    ("relu_line", ("lr=0.005", "epochs=299")), ("crop_yields_manual", ("loss=sum", "lr=1e-5")),
     # Tall enough to be stored by column (BY_COLUMN_ROWS), ReLU included.
     ("synthetic", ("model=manual", "batch_size=null", "shuffle=false", "val_fraction=0",
                    "epochs=4", "data.n_rows=70000", "data.n_features=3", "activation=relu")),
@@ -352,4 +369,5 @@ def test_the_manual_loop_is_the_tutorials_to_the_bit(name, overrides):
     exp = config.load(name, [*overrides, "gradient=autograd"])
     train_set = data.build(exp.data, exp.seed)
     result = train(exp.train, train_set)
-    assert result.train_loss == _tutorial_loop(exp, train_set, len(train_set.features) >= 65536)
+    expected = _tutorial_loop(exp, name, train_set, len(train_set.features) >= 65536)
+    assert result.train_loss == expected
