@@ -150,6 +150,7 @@ def train(experiment, tracking_uri: str, device: str | None, data_uri: str | Non
 
     experiment = with_device(experiment, device)
     training.resolve_device(experiment.train.device)
+    _check_given(data_uri)
     # The store is reached (and a new one made) only once the input is known to be good.
     dataset = None if data_uri else data.build(experiment.data, experiment.seed)
     connect_store(tracking_uri)
@@ -164,6 +165,12 @@ def train(experiment, tracking_uri: str, device: str | None, data_uri: str | Non
     click.echo(trained.model_uri)
 
 
+def _check_given(data_uri: str | None) -> None:
+    if data_uri is not None and not data_uri.strip():
+        raise UserError("--data is empty; give runs:/<run id>/dataset (from `pipeline "
+                        "generate`) or a folder, or leave it out to build the rows")
+
+
 @cli.command()
 @experiment_options
 @click.option("--model", "model_uri", type=str, required=True,
@@ -175,6 +182,7 @@ def evaluate(experiment, tracking_uri: str, model_uri: str, data_uri: str | None
     from pipeline import data, inputs, model_uris, serving, tracking, workflow
 
     model_uris.check_uri(model_uri)
+    _check_given(data_uri)
     dataset = None if data_uri else data.build(experiment.data, experiment.seed)
     connect_store(tracking_uri)
     if data_uri:

@@ -21,7 +21,7 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from pipeline import processes
+from pipeline import interrupts, processes
 
 HEARTBEAT_S = 2  # a RUNNING trial records a heartbeat this often on a relational storage
 HEARTBEAT_RETRY_S = 0.5  # and, while its database does not answer, tries this often
@@ -69,7 +69,8 @@ def heartbeats(study: optuna.Study, storage, trials: list) -> Iterator[None]:
         yield
     finally:
         stop.set()
-        thread.join()
+        # On the way out of a stop, a beat that waits on a silent storage is not waited for.
+        thread.join(None if interrupts.requested() is None else 1.0)
 
 
 def claim(trial: optuna.Trial) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import posixpath
 import re
 import typing
 from pathlib import Path
@@ -49,6 +50,13 @@ def available() -> dict[str, Path]:
 NOT_IN_NAMES = (":", "@", "?")
 
 
+def _read_as_a_path(name: str) -> bool:
+    """Whether MLflow refuses ``name`` for a registered model (its model-name check): blank,
+    or a path that normalises to another, to the current folder or above it."""
+    normal = posixpath.normpath(name) if name else ""
+    return not name.strip() or normal != name or normal == "." or normal.startswith("..")
+
+
 def read_raw(name_or_path: str) -> tuple[str, dict[str, Any]]:
     """The experiment's name (the file's stem) and the mapping its YAML file holds."""
     import yaml
@@ -71,6 +79,10 @@ def read_raw(name_or_path: str) -> tuple[str, dict[str, Any]]:
         raise ConfigError(f"{path}: the experiment's name {path.stem!r} (the file's name) also "
                           f"names its registered model, models:/NAME@ALIAS, which cannot hold "
                           f"{bad[0]}; rename the file")
+    if _read_as_a_path(path.stem):
+        raise ConfigError(f"{path}: the experiment's name {path.stem!r} (the file's name) also "
+                          f"names its registered model, which MLflow refuses blank or read as "
+                          f"a path ('.', '..'); rename the file")
     try:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader())
     except UnicodeDecodeError:

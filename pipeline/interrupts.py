@@ -42,6 +42,7 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
         self.finished: int | None = None  # trials of the study finished when it stopped
         self.total: int | None = None
+        self.storage_silent = False  # it came while the Optuna storage was not answering
 
     def message(self) -> str:
         if self.finished is None:

@@ -35,22 +35,35 @@ class Outage:
     def __init__(self, seconds: float | None = None) -> None:
         self.seconds = storage_patience() if seconds is None else seconds
         self.since: float | None = None
+        self.silent = False  # a call failed under way, and none has succeeded since
 
     def wait_out(self, err: BaseException) -> bool:
         """After a pause, True: try again. False: ``err`` is to be raised (another error, or
-        the database silent for longer than the patience)."""
+        the database silent for longer than the patience). A stop asked for meanwhile is
+        raised as such (:class:`interrupts.Interrupted`), marked ``storage_silent``."""
         if not failed_under_way(err):
             return False
         now = time.monotonic()
         if self.since is None:
             self.since = now
-        if now - self.since >= self.seconds:
-            return False
-        interrupts.pause(RETRY_S)
+        self.silent = True
+        try:
+            interrupts.check()
+            if now - self.since >= self.seconds:
+                return False
+            interrupts.pause(RETRY_S)
+        except interrupts.Interrupted as stop:
+            stop.storage_silent = True  # nothing more is asked of the storage on the way out
+            raise
         return True
 
+    def noticed(self) -> None:
+        """A call failed under way that does not wait (a pruning report): the storage is
+        silent until a call succeeds, but the clock starts only when one waits."""
+        self.silent = True
+
     def answered(self) -> None:
-        self.since = None
+        self.since, self.silent = None, False
 
 
 def storage_failure(err: BaseException, url: str) -> SweepError | None:

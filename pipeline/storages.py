@@ -25,7 +25,7 @@ import optuna
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from pipeline import redact
+from pipeline import redact, stalls
 from pipeline.dead_trials import (
     GRACE_S,
     HEARTBEAT_S,
@@ -34,6 +34,7 @@ from pipeline.dead_trials import (
     worker_identity,
 )
 from pipeline.errors import UserError, first_line
+from pipeline.sweep_settings import storage_patience
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 IN_BUDGET = (*FINISHED, TrialState.RUNNING, TrialState.WAITING)
@@ -218,10 +219,13 @@ def _open_rdb(url: str) -> RDBStudyStorage:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStudyStorage(
+                storage = RDBStudyStorage(
                     url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
                     grace_period=GRACE_S,
                 )
+            if url.startswith("postgresql"):
+                stalls.watch(storage.engine, storage_patience())
+            return storage
         except Exception as err:  # SQLAlchemy raises many types for a bad or unreachable one
             # Optuna creates a fresh database's tables without a lock: of two processes
             # starting at once, one sees the other's tables half made. Its second try finds

@@ -137,6 +137,8 @@ def said_on_stop(stop, study: optuna.Study, total: int) -> None:
     """Give a stopped sweep's ``stop`` (:class:`pipeline.interrupts.Interrupted`) the count it
     says; none where the storage does not answer, which is what stopped it from waiting."""
     stop.total = total
+    if stop.storage_silent:
+        return  # asking it would wait for its timeout
     try:
         stop.finished = finished(study)
     except Exception as err:

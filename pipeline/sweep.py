@@ -106,6 +106,7 @@ def run(exp: Experiment, settings: SweepSettings, tracking_uri: str,
         status = "FAILED"
         try:
             dead_trials.recover_dead_trials(study, storage, trials.close_dead_trial_run)
+            trials.close_runs_left_open(study, spec.experiment_id, spec.parent_run_id)
             before = studies.finished(study)
             ctx = worker.context(spec, study_name, dataset, (train_set, val_set))
             with tracking.system_metrics(spec.parent_run_id):

@@ -98,7 +98,8 @@ def run_batch(study: optuna.Study, asked: list[optuna.Trial], ctx: TrialContext,
     train_set, val_set = ctx.split
     run_ids = [_open_run(trial, ctx, lr, count)
                for trial, lr, count in zip(asked, lrs, epochs, strict=True)]
-    watch = _Watch(asked, report=not isinstance(study.pruner, optuna.pruners.NopPruner))
+    watch = _Watch(asked, report=not isinstance(study.pruner, optuna.pruners.NopPruner),
+                   outage=ctx.outage)
     try:
         results = engine.train_many(ctx.exp.train, train_set, val_set, lrs, epochs,
                                     on_epoch=watch, report_every=ctx.report_every,
@@ -108,13 +109,19 @@ def run_batch(study: optuna.Study, asked: list[optuna.Trial], ctx: TrialContext,
         closed = [tracking.close_run(run_id, status, tags={"optuna_state": TrialState.FAIL.name},
                                      params=trial_params(ctx, trial))
                   for trial, run_id in zip(asked, run_ids, strict=True)]
+        # A trial whose run or state cannot be written (the MLflow server or the storage is
+        # what failed) stays RUNNING: the next command finds it dead and closes its run with
+        # it (pipeline.dead_trials). A storage that is not answering is not asked again: each
+        # call would wait for its timeout. The error that stopped the batch is raised.
+        silent = ctx.outage.silent
         for trial, told_mlflow in zip(asked, closed, strict=True):
-            # A trial whose run or state cannot be written (the MLflow server or the storage
-            # is what failed) stays RUNNING: the next command finds it dead and closes its run
-            # with it (pipeline.dead_trials). The error that stopped the batch is raised.
-            if told_mlflow:
-                with contextlib.suppress(Exception):
+            if told_mlflow and not silent:
+                try:
                     study.tell(trial, state=TrialState.FAIL)
+                except Exception:  # noqa: BLE001  (whatever the storage's driver raises)
+                    silent = True
+        if silent and isinstance(err, interrupts.Interrupted):
+            err.storage_silent = True
         raise
     for k, (trial, run_id, result) in enumerate(zip(asked, run_ids, results, strict=True)):
         try:
@@ -201,8 +208,10 @@ def _told(study: optuna.Study, trial: optuna.Trial, outage: outages.Outage,
 class _Watch:
     """Report-epoch hook of a batch: stops on Ctrl-C or SIGTERM, reports to the pruner."""
 
-    def __init__(self, asked: list[optuna.Trial], report: bool) -> None:
+    def __init__(self, asked: list[optuna.Trial], report: bool,
+                 outage: outages.Outage | None = None) -> None:
         self.asked, self.report = asked, report  # no pruner: the curves go to MLflow only
+        self.outage = outage or outages.Outage()
         self.pruned = [False] * len(asked)
 
     def __call__(self, k: int, epoch: int, train_loss: float, val_loss: float | None) -> bool:
@@ -220,9 +229,29 @@ class _Watch:
         except Exception as err:
             if not outages.failed_under_way(err):
                 raise
-            # The database is not answering: training goes on, unpruned until it answers
-            # again; the result waits for it (see _told).
+            # The database is not answering: the batch trains on, unpruned, without asking
+            # it again (a server that hangs would hold each report for its timeout); the
+            # results wait for it (see _told).
+            self.report = False
+            self.outage.noticed()
         return False
+
+
+def close_runs_left_open(study: optuna.Study, experiment_id: str, parent_run_id: str) -> int:
+    """Close, as their trials ended, the trial runs left RUNNING after their trial ended: a
+    worker that failed its trial (or a dead worker's) but lost the MLflow server before it
+    could close the run. Returns how many it closed."""
+    running = tracking.running_children(experiment_id, parent_run_id, "optuna_trial")
+    if not running:
+        return 0
+    ended = {trial.number: trial.state for trial in study.get_trials(deepcopy=False)
+             if trial.state in RUN_STATUS}
+    closed = 0
+    for run_id, number in running.items():
+        if number.isdigit() and (state := ended.get(int(number))) is not None:
+            tracking.close_run(run_id, RUN_STATUS[state], tags={"optuna_state": state.name})
+            closed += 1
+    return closed
 
 
 def close_dead_trial_run(study: optuna.Study, trial: FrozenTrial,

@@ -46,8 +46,8 @@ class Outcome:
 
 def _missing_file(storage_url: str) -> str | None:
     """What kind of file a storage that lives in a local file lacks, if it is not there."""
-    if "://" not in storage_url:
-        return None if os.path.lexists(storage_url) else "journal file"
+    if "://" not in storage_url:  # (an empty one is refused as such by open_storage)
+        return None if os.path.lexists(storage_url) or not storage_url.strip() else "journal file"
     database = storage_url.partition(":///")[2].partition("?")[0]
     if storage_url.startswith("sqlite:///") and database and not os.path.lexists(database):
         return "SQLite file"
@@ -108,6 +108,8 @@ def run(storage_url: str, study_name: str, tracking_uri: str | None = None, offs
     # A worker of its own (no coordinator's total) follows the study's recorded one, which a
     # resume with a larger --n-trials raises while it runs.
     latest = (lambda: studies.read_spec(study).n_trials) if on_its_own else None
+    if on_its_own:  # a local worker's coordinator has just done this
+        trials.close_runs_left_open(study, spec.experiment_id, spec.parent_run_id)
     try:
         return loop(study, storage, context(spec, study_name), total, timeout, echo, latest)
     except interrupts.Interrupted as stop:
@@ -224,8 +226,8 @@ def spawned(storage_url: str, study_name: str, tracking_uri: str | None, offset:
         except interrupts.Interrupted as stop:
             sys.exit(stop.exit_code)
         except Exception as err:
-            failed = err if isinstance(err, UserError) else outages.storage_failure(
-                err, storage_url)
+            failed = err if isinstance(err, UserError) else (
+                outages.storage_failure(err, storage_url) or tracking.store_error(err))
             if failed is None:
                 raise
             # One line, as the coordinator's own errors.

@@ -79,6 +79,24 @@ class Postgres:
         """Start the stopped server again, on the same port, with the same data."""
         _start(self, self.folder / "data")
 
+    def freeze(self) -> None:
+        """Stop every server process (SIGSTOP) without closing a connection: the kernel still
+        accepts and acknowledges its traffic, but no query is answered (a hung server)."""
+        for pid in self._processes():
+            os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """Let the processes :meth:`freeze` stopped run again."""
+        for pid in self._processes():
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+    def _processes(self) -> list[int]:
+        import psutil
+
+        postmaster = int((self.folder / "data" / "postmaster.pid").read_text().split()[0])
+        return [postmaster, *(child.pid for child in psutil.Process(postmaster).children())]
+
     def sql(self, *statements: str) -> str:
         """Run statements as the superuser with psql over the socket; psql's output."""
         commands = [arg for statement in statements for arg in ("-c", statement)]

@@ -246,9 +246,9 @@ def test_usage_errors_are_one_line(workdir, args, expected):
     "uri, expected",
     [
         ("", ["the tracking URI is empty"]),
-        ("./runs_folder", ["is a folder", "sqlite:///mlflow.db"]),
-        ("file:///tmp/runs_folder", ["is a folder"]),
-        ("file:runs_folder", ["is a folder"]),
+        ("./runs_folder", ["names a folder", "sqlite:///mlflow.db"]),
+        ("file:///tmp/runs_folder", ["names a folder"]),
+        ("file:runs_folder", ["names a folder"]),
         ("uc:databricks", ["uc:databricks names no tracking store"]),
         ("Databricks-UC:x", ["Databricks-UC:x names no tracking store"]),
     ],
@@ -783,3 +783,16 @@ def test_standard_scaling_trains_raw_data_at_a_plain_lr_and_predicts_raw_units(w
     # Raw features in float64, predictions in the model's float32: printed in float32's digits.
     printed = predicted.stdout.splitlines()[1]
     assert len(printed.lstrip("-").replace(".", "").lstrip("0")) <= 9, printed
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["train", "-e", "line_fit_15pts", "--data", ""], ["--data is empty"]),
+    (["evaluate", "-e", "line_fit_15pts", "--model", "models:/m-1", "--data", " "],
+     ["--data is empty"]),
+    (["worker", "--storage", "", "--study", "s"], ["the Optuna storage is empty"]),
+])
+def test_an_empty_value_is_refused_not_taken_for_none(workdir, args, expected):
+    result = pipeline(workdir, *args)
+    assert result.returncode == 1
+    assert_one_line_failure(result, *expected)
+    assert not (workdir / "mlflow.db").exists()

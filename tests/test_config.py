@@ -138,6 +138,16 @@ def test_a_name_no_registered_model_can_have_is_refused(tmp_path, stem, what):
     assert config.load(str(renamed)).name == "a #1, 'ok'"
 
 
+@pytest.mark.parametrize("stem", [".", "..", " ", "..x"])
+def test_a_name_mlflow_reads_as_a_path_is_refused(tmp_path, stem):
+    # MLflow refuses these model names; a sweep would train every trial first, then fail.
+    path = tmp_path / f"{stem}.yaml"
+    path.write_text((EXPERIMENTS / "line_fit_15pts.yaml").read_text())
+    with pytest.raises(ConfigError, match="refuses blank or read as a path"):
+        config.load(str(path))
+    assert config.load(str(path.rename(tmp_path / ".x.yaml"))).name == ".x"
+
+
 def test_experiments_dir_follows_the_environment(tmp_path, monkeypatch):
     # The file writes 1e-5 without a dot: YAML 1.1 reads that as a string, not a number.
     (tmp_path / "tiny.yaml").write_text(

@@ -271,3 +271,54 @@ def test_a_database_restarted_under_way_stops_no_sweep(workdir):
         assert len([t for t in study.trials if t.state in FINISHED]) == 30
         assert {t.state.name for t in study.trials} <= {"COMPLETE", "PRUNED", "FAIL"}
     assert "RUNNING" not in run_statuses(workdir / "mlflow.db")
+
+
+@pytest.mark.servers
+def test_a_database_that_hangs_ends_the_sweep_in_one_line_and_ctrl_c_gets_through(workdir):
+    # Its processes stopped, the server still has its connections acknowledged: no libpq
+    # timeout fires, and a query would wait for ever. The stalled call is cut off after the
+    # patience (stalls.watch) and waited out like any outage.
+    from tests.servers import postgres
+
+    with postgres() as database:
+        command = [*sweep_command(30, 2), "--batch", "2", "--storage", database.url()]
+        process, lines = start(workdir, command, PIPELINE_STORAGE_PATIENCE="3")
+        wait_for_done(process, lines, 4)
+        database.freeze()
+        try:
+            process.wait(timeout=150)
+        finally:
+            database.thaw()
+        stderr = process.stderr.read()
+        assert process.returncode == 1, stderr
+        assert stderr.count("Error: the Optuna storage") == 1 and "Traceback" not in stderr
+        assert "once it answers, run the same command to resume" in stderr
+
+        # Ctrl-C while it hangs: the first press stops the sweep, within seconds.
+        study = optuna.load_study(study_name="line_fit_15pts", storage=database.url())
+        before = len([t for t in study.trials if t.state in FINISHED])
+        single = [*sweep_command(30, 1), "--batch", "2", "--storage", database.url()]
+        process, lines = start(workdir, single, PIPELINE_STORAGE_PATIENCE="30")
+        wait_for_done(process, lines, before + 2)
+        database.freeze()
+        try:
+            time.sleep(2)
+            os.killpg(process.pid, signal.SIGINT)
+            asked = time.monotonic()
+            process.wait(timeout=60)
+            waited = time.monotonic() - asked
+        finally:
+            database.thaw()
+        stderr = process.stderr.read()
+        assert process.returncode == 130, stderr
+        assert waited < 30, waited  # the patience was 30 s: the stop did not wait it out
+        assert stderr.strip().splitlines()[-1].startswith("interrupted"), stderr
+
+        # The same command, the database answering again, ends with the exact total.
+        finished = subprocess.run(command, cwd=workdir, capture_output=True, text=True,
+                                  env=subprocess_env(), timeout=240)
+        assert finished.returncode == 0, finished.stderr
+        study = optuna.load_study(study_name="line_fit_15pts", storage=database.url())
+        assert len([t for t in study.trials if t.state in FINISHED]) == 30
+        assert {t.state.name for t in study.trials} <= {"COMPLETE", "PRUNED", "FAIL"}
+    assert "RUNNING" not in run_statuses(workdir / "mlflow.db")

@@ -185,3 +185,25 @@ def test_a_postgres_storage_gives_up_on_an_unreachable_server_in_seconds(postgre
         assert given["connect_timeout"] == connect_timeout
         assert (given["tcp_user_timeout"], given["keepalives_idle"]) == ("15000", "10")
         storage.engine.dispose()
+
+
+def test_a_postgres_call_that_never_returns_is_cut_off_after_the_patience(
+        postgres_server, monkeypatch):
+    # A query the server never answers (a frozen server; here one that sleeps) fails after
+    # the storage patience, as a dropped connection does, and the pool carries on.
+    import sqlalchemy
+    import sqlalchemy.exc
+
+    from pipeline import storages
+
+    monkeypatch.setenv("PIPELINE_STORAGE_PATIENCE", "1")
+    storage = storages.open_storage(postgres_server.url())
+    started = time.monotonic()
+    with pytest.raises(sqlalchemy.exc.OperationalError, match="closed|terminat|lost"):
+        with storage.engine.connect() as connection:
+            connection.execute(sqlalchemy.text("select pg_sleep(20)"))
+    assert time.monotonic() - started < 5
+    with storage.engine.connect() as connection:  # short calls are left alone, however many
+        for _ in range(6):
+            assert connection.execute(sqlalchemy.text("select 1 from pg_sleep(0.3)")).scalar()
+    storage.engine.dispose()

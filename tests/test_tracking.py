@@ -522,3 +522,21 @@ def test_a_store_that_keeps_nothing_or_a_malformed_uri_is_refused(workdir, uri, 
     result = CliRunner().invoke(cli, ["train", "-e", "line_fit_15pts", "--tracking-uri", uri])
     assert result.exit_code == 1 and message in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_web_page_in_place_of_mlflow_s_answer_is_one_short_line():
+    # Another web server at the tracking URI's address: MLflow quotes its whole error page.
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import tracking
+
+    page = "<!DOCTYPE HTML>\n<html lang='en'>\n<head>" + "x" * 5000 + "</html>"
+    err = MlflowException("API request to endpoint /api/2.0/mlflow/runs/log-batch failed "
+                          f"with error code 501 != 200. Response body: '{page}'")
+    message = tracking.store_error(err).message
+    assert message == ("tracking store error: API request to endpoint "
+                       "/api/2.0/mlflow/runs/log-batch failed with error code 501 != 200 (the "
+                       "answer is a web page: is an MLflow server at that address?)")
+    long = tracking.store_error(MlflowException("no such run " + "y" * 1000)).message
+    assert len(long) == len("tracking store error: ") + 300 and "\n" not in long
+    assert tracking.store_error(ValueError("not MLflow's")) is None

@@ -262,3 +262,25 @@ def test_a_stop_while_the_storage_is_not_answering_says_so(tmp_path, monkeypatch
     monkeypatch.undo()
     studies.said_on_stop(stop, study, 3)
     assert stop.message().startswith("interrupted: 0 of 3 trials finished")
+
+
+def test_runs_left_open_after_their_trial_ended_are_closed_as_it_ended(store, tmp_path):
+    # A worker that failed its trials but lost the MLflow server before closing their runs
+    # (an address answered by another web server) left them RUNNING: the next start closes
+    # them, and leaves alone the run of a trial still running.
+    ctx = _context(store)
+    study = studies.load(storages.open_storage(str(tmp_path / "j"), total=4), "s", create=True)
+    asked = [study.ask() for _ in range(4)]
+    runs = [tracking.open_child(ctx.experiment_id, ctx.parent_run_id, f"t{t.number}",
+                                tags={"stage": "trial", "optuna_trial": str(t.number)})
+            for t in asked]
+    study.tell(asked[0], state=TrialState.FAIL)
+    study.tell(asked[1], 1.0)
+    study.tell(asked[2], state=TrialState.PRUNED)
+
+    assert trials.close_runs_left_open(study, ctx.experiment_id, ctx.parent_run_id) == 3
+    client = MlflowClient()
+    statuses = [client.get_run(run_id).info.status for run_id in runs]
+    assert statuses == ["FAILED", "FINISHED", "KILLED", "RUNNING"]
+    assert client.get_run(runs[0]).data.tags["optuna_state"] == "FAIL"
+    assert trials.close_runs_left_open(study, ctx.experiment_id, ctx.parent_run_id) == 0

@@ -45,6 +45,7 @@ from pipeline.tracking.runs import (  # noqa: F401
     open_parent,
     record_launched,
     run,
+    running_children,
 )
 from pipeline.tracking.store import (  # noqa: F401
     EXPERIMENT_KIND,

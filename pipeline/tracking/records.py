@@ -86,7 +86,8 @@ def system_metrics(run_id: str) -> Iterator[None]:
     the steps of a resumed run."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    # Its failures to log (a server gone) are the sweep's to report, in one line.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
     monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_S,
                                    resume_logging=True)
     first_step = monitor._logging_step

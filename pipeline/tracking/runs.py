@@ -156,6 +156,14 @@ def find_child(experiment: str, parent_run_id: str, tags: dict[str, str]) -> str
     return found[0].info.run_id if found else None
 
 
+@interrupts.shielded
+def running_children(experiment: str, parent_run_id: str, tag: str) -> dict[str, str]:
+    """The RUNNING runs under ``parent_run_id``: run id -> their ``tag``'s value."""
+    clauses = ["attributes.status = 'RUNNING'", f"tags.mlflow.parentRunId = '{parent_run_id}'"]
+    return {run.info.run_id: run.data.tags.get(tag, "")
+            for run in MlflowClient().search_runs([experiment], " and ".join(clauses))}
+
+
 def _tag_clauses(tags: dict[str, str]) -> list[str]:
     return [f"tags.{key} = {filter_value(str(value))}" for key, value in tags.items()]
 

@@ -37,9 +37,14 @@ NOTE = "mlflow.note.content"  # what the UI shows as an experiment's or a run's 
 
 def store_error(err: Exception) -> UserError | None:
     """An error MLflow raised as one line for the user (password masked); None for others."""
-    if isinstance(err, MlflowException):
-        return UserError(f"tracking store error: {redact.mask(first_line(err))}")
-    return None
+    if not isinstance(err, MlflowException):
+        return None
+    message = first_line(err)
+    # A REST call answered by something else than an MLflow server: its page, cut short.
+    call, said, body = message.partition(". Response body: ")
+    if said and body.lstrip("'\" ").startswith("<"):
+        message = f"{call} (the answer is a web page: is an MLflow server at that address?)"
+    return UserError(f"tracking store error: {redact.mask(message)[:300]}")
 
 
 def scheme_lowered(uri: str) -> str:
@@ -66,8 +71,9 @@ def check_store(tracking_uri: str, existing: bool = False) -> str:
             # A scheme with no store behind it here: uc:databricks, a registry's URI
             raise TrackingError(f"tracking URI {shown} names no tracking store; use "
                                 "sqlite:///mlflow.db or http://HOST:5000")
-        raise TrackingError(f"tracking store {shown} is a folder: MLflow 3 no longer writes "
-                            "its file store; use sqlite:///mlflow.db or an MLflow server")
+        raise TrackingError(f"tracking URI {shown} names a folder, MLflow's file store, which "
+                            "MLflow 3 no longer writes; use sqlite:///mlflow.db or an MLflow "
+                            "server")
     if tracking_uri.startswith(("http://", "https://")):
         try:
             tracking_uri, user, password = redact.split_credentials(tracking_uri)
