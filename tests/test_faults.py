@@ -281,7 +281,9 @@ def test_a_database_that_hangs_ends_the_sweep_in_one_line_and_ctrl_c_gets_throug
     from tests.servers import postgres
 
     with postgres() as database:
-        command = [*sweep_command(30, 2), "--batch", "2", "--storage", database.url()]
+        # A short connect_timeout for new connections: the stalled ones are the watch's.
+        url = database.url() + "?connect_timeout=3"
+        command = [*sweep_command(30, 2), "--batch", "2", "--storage", url]
         process, lines = start(workdir, command, PIPELINE_STORAGE_PATIENCE="3")
         wait_for_done(process, lines, 4)
         database.freeze()
@@ -297,7 +299,7 @@ def test_a_database_that_hangs_ends_the_sweep_in_one_line_and_ctrl_c_gets_throug
         # Ctrl-C while it hangs: the first press stops the sweep, within seconds.
         study = optuna.load_study(study_name="line_fit_15pts", storage=database.url())
         before = len([t for t in study.trials if t.state in FINISHED])
-        single = [*sweep_command(30, 1), "--batch", "2", "--storage", database.url()]
+        single = [*sweep_command(30, 1), "--batch", "2", "--storage", url]
         process, lines = start(workdir, single, PIPELINE_STORAGE_PATIENCE="30")
         wait_for_done(process, lines, before + 2)
         database.freeze()
