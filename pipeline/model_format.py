@@ -15,6 +15,7 @@ through a pickle or through code of its own.
 from __future__ import annotations
 
 import hashlib
+import os
 import tempfile
 from pathlib import Path
 
@@ -131,11 +132,14 @@ def check_safe(folder: Path, meta) -> None:
     code = folder / Path(str(pyfunc.get("model_code_path") or "")).name
     if not (code.is_file() and _digest(code) in {_digest(CODE_FILE), *EARLIER_CODE}):
         raise UnsafeModel("its python_function flavor runs code other than this project's")
-    # That code loads the folder two levels above its "program" artifact: it must be this one.
+    # That code loads the folder two levels above its "program" artifact, as written (``..``
+    # and links left to the system to follow): it must be this one, and the program ours.
     artifacts = pyfunc.get("artifacts") or {}
     program = str((artifacts.get("program") or {}).get("path") or "")
     expected = (folder / str(flavor.get("model_data")) / PROGRAM_FILE).resolve()
-    if set(artifacts) != {"program"} or (folder / program).resolve() != expected:
+    if (set(artifacts) != {"program"} or (folder / program).resolve() != expected
+            or ".." in Path(program).parts
+            or os.path.realpath((folder / program).parent.parent) != os.path.realpath(folder)):
         raise UnsafeModel("its python_function flavor reads artifacts other than its program")
 
 

@@ -180,6 +180,23 @@ def _program_elsewhere(folder: Path, marker: Path) -> None:
         program={"path": "other/artifacts/model.pt2"}))
 
 
+def _program_behind(folder: Path, marker: Path, how: str) -> None:
+    # The program's path resolves to the genuine one, but the folder the pyfunc face loads
+    # (two levels above it, as written) is another: one whose MLmodel unpickles a payload.
+    if how == "..":
+        inner, program = folder / "artifacts" / "sub", "artifacts/sub/../model.pt2"
+    else:  # artifacts/link -> artifacts: the folder loaded is artifacts/
+        inner, program = folder / "artifacts", "artifacts/link/model.pt2"
+        (inner / "link").symlink_to(".")
+    planted = folder.parent / f"{folder.name}-planted"
+    shutil.copytree(folder / "artifacts", planted / "artifacts", symlinks=True)
+    shutil.copy(folder / "MLmodel", planted / "MLmodel")
+    _pth_beside(planted, marker)
+    shutil.copytree(planted, inner, symlinks=True, dirs_exist_ok=True)
+    _edit_mlmodel(folder, lambda flavors: flavors["python_function"]["artifacts"].update(
+        program={"path": program}))
+
+
 def _rewrite_program(folder: Path, marker: Path, config_twice: bool) -> None:
     """A weight stored as a pickle, its config marking it so. With ``config_twice`` the honest
     config follows under the same name: MLflow's archive check reads that last copy, torch the
@@ -248,6 +265,10 @@ HOSTILE = {
     "other model code": (_other_model_code, "code other than this project's"),
     "code on the import path": (_code_on_the_import_path, "import path"),
     "program elsewhere": (_program_elsewhere, "reads artifacts other than its program"),
+    "program behind ..": (lambda folder, marker: _program_behind(folder, marker, ".."),
+                          "reads artifacts other than its program"),
+    "program behind a link": (lambda folder, marker: _program_behind(folder, marker, "link"),
+                              "reads artifacts other than its program"),
     "weights config twice": (lambda folder, marker: _rewrite_program(folder, marker, True),
                              "holds a file name twice"),
     "weight as a pickle": (lambda folder, marker: _rewrite_program(folder, marker, False),
