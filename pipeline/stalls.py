@@ -5,9 +5,10 @@ hung while its kernel still acknowledges the traffic) leaves a query waiting for
 that never comes: libpq's timeouts see a healthy connection, and the worker would wait for
 ever, deaf to Ctrl-C, whose first press only asks for a stop at the next safe point.
 
-:func:`watch` keeps an eye on the connections a storage's engine has checked out. A query
-that has been under way for longer than the storage patience (``PIPELINE_STORAGE_PATIENCE``),
-or for a few seconds once a stop is asked for, has its socket shut down. The call then fails
+:func:`watch` keeps an eye on every connection of a storage's engine. A statement (or a
+ping, or a commit) under way for longer than the storage patience
+(``PIPELINE_STORAGE_PATIENCE``), or for a few seconds once a stop is asked for, has its
+socket shut down. The call then fails
 as if the server had gone, and the worker waits it out like any outage (outages.Outage).
 """
 

@@ -50,6 +50,13 @@ def wait_for_done(process, lines: list[str], count: int, seconds: float = 240) -
     pytest.fail(f"the sweep did not reach {count} finished trials: {lines[-3:]}")
 
 
+def check_postgres_total(database, n_trials: int) -> None:
+    """Exactly ``n_trials`` finished in the study on ``database``; none left RUNNING."""
+    study = optuna.load_study(study_name="line_fit_15pts", storage=database.url())
+    assert len([t for t in study.trials if t.state in FINISHED]) == n_trials
+    assert {t.state.name for t in study.trials} <= {"COMPLETE", "PRUNED", "FAIL"}
+
+
 def check_consistent(folder, n_trials: int) -> optuna.Study:
     """Exactly ``n_trials`` finished; trials and MLflow runs one to one; nothing RUNNING."""
     study = optuna.load_study(study_name="line_fit_15pts",
@@ -243,9 +250,7 @@ def test_a_storage_lost_under_way_is_one_line_each_and_the_rerun_mends_it(workdi
         result = subprocess.run(command, cwd=workdir, capture_output=True, text=True,
                                 env=subprocess_env(), timeout=400)
         assert result.returncode == 0, result.stderr[-2000:]
-        study = optuna.load_study(study_name="line_fit_15pts", storage=database.url())
-        assert len([t for t in study.trials if t.state in FINISHED]) == 40
-        assert {t.state.name for t in study.trials} <= {"COMPLETE", "PRUNED", "FAIL"}
+        check_postgres_total(database, 40)
     assert "RUNNING" not in run_statuses(workdir / "mlflow.db")
 
 
@@ -267,9 +272,7 @@ def test_a_database_restarted_under_way_stops_no_sweep(workdir):
         # No worker gave up: each waited (before, one failed at once and the other did all).
         assert process.returncode == 0 and "Error" not in stderr, stderr
         assert "optuna-pw" not in "".join(lines) + stderr
-        study = optuna.load_study(study_name="line_fit_15pts", storage=database.url())
-        assert len([t for t in study.trials if t.state in FINISHED]) == 30
-        assert {t.state.name for t in study.trials} <= {"COMPLETE", "PRUNED", "FAIL"}
+        check_postgres_total(database, 30)
     assert "RUNNING" not in run_statuses(workdir / "mlflow.db")
 
 
@@ -320,7 +323,5 @@ def test_a_database_that_hangs_ends_the_sweep_in_one_line_and_ctrl_c_gets_throug
         finished = subprocess.run(command, cwd=workdir, capture_output=True, text=True,
                                   env=subprocess_env(), timeout=240)
         assert finished.returncode == 0, finished.stderr
-        study = optuna.load_study(study_name="line_fit_15pts", storage=database.url())
-        assert len([t for t in study.trials if t.state in FINISHED]) == 30
-        assert {t.state.name for t in study.trials} <= {"COMPLETE", "PRUNED", "FAIL"}
+        check_postgres_total(database, 30)
     assert "RUNNING" not in run_statuses(workdir / "mlflow.db")
